@@ -1,0 +1,31 @@
+# The two README commands (`make demo`, `make test`) work from a fresh clone: each creates
+# .venv if missing and installs the project with torch pinned (constraints.txt).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test test-slow bench install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: install
+	$(PY) examples/demo.py --out $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) -m deepzero_oracle.cli bench
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,1 @@
+"""Black-box defense: ZO-trained denoisers and randomized-smoothing certification."""

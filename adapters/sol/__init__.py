@@ -1,0 +1,1 @@
+"""Solver-in-the-loop correctors trained through solver queries."""

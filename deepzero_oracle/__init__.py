@@ -1,0 +1,29 @@
+"""deepzero-oracle: train neural networks in a loop with black boxes you can only query."""
+
+from deepzero_oracle.blackbox import BlackBoxError, LocalBlackBox
+from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
+from deepzero_oracle.estimators import CGE, RGE, Autograd, Estimator
+from deepzero_oracle.oracle import CallableOracle, ModuleOracle, Oracle
+from deepzero_oracle.pruning import MaskSchedule
+from deepzero_oracle.train import Callback, CSVLogger, Trainer, assign_gradient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Autograd",
+    "CSVLogger",
+    "Callback",
+    "MaskSchedule",
+    "Trainer",
+    "assign_gradient",
+    "BlackBoxError",
+    "CGE",
+    "CallableOracle",
+    "Estimator",
+    "LocalBlackBox",
+    "ModuleOracle",
+    "NonFiniteLossError",
+    "Oracle",
+    "QueryBudgetExceeded",
+    "RGE",
+]

@@ -1,0 +1,12 @@
+"""Gradient estimators: small pure pieces that read like the math.
+
+``CGE(mu)`` and ``RGE(q, mu)`` estimate a gradient from oracle queries; ``Autograd()`` is the
+first-order baseline. Each has ``estimate(oracle, theta [dim], mask=None) -> [dim]``; a boolean
+``mask [dim]`` restricts the estimate to those coordinates (the rest are zero).
+"""
+
+from deepzero_oracle.estimators.base import Autograd, Estimator, mask_coordinates
+from deepzero_oracle.estimators.cge import CGE
+from deepzero_oracle.estimators.rge import RGE
+
+__all__ = ["Autograd", "CGE", "Estimator", "RGE", "mask_coordinates"]

@@ -1,0 +1,67 @@
+"""Randomized gradient estimate (RGE)."""
+
+from __future__ import annotations
+
+import torch
+
+from deepzero_oracle.estimators.base import Estimator, mask_coordinates
+
+
+class RGE(Estimator):
+    """``g = (phi / q) sum_j (l(theta + mu u_j) - l(theta)) / mu * u_j``.
+
+    With ``u ~ N(0, I)`` we have ``E[u u^T] = I`` so ``phi = 1``; with u uniform on the unit
+    sphere ``E[u u^T] = I / d`` so ``phi = d`` (d = number of unmasked coordinates). Either way
+    the estimate is unbiased for the gradient of the mu-smoothed loss.
+
+    Args:
+        q: number of random directions.
+        mu: smoothing radius.
+        distribution: "gaussian" or "sphere".
+        antithetic: use ``(l(theta + mu u) - l(theta - mu u)) / 2mu`` (2q queries instead of q + 1).
+    """
+
+    name = "rge"
+
+    def __init__(self, q: int = 192, mu: float = 5e-3, distribution: str = "gaussian",
+                 antithetic: bool = False):
+        if int(q) < 1:
+            raise ValueError(f"q must be at least 1, got {q}")
+        if not mu > 0:
+            raise ValueError(f"mu must be positive, got {mu}")
+        if distribution not in ("gaussian", "sphere"):
+            raise ValueError(f"distribution must be 'gaussian' or 'sphere', got {distribution!r}")
+        self.q, self.mu, self.distribution, self.antithetic = int(q), float(mu), distribution, antithetic
+
+    def directions(self, theta, mask=None, generator=None) -> torch.Tensor:
+        """``[q, dim]`` random directions, zero outside the mask."""
+        coords = mask_coordinates(mask, theta.numel())
+        u = torch.randn(self.q, len(coords), generator=generator, dtype=theta.dtype)
+        if self.distribution == "sphere":
+            u = u / u.norm(dim=1, keepdim=True)
+        dirs = torch.zeros(self.q, theta.numel(), dtype=theta.dtype)
+        dirs[:, coords] = u
+        return dirs
+
+    def estimate(self, oracle, theta, mask=None, generator=None, directions=None):
+        """Returns the estimate ``[dim]``. Pass ``directions [q, dim]`` to reuse directions
+        (e.g. two estimates that must share them); otherwise they are drawn from ``generator``
+        (or torch's global RNG)."""
+        dirs = self.directions(theta, mask, generator) if directions is None else directions
+        d = len(mask_coordinates(mask, oracle.dim))
+        if self.antithetic:
+            plus = oracle.direction_losses(theta, dirs, self.mu)
+            minus = oracle.direction_losses(theta, dirs, -self.mu)
+            slopes = (plus - minus) / (2 * self.mu)
+        else:
+            base = oracle.loss(theta)
+            slopes = (oracle.direction_losses(theta, dirs, self.mu) - base) / self.mu
+        phi = d if self.distribution == "sphere" else 1
+        return phi / len(dirs) * (slopes.to(dirs.dtype) @ dirs)
+
+    def queries_per_estimate(self, active):
+        return 2 * self.q if self.antithetic else self.q + 1
+
+    def __repr__(self):
+        return (f"RGE(q={self.q}, mu={self.mu:g}, distribution={self.distribution!r}, "
+                f"antithetic={self.antithetic})")

@@ -1,0 +1,444 @@
+"""Oracles: theta -> loss, the only thing the engine talks to. Every loss evaluation at one
+theta is one *query*; oracles count them and can enforce a budget."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, vmap
+
+from deepzero_oracle.blackbox.local import BlackBoxError, LocalBlackBox, as_tensor
+from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
+from deepzero_oracle.graph import (
+    GraphForward,
+    UnsupportedLearner,
+    conv_patches,
+    default_max_batch,
+    normalised_input,
+    one_weight_delta,
+    parameter_slots,
+    repeat_rows,
+    unflatten,
+)
+
+
+class Oracle:
+    """Base oracle: ``theta [dim] -> loss``, batched, with a query counter and budget.
+
+    Subclasses implement ``_losses(thetas [P, dim]) -> [P]``; they may override
+    ``_coordinate_losses`` / ``_direction_losses`` when they know a faster way. The public
+    methods validate input, enforce the budget, split work into ``max_batch`` chunks and count.
+
+    Args:
+        dim: length of theta.
+        budget: maximum number of queries, or None for no limit.
+        max_batch: most queries handed to one ``_losses`` call (memory bound).
+    """
+
+    def __init__(self, dim: int, *, budget: int | None = None, max_batch: int | None = 1024):
+        if int(dim) <= 0:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        self.budget = budget
+        self.max_batch = max_batch
+        self.queries = 0
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def losses(self, thetas) -> torch.Tensor:
+        """Loss at each row of ``thetas [P, dim]``; returns ``[P]``. Costs P queries."""
+        thetas = self._as_vector(thetas, rows=True)
+        return self._chunked(len(thetas), lambda s: self._losses(thetas[s]))
+
+    def loss(self, theta) -> torch.Tensor:
+        """Loss at ``theta [dim]`` as a 0-d tensor. Costs one query."""
+        return self.losses(self._as_vector(theta)[None])[0]
+
+    def coordinate_losses(self, theta, coords, mu: float) -> torch.Tensor:
+        """``loss(theta + mu * e_i)`` for each ``i`` in ``coords [C]``; returns ``[C]``."""
+        theta = self._as_vector(theta)
+        coords = torch.as_tensor(coords, dtype=torch.long).reshape(-1)
+        if coords.numel() and (coords.min() < 0 or coords.max() >= self.dim):
+            raise IndexError(
+                f"coordinates must lie in [0, {self.dim}); got range "
+                f"[{int(coords.min())}, {int(coords.max())}]"
+            )
+        return self._chunked(
+            coords.numel(), lambda s: self._coordinate_losses(theta, coords[s], float(mu))
+        )
+
+    def direction_losses(self, theta, dirs, mu: float) -> torch.Tensor:
+        """``loss(theta + mu * u_j)`` for each row ``u_j`` of ``dirs [Q, dim]``; returns ``[Q]``."""
+        theta = self._as_vector(theta)
+        dirs = self._as_vector(dirs, rows=True)
+        return self._chunked(len(dirs), lambda s: self._direction_losses(theta, dirs[s], float(mu)))
+
+    def autograd_gradient(self, theta) -> torch.Tensor:
+        """The exact gradient at ``theta [dim]`` by back-propagation, where the oracle allows it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no autograd path: its loss is only known through queries"
+        )
+
+    def state_dict(self) -> dict:
+        """Counters to checkpoint with the trainer."""
+        return {"queries": self.queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore counters saved by ``state_dict``."""
+        self.queries = int(state["queries"])
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+
+    def _losses(self, thetas: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _coordinate_losses(self, theta, coords, mu):
+        thetas = theta.repeat(len(coords), 1)
+        thetas[torch.arange(len(coords)), coords] += mu
+        return self._losses(thetas)
+
+    def _direction_losses(self, theta, dirs, mu):
+        return self._losses(theta + mu * dirs)
+
+    # -- shared machinery -----------------------------------------------------------------------
+
+    def _chunked(self, count: int, evaluate: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        if self.budget is not None and self.queries + count > self.budget:
+            raise QueryBudgetExceeded(
+                f"this request needs {count} queries but only {self.budget - self.queries} of the "
+                f"budget of {self.budget} remain ({self.queries} used); raise the oracle's budget "
+                f"or ask for fewer coordinates/directions"
+            )
+        size = self.max_batch or count or 1
+        out = []
+        for start in range(0, count, size):
+            part = slice(start, min(count, start + size))
+            values = torch.as_tensor(evaluate(part)).reshape(-1)
+            self.queries += part.stop - part.start
+            if values.numel() != part.stop - part.start:
+                raise BlackBoxError(
+                    f"{type(self).__name__} returned {values.numel()} losses for "
+                    f"{part.stop - part.start} queries"
+                )
+            bad = ~torch.isfinite(values)
+            if bad.any():
+                first = int(bad.nonzero()[0]) + start
+                raise NonFiniteLossError(
+                    f"{int(bad.sum())} of {values.numel()} losses were NaN or Inf (first at query "
+                    f"{first} of this request). The loss or the black box behind it produced "
+                    f"non-finite values: check the black box's outputs, or lower mu / the learning rate"
+                )
+            out.append(values)
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _as_vector(self, value, rows: bool = False) -> torch.Tensor:
+        t = as_tensor(value).detach()
+        want = f"[P, {self.dim}]" if rows else f"[{self.dim}]"
+        if (t.dim() != (2 if rows else 1)) or t.shape[-1] != self.dim:
+            raise ValueError(
+                f"expected {'a batch of thetas' if rows else 'theta'} shaped {want} "
+                f"(dim = the number of trainable parameters), got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"theta must be floating point, got {t.dtype}")
+        return t
+
+
+class CallableOracle(Oracle):
+    """An oracle from any function of a flat theta: a pure black box.
+
+    Args:
+        fn: ``fn(theta [dim]) -> scalar`` or, with ``batched=True``, ``fn(thetas [P, dim]) -> [P]``.
+        dim: length of theta.
+        batched: whether ``fn`` takes a batch of thetas in one call.
+        numpy: pass NumPy arrays to ``fn`` instead of torch tensors.
+    """
+
+    def __init__(self, fn: Callable, dim: int, *, batched: bool = False, numpy: bool = False, **kw):
+        super().__init__(dim, **kw)
+        if not callable(fn):
+            raise TypeError(f"CallableOracle needs a callable, got {type(fn).__name__}")
+        self.fn, self.batched, self.numpy = fn, batched, numpy
+
+    def _call(self, x):
+        return as_tensor(self.fn(x.numpy() if self.numpy else x))
+
+    def _losses(self, thetas):
+        with torch.no_grad():
+            if self.batched:
+                return self._call(thetas).to(thetas.dtype).reshape(-1)
+            return torch.stack([self._call(t).to(thetas.dtype).reshape(()) for t in thetas])
+
+    def autograd_gradient(self, theta):
+        if self.numpy:
+            return super().autograd_gradient(theta)
+        theta = self._as_vector(theta).clone().requires_grad_(True)
+        value = self.fn(theta[None]).reshape(()) if self.batched else self.fn(theta)
+        return torch.autograd.grad(value, theta)[0]
+
+
+class ModuleOracle(Oracle):
+    """``theta -> loss_fn(blackbox(learner(x; theta)), y)`` on a bound data batch.
+
+    theta is the flat vector of the learner's trainable parameters (``named_parameters``
+    order). Coordinate queries take the fast path of ``deepzero_oracle.graph`` when the
+    learner's structure allows it (feature reuse, one-weight delta, stacked suffix), otherwise
+    ``torch.func.functional_call`` + ``vmap`` over perturbed parameter copies. Queries never
+    change the learner (no running-statistics updates); ``update_running_stats`` does that once.
+
+    Args:
+        learner: the white-box ``nn.Module`` being trained.
+        loss_fn: ``loss_fn(outputs [B, ...], targets [B, ...]) -> scalar`` (e.g.
+            ``F.cross_entropy``); applied to each perturbation's B rows.
+        blackbox: optional callable applied to the learner's outputs ``[N, ...] -> [N, ...]``;
+            it sees ``P * B`` rows for P queries.
+        fast: use the structure-aware fast path when possible.
+        max_batch: queries per call; None picks it from a memory budget.
+    """
+
+    def __init__(self, learner: nn.Module, loss_fn: Callable, blackbox: Callable | None = None,
+                 *, budget: int | None = None, max_batch: int | None = None, fast: bool = True):
+        self.slots = parameter_slots(learner)
+        if not self.slots:
+            raise ValueError("the learner has no trainable parameters (requires_grad=True)")
+        super().__init__(sum(s.numel for s in self.slots), budget=budget, max_batch=max_batch)
+        self.learner, self.loss_fn, self.blackbox = learner, loss_fn, blackbox
+        self.offsets = torch.tensor([s.offset for s in self.slots])
+        self.graph = None
+        self.fallback_reason = "disabled (fast=False)"
+        if fast:
+            try:
+                self.graph = GraphForward(learner)
+                self.fallback_reason = None
+            except UnsupportedLearner as exc:
+                self.fallback_reason = str(exc)
+        self._fast_checked = False
+        self._vmap_loss = True
+        self.x = self.y = None
+        self._cache = None
+        if any(isinstance(m, nn.Dropout) and m.training for m in learner.modules()):
+            warnings.warn("the learner has Dropout in train mode: finite differences will be noise; "
+                          "call learner.eval() or remove dropout", stacklevel=2)
+
+    # -- data and parameters --------------------------------------------------------------------
+
+    def bind(self, x: torch.Tensor, y) -> "ModuleOracle":
+        """Use the data batch ``x [B, ...]`` with targets ``y [B, ...]`` for the next queries."""
+        x = as_tensor(x)
+        dtype = self.parameters()[0].dtype
+        self.x = x.to(dtype) if x.is_floating_point() else x
+        self.y = as_tensor(y)
+        if self.x.dim() == 0 or len(self.x) != len(self.y):
+            raise ValueError(
+                f"x and y must hold the same number of rows, got {tuple(self.x.shape)} and "
+                f"{tuple(self.y.shape)}"
+            )
+        self._cache = None
+        return self
+
+    def theta(self) -> torch.Tensor:
+        """A copy of the learner's trainable parameters as one flat vector ``[dim]``."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()]).clone()
+
+    def set_theta(self, theta) -> None:
+        """Write ``theta [dim]`` into the learner's parameters."""
+        theta = self._as_vector(theta)
+        with torch.no_grad():
+            for p, (_, v) in zip(self.parameters(), unflatten(theta, self.slots).items()):
+                p.copy_(v)
+
+    def update_running_stats(self) -> None:
+        """One forward in the learner's own mode, so BatchNorm running statistics track
+        training as they would under autograd (queries never touch them)."""
+        with torch.no_grad():
+            self.learner(self._require_data())
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The learner's trainable parameters in theta order."""
+        named = dict(self.learner.named_parameters())
+        return [named[s.name] for s in self.slots]
+
+    def _require_data(self):
+        if self.x is None:
+            raise RuntimeError("no data bound: call oracle.bind(x, y) before querying")
+        return self.x
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def _losses(self, thetas):
+        if len(thetas) == 1 and self.graph is not None:
+            cache = self._base(thetas[0])
+            return self._head(cache[self.graph.output_node], 1)
+        return self._head(self._outputs(thetas), len(thetas))
+
+    def _coordinate_losses(self, theta, coords, mu):
+        if self.graph is not None and not self._fast_checked:
+            self._check_fast_path(theta, mu)
+        if self.graph is None:
+            return super()._coordinate_losses(theta, coords, mu)
+        return self._head(self._coordinate_outputs(theta, coords, mu), len(coords))
+
+    def _outputs(self, thetas):
+        """Learner outputs for each theta, stacked ``[P*B, ...]``."""
+        x = self._require_data()
+        P = len(thetas)
+        if self.graph is not None:
+            cache = self._base(thetas[0])
+            return self.graph.run(cache, P, {}, batched=unflatten(thetas, self.slots))
+        buffers = {k: v.clone() for k, v in self.learner.named_buffers()}
+        params = unflatten(thetas, self.slots)
+
+        def forward(p):
+            return functional_call(self.learner, (p, buffers), (x,), strict=False)
+
+        with torch.no_grad():
+            if self._has_running_stats_in_training():
+                # a vmapped in-place running-stat update is impossible: one copy at a time
+                outs = torch.stack([forward({k: v[i] for k, v in params.items()}) for i in range(P)])
+            else:
+                outs = vmap(forward, randomness="different")(params)
+        return outs.reshape(P * outs.shape[1], *outs.shape[2:])
+
+    def _coordinate_outputs(self, theta, coords, mu):
+        """Learner outputs with ``theta + mu e_i`` for each ``i`` in coords, ``[C*B, ...]``."""
+        cache = self._base(theta)
+        params = unflatten(theta, self.slots)
+        graph = self.graph
+        slot_of = torch.searchsorted(self.offsets, coords, right=True) - 1
+        B = len(self.x)
+        result = torch.empty(len(coords), B, *cache[graph.output_node].shape[1:],
+                             dtype=theta.dtype)
+        for k in slot_of.unique().tolist():
+            s = self.slots[k]
+            where = (slot_of == k).nonzero().reshape(-1)
+            local = coords[where] - s.offset
+            P = len(where)
+            sites = graph.call_sites.get(s.module, [])
+            if not sites:  # parameter unused by forward: the loss does not move
+                out = repeat_rows(cache[graph.output_node], P)
+            elif len(sites) == 1:
+                node = sites[0]
+                module = graph.modules[s.module]
+                x_in = cache[node.args[0]]
+                aux = self._aux(cache, node, module)
+                moved = one_weight_delta(module, s.attr, local, mu, x_in, cache[node], aux)
+                out = graph.run(cache, P, params, overrides={node: moved.reshape(-1, *moved.shape[2:])})
+            else:  # a shared module called more than once: perturb its parameter per copy
+                value = params[s.name].reshape(-1).repeat(P, 1)
+                value[torch.arange(P), local] += mu
+                out = graph.run(cache, P, params, batched={s.name: value.reshape(P, *s.shape)})
+            result[where] = out.reshape(P, B, *out.shape[1:])
+        return result.reshape(len(coords) * B, *result.shape[2:])
+
+    def _aux(self, cache, node, module):
+        """Lazily cached per-node helpers for the one-weight delta."""
+        store = cache.setdefault("aux", {})
+
+        def get(kind):
+            key = (node, kind)
+            if key not in store:
+                x = cache[node.args[0]]
+                store[key] = conv_patches(module, x) if kind == "patches" else normalised_input(module, x)
+            return store[key]
+
+        return get
+
+    def _base(self, theta):
+        """Every node's value at theta on the bound batch (cached until theta or data change)."""
+        x = self._require_data()
+        if self._cache is not None and torch.equal(self._cache["theta"], theta):
+            return self._cache
+        with torch.no_grad():
+            cache = self.graph.base(x, unflatten(theta, self.slots))
+        cache["theta"] = theta.clone()
+        self._cache = cache
+        if self.max_batch is None:
+            self.max_batch = default_max_batch({k: v for k, v in cache.items() if k != "theta"})
+        return cache
+
+    def _head(self, outputs, P):
+        """Black box (if any) and loss per perturbation: ``[P*B, ...] -> [P]``."""
+        y = self.y
+        if self.blackbox is not None:
+            answer = as_tensor(self.blackbox(outputs))
+            if answer.dim() == 0 or answer.shape[0] != outputs.shape[0]:
+                raise BlackBoxError(
+                    f"the black box returned shape {tuple(answer.shape)} for {outputs.shape[0]} "
+                    f"rows; it must return one row per input row"
+                )
+            bad = ~torch.isfinite(answer) if answer.is_floating_point() else None
+            if bad is not None and bad.any():
+                raise NonFiniteLossError(
+                    f"the black box returned NaN/Inf in {int(bad.reshape(len(bad), -1).any(1).sum())} "
+                    f"of {len(answer)} rows; its inputs were finite, so the fault is in the black box "
+                    f"(or the learner's outputs left the range it accepts)"
+                )
+            outputs = answer.to(outputs.dtype) if answer.is_floating_point() else answer
+        stacked = outputs.reshape(P, -1, *outputs.shape[1:])
+        with torch.no_grad():
+            if self._vmap_loss:
+                try:
+                    return vmap(self.loss_fn, in_dims=(0, None))(stacked, y).reshape(P)
+                except Exception:  # a loss vmap cannot batch: evaluate per perturbation
+                    self._vmap_loss = False
+            return torch.stack([torch.as_tensor(self.loss_fn(o, y)).reshape(()) for o in stacked])
+
+    # -- correctness guards ---------------------------------------------------------------------
+
+    def _has_running_stats_in_training(self):
+        return any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+            for m in self.learner.modules()
+        )
+
+    def _check_fast_path(self, theta, mu):
+        """Compare the fast path with the generic one on a few coordinates, once per oracle.
+
+        Works on learner outputs only, so it costs no black-box queries. A mismatch or an error
+        switches this oracle to the generic path with a warning: slower, never silently wrong.
+        """
+        self._fast_checked = True
+        probe = torch.tensor(sorted({c for s in self.slots for c in (s.offset, s.offset + s.numel - 1)}))
+        graph, reason = self.graph, None
+        try:
+            fast = self._coordinate_outputs(theta, probe, mu)
+            thetas = theta.repeat(len(probe), 1)
+            thetas[torch.arange(len(probe)), probe] += mu
+            self.graph = None
+            slow = self._outputs(thetas)
+            tol = 1e-9 if theta.dtype == torch.float64 else 1e-4
+            scale = slow.abs().max().clamp_min(1.0)
+            if fast.shape != slow.shape or (fast - slow).abs().max() > tol * scale:
+                reason = "its outputs differ from the generic path"
+        except Exception as exc:  # any structural surprise: the generic path is always right
+            reason = f"it raised {type(exc).__name__}: {exc}"
+        self.graph = graph if reason is None else None
+        if reason:
+            self.fallback_reason = f"fast path disabled because {reason}"
+            warnings.warn(f"ModuleOracle: {self.fallback_reason}; using the generic path", stacklevel=3)
+
+    def autograd_gradient(self, theta):
+        theta = self._as_vector(theta).clone().requires_grad_(True)
+        if isinstance(self.blackbox, LocalBlackBox) or (
+            self.blackbox is not None and not isinstance(self.blackbox, nn.Module)
+            and not getattr(self.blackbox, "differentiable", False)
+        ):
+            raise NotImplementedError(
+                "the black box is not differentiable, so there is no autograd gradient (that is "
+                "what zeroth-order estimates are for); pass a torch nn.Module as the black box, "
+                "or mark a torch callable with `fn.differentiable = True`, to compare against autograd"
+            )
+        buffers = {k: v.clone() for k, v in self.learner.named_buffers()}
+        out = functional_call(self.learner, (unflatten(theta, self.slots), buffers),
+                              (self._require_data(),), strict=False)
+        if self.blackbox is not None:
+            out = self.blackbox(out)
+        loss = self.loss_fn(out, self.y)
+        self.queries += 1
+        return torch.autograd.grad(loss, theta)[0]
+
+
+__all__ = ["CallableOracle", "ModuleOracle", "Oracle"]

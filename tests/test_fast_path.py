@@ -1,0 +1,223 @@
+"""The structure-aware fast path must equal the naive loop: perturb one weight, run the whole
+model, restore. float64, tight tolerance, every supported module kind."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deepzero_oracle import LocalBlackBox, ModuleOracle, NonFiniteLossError
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x)
+
+
+class Shared(nn.Module):
+    """One Linear applied twice: the perturbation must act at both call sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(64, 12)
+        self.mid = nn.Linear(12, 12)
+        self.out = nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x.flatten(1)))
+        h = torch.tanh(self.mid(h))
+        return self.out(torch.tanh(self.mid(h)))
+
+
+class Sequence(nn.Module):
+    """A Linear on 3-D input [B, T, F], then a mean over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        h = F.gelu(self.proj(x.reshape(x.shape[0], 8, 8)))
+        return self.head(h.mean(1))
+
+
+def models():
+    return {
+        "mlp": nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)),
+        "mlp_bn1d": nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10)),
+        "cnn_pool": nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 6, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6, 10)),
+        "cnn_strided_grouped": nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2), nn.ReLU(),
+                                             nn.Conv2d(4, 8, 3, padding=1, groups=2, bias=False), nn.ReLU(),
+                                             nn.Flatten(), nn.Linear(8 * 16, 10)),
+        "cnn_bn": nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                                nn.Flatten(), nn.Linear(64, 10)),
+        "resnet_block": nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), Residual(4),
+                                      nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10)),
+        "shared_module": Shared(),
+        "linear_3d": Sequence(),
+    }
+
+
+def naive_coordinate_losses(learner, x, y, coords, mu):
+    """The reference: for each coordinate perturb the weight in place, run, restore."""
+    learner = copy.deepcopy(learner)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    out = []
+    for c in coords.tolist():
+        theta = flat.clone()
+        theta[c] += mu
+        torch.nn.utils.vector_to_parameters(theta, params)
+        with torch.no_grad():
+            out.append(F.cross_entropy(learner(x), y))
+    return torch.stack(out)
+
+
+def data(n=12):
+    return torch.rand(n, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (n,))
+
+
+@pytest.mark.parametrize("name", list(models()))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fast_path_equals_naive_loop(name, mode):
+    learner = models()[name].double().train(mode == "train")
+    x, y = data()
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    assert oracle.fallback_reason is None, oracle.fallback_reason
+    theta = oracle.theta()
+    coords = torch.arange(oracle.dim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the self-check must not have disabled the fast path
+        fast = oracle.coordinate_losses(theta, coords, 1e-3)
+    assert oracle.graph is not None
+    naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
+    assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()
+    assert oracle.queries == oracle.dim
+
+
+@pytest.mark.parametrize("name", ["cnn_bn", "resnet_block", "shared_module", "mlp_bn1d"])
+def test_batched_thetas_equal_naive(name):
+    learner = models()[name].double().train()
+    x, y = data()
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    thetas = oracle.theta() + 0.05 * torch.randn(7, oracle.dim, dtype=torch.float64)
+    got = oracle.losses(thetas)
+    want = []
+    for t in thetas:
+        copy_ = copy.deepcopy(learner)
+        torch.nn.utils.vector_to_parameters(t, copy_.parameters())
+        with torch.no_grad():
+            want.append(F.cross_entropy(copy_(x), y))
+    assert torch.allclose(got, torch.stack(want), rtol=0, atol=1e-12)
+
+
+def test_train_mode_batchnorm_normalises_each_perturbation_alone_and_keeps_running_stats():
+    learner = models()["cnn_bn"].double().train()
+    x, y = data(16)
+    bn = learner[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    theta = oracle.theta()
+    # coordinates of the first conv: their perturbation flows through the train-mode BatchNorm
+    coords = torch.arange(0, 36)
+    fast = oracle.coordinate_losses(theta, coords, 1e-2)
+    naive = naive_coordinate_losses(learner, x, y, coords, 1e-2)
+    assert torch.allclose(fast, naive, rtol=0, atol=1e-12)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+    oracle.update_running_stats()
+    assert not torch.equal(bn.running_mean, before[0])
+
+
+def test_unsupported_modules_fall_back_and_stay_correct():
+    learner = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 10)).double()
+    x, y = data()
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    assert "LayerNorm" in oracle.fallback_reason
+    coords = torch.arange(oracle.dim)
+    fast = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+    assert torch.allclose(fast, naive_coordinate_losses(learner, x, y, coords, 1e-3), rtol=0, atol=1e-12)
+
+
+class HardCodedBatch(nn.Module):
+    """Traces fine but bakes the batch size into a view: stacking rows would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(12, 128))
+
+
+def test_self_check_catches_a_structure_the_fast_path_gets_wrong():
+    learner = HardCodedBatch().double()
+    x, y = data(12)
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    coords = torch.arange(oracle.dim)
+    with pytest.warns(UserWarning, match="fast path disabled"):
+        got = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+    assert torch.allclose(got, naive_coordinate_losses(learner, x, y, coords, 1e-3), rtol=0, atol=1e-12)
+
+
+def test_untraceable_learner_falls_back():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    learner = Branchy().double()
+    x, y = data()
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    assert "trace" in oracle.fallback_reason
+    coords = torch.arange(oracle.dim)
+    got = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+    assert torch.allclose(got, naive_coordinate_losses(learner, x, y, coords, 1e-3), rtol=0, atol=1e-12)
+
+
+class Twice(nn.Module):
+    def forward(self, z):
+        return 2 * z
+
+
+def test_black_box_sees_stacked_rows_and_gives_the_same_losses():
+    learner = models()["cnn_pool"].double()
+    x, y = data()
+    box = LocalBlackBox(lambda z: z * 2.0, numpy=True)
+    oracle = ModuleOracle(learner, F.cross_entropy, blackbox=box).bind(x, y)
+    coords = torch.arange(20)
+    got = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+    assert box.rows == 20 * len(x)
+    scaled = nn.Sequential(learner, Twice())
+    assert torch.allclose(got, naive_coordinate_losses(scaled, x, y, coords, 1e-3), rtol=0, atol=1e-12)
+
+
+def test_nan_from_black_box_is_a_clear_error():
+    learner = models()["mlp"].double()
+    x, y = data()
+    oracle = ModuleOracle(learner, F.cross_entropy, blackbox=lambda z: z * float("nan")).bind(x, y)
+    with pytest.raises(NonFiniteLossError, match="black box returned NaN/Inf"):
+        oracle.loss(oracle.theta())
+
+
+def test_query_without_data_and_mismatched_batch():
+    oracle = ModuleOracle(models()["mlp"], F.cross_entropy)
+    with pytest.raises(RuntimeError, match="bind"):
+        oracle.loss(oracle.theta())
+    with pytest.raises(ValueError, match="same number of rows"):
+        oracle.bind(torch.rand(4, 1, 8, 8), torch.zeros(3, dtype=torch.long))
