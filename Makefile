@@ -25,7 +25,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
-	$(PY) -m deepzero_oracle.cli bench
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepzero_oracle.data import DATASETS, load_dataset
+from deepzero_oracle.data import DATASETS, class_balanced_sample, load_dataset
 from deepzero_oracle.estimators import CGE, RGE, Autograd
 from deepzero_oracle.models import MODELS, build_model
 from deepzero_oracle.oracle import ModuleOracle
-from deepzero_oracle.pruning import MaskSchedule, uniform_ratios
+from deepzero_oracle.pruning import (PRUNERS, MaskSchedule, is_bias_or_norm, load_ratios, random_ratios,
+                                     ratios_from_scores, save_ratios, uniform_ratios, zo_grasp_scores)
 from deepzero_oracle.train import TensorBoardLogger, Trainer
 
 ESTIMATORS = ("cge", "rge", "fo")
@@ -31,6 +32,8 @@ class Recipe:
     model: str = "cnn"
     estimator: str = "cge"
     sparsity: float = 0.0
+    pruner: str = "zo-grasp"
+    exempt_bias_norm: bool = False
     epochs: int = 3
     batch_size: int = 32
     lr: float = 0.1
@@ -47,11 +50,13 @@ class Recipe:
     def check(self) -> None:
         """Raise ValueError naming the bad field and the allowed values."""
         for field, allowed in (("dataset", DATASETS), ("model", MODELS), ("estimator", ESTIMATORS),
-                               ("dtype", ("float32", "float64"))):
+                               ("dtype", ("float32", "float64")), ("pruner", PRUNERS)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"unknown {field} {getattr(self, field)!r}; choose one of {', '.join(allowed)}")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.redraw_every < 1:
+            raise ValueError(f"redraw_every must be at least 1 epoch, got {self.redraw_every}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
@@ -63,6 +68,27 @@ def make_estimator(recipe: Recipe):
     if recipe.estimator == "rge":
         return RGE(q=recipe.q, mu=recipe.mu)
     return Autograd()
+
+
+def layer_ratios(recipe: Recipe, oracle: ModuleOracle, data, path: Path) -> dict[str, float]:
+    """Layer-wise sparsity ratios for the recipe's pruner, computed once and kept in ``path``
+    (a resumed run reuses them). ZO-GraSP's queries are counted by the oracle."""
+    if path.exists():
+        return load_ratios(path)
+    exempt = ({s.name for s in oracle.slots if is_bias_or_norm(s, oracle.learner)}
+              if recipe.exempt_bias_norm else set())
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    if recipe.pruner == "uniform":
+        ratios = uniform_ratios(oracle.slots, recipe.sparsity, exempt)
+    elif recipe.pruner == "random":
+        ratios = random_ratios(oracle.slots, recipe.sparsity, gen, exempt)
+    else:  # ZO-GraSP on a class-balanced sample (25 per class), RGE q=192, mu=5e-3
+        x, y = class_balanced_sample(data.x_train, data.y_train, 25, gen)
+        oracle.bind(x, y)
+        scores = zo_grasp_scores(oracle, oracle.theta(), RGE(q=192, mu=recipe.mu), gen)
+        ratios = ratios_from_scores(oracle.slots, scores, recipe.sparsity, exempt)
+    save_ratios(path, ratios, pruner=recipe.pruner, sparsity=recipe.sparsity, queries=oracle.queries)
+    return ratios
 
 
 def accuracy_and_loss(learner, x, y, batch: int = 1024) -> tuple[float, float]:
@@ -91,9 +117,12 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: 
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps - warmup))
     scheduler = cosine if warmup == 0 else torch.optim.lr_scheduler.SequentialLR(
         optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer, 0.1, total_iters=warmup), cosine], [warmup])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     masks = None
     if recipe.sparsity > 0:
-        masks = MaskSchedule(oracle.slots, uniform_ratios(oracle.slots, recipe.sparsity), recipe.redraw_every)
+        ratios = layer_ratios(recipe, oracle, data, out / "ratios.json")
+        masks = MaskSchedule(oracle.slots, ratios, recipe.redraw_every)
 
     def evaluate(model):
         test_acc, test_loss = accuracy_and_loss(model, data.x_test, data.y_test)
@@ -101,7 +130,6 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: 
         return {"train_loss": train_loss, "train_accuracy": train_acc,
                 "test_loss": test_loss, "test_accuracy": test_acc}
 
-    out = Path(out_dir)
     trainer = Trainer(oracle, make_estimator(recipe), optimizer, scheduler=scheduler,
                       scheduler_interval="step", mask_schedule=masks, evaluate=evaluate,
                       callbacks=[TensorBoardLogger(out / "tensorboard")], out_dir=out,

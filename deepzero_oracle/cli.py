@@ -9,19 +9,30 @@ import sys
 from deepzero_oracle.classify import ESTIMATORS, Recipe
 from deepzero_oracle.data import DATASETS
 from deepzero_oracle.models import MODELS
+from deepzero_oracle.pruning import PRUNERS
 
 
 def _train(args) -> int:
     from deepzero_oracle.classify import train_classifier
 
     recipe = Recipe(dataset=args.dataset, model=args.model, estimator=args.estimator,
-                    sparsity=args.sparsity, epochs=args.epochs, batch_size=args.batch_size,
+                    sparsity=args.sparsity, pruner=args.pruner, redraw_every=args.redraw_every,
+                    exempt_bias_norm=args.exempt_bias_norm, epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, mu=args.mu, q=args.q, max_queries=args.max_queries,
                     seed=args.seed, dtype=args.dtype)
     metrics = train_classifier(recipe, args.out, progress=not args.quiet, resume=not args.restart)
     summary = {k: metrics[k] for k in ("test_accuracy", "queries", "seconds", "estimator", "sparsity")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/metrics.json, metrics.csv, curves.png, checkpoint.pt", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    from deepzero_oracle.bench import markdown, run
+
+    report = run(batch=args.batch, loop_coords=args.loop_coords, engine_coords=args.engine_coords,
+                 tiny=args.tiny, out_dir=args.out)
+    print(json.dumps(report, indent=2) if args.json else markdown(report["results"]))
     return 0
 
 
@@ -37,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--estimator", choices=ESTIMATORS, default=defaults.estimator,
                        help="cge / rge: zeroth-order; fo: the autograd baseline, same recipe")
     train.add_argument("--sparsity", type=float, default=defaults.sparsity,
-                       help="share of gradient coordinates left out (random per layer, redrawn every 5 epochs)")
+                       help="share of gradient coordinates left out (layer ratios from --pruner, "
+                            "random coordinates redrawn every --redraw-every epochs)")
+    train.add_argument("--pruner", choices=PRUNERS, default=defaults.pruner,
+                       help="how layer-wise sparsity ratios are chosen")
+    train.add_argument("--redraw-every", type=int, default=defaults.redraw_every)
+    train.add_argument("--exempt-bias-norm", action="store_true",
+                       help="keep biases and normalisation parameters dense (as the reference code did)")
     train.add_argument("--epochs", type=int, default=defaults.epochs)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--lr", type=float, default=defaults.lr)
@@ -50,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="coordinate-estimate throughput: engine vs the per-coordinate loop")
+    bench.add_argument("--batch", type=int, default=256)
+    bench.add_argument("--loop-coords", type=int, default=24,
+                       help="coordinates per parameter tensor timed for the loop (0: all)")
+    bench.add_argument("--engine-coords", type=int, default=0,
+                       help="coordinates per parameter tensor timed for the engine's per-tensor rates (0: all)")
+    bench.add_argument("--tiny", action="store_true", help="small inputs (what the test suite runs)")
+    bench.add_argument("--out", default="benchmarks/results", help="where engine.json and engine.md go")
+    bench.add_argument("--json", action="store_true", help="print the JSON report to stdout")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -14,14 +14,14 @@ per perturbation runs as P independent copies (batched matmul / grouped conv).
 
 from __future__ import annotations
 
-import math
-from collections import ChainMap
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from deepzero_oracle.delta import Delta, propagate_call, propagate_module
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 SUPPORTED = (nn.Linear, nn.Conv2d) + _NORMS
@@ -112,7 +112,31 @@ class GraphForward:
             if node.op == "placeholder" or any(n in self.data_nodes for n in node.all_input_nodes):
                 self.data_nodes.add(node)
         self.position = {n: i for i, n in enumerate(self.nodes)}
+        # after which node each value is no longer needed (memory in stacked runs)
+        last_use = {n: max((self.position[u] for u in n.users), default=self.position[n])
+                    for n in self.nodes}
+        self.freed_after: dict[int, list] = {}
+        for n, i in last_use.items():
+            self.freed_after.setdefault(i, []).append(n)
         self.output_node = next(n for n in self.nodes if n.op == "output")
+
+    def copies_within(self, budget_bytes: float, cache: dict, module: str) -> int:
+        """How many perturbations of ``module``'s parameters fit in ``budget_bytes``.
+
+        Per copy, the stacked run holds a few activations the size of the largest value from
+        the first Linear/Conv2d after the module on (earlier ones carry only a Delta).
+        """
+        sites = self.call_sites.get(module, [])
+        if not sites:
+            return 4096
+        start = self.position[sites[0]]
+        dense_from = next((i for i, n in enumerate(self.nodes) if i > start and n.op == "call_module"
+                           and isinstance(self.modules[n.target], (nn.Linear, nn.Conv2d))), start)
+        if len(sites) > 1:
+            dense_from = start
+        largest = max((cache[n].numel() * cache[n].element_size() for n in self.nodes[dense_from:]
+                       if isinstance(cache.get(n), torch.Tensor)), default=1)
+        return int(min(4096, max(8, budget_bytes // (4 * largest))))
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -125,63 +149,99 @@ class GraphForward:
             elif node.op == "output":
                 env[node] = env[node.args[0]]
             else:
-                env[node] = self._eval(node, env, stacked=set(), P=1, params=params, batched={})
+                args = fx.node.map_arg(node.args, lambda n: env[n])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+                env[node] = self._apply(node, args, kwargs, 1, params, {})
         return env
 
-    def run(self, cache: dict, P: int, params: dict, *, overrides=None, batched=None) -> torch.Tensor:
+    def run(self, cache: dict, P: int, params: dict, *, overrides=None, batched=None,
+            propagate: bool = True) -> torch.Tensor:
         """Re-run only what changes; returns the output stacked as ``[P*B, ...]``.
 
         Args:
             cache: values of the base forward (``base``), reused wherever nothing changed.
             P: number of perturbations.
             params: shared parameters ``{name: tensor}`` (theta's values).
-            overrides: ``{node: [P*B, ...]}`` stacked values already computed (one-weight delta).
+            overrides: ``{node: value}`` already computed for the P copies: a ``Delta`` or a
+                stacked ``[P*B, ...]`` tensor (the one-weight delta).
             batched: ``{name: [P, *shape]}`` parameters that differ per perturbation.
+            propagate: carry Deltas through layers that keep them (else densify at once).
         """
         overrides, batched = overrides or {}, batched or {}
         batched_modules = {name.rpartition(".")[0] for name in batched}
         env = dict(overrides)
-        stacked = set(overrides)
         start = min(
             [self.position[n] for n in overrides]
             + [self.position[n] for m in batched_modules for n in self.call_sites.get(m, [])]
             + [len(self.nodes) - 1]
         )
-        for node in self.nodes[start:]:
-            if node in stacked:
-                continue
+        out = self.output_node.args[0]
+        for i, node in enumerate(self.nodes[start:], start):
             if node.op == "output":
                 break
-            inputs = node.all_input_nodes
-            if any(n in stacked for n in inputs) or (
-                node.op == "call_module" and node.target in batched_modules
+            if node not in env and (
+                any(n in env for n in node.all_input_nodes)
+                or (node.op == "call_module" and node.target in batched_modules)
             ):
-                env[node] = self._eval(node, ChainMap(env, cache), stacked, P, params, batched)
-                stacked.add(node)
-        out = self.output_node.args[0]
-        if out not in stacked:  # nothing the perturbation touched reaches the output
+                env[node] = self._eval(node, env, cache, P, params, batched, propagate)
+            for n in self.freed_after.get(i, ()):  # keep memory to what is still needed
+                if n is not out:
+                    env.pop(n, None)
+        if out not in env:  # nothing the perturbation touched reaches the output
             return repeat_rows(cache[out], P)
-        return env[out]
+        value = env[out]
+        return value.dense(cache[out]) if isinstance(value, Delta) else value
 
-    def _eval(self, node, env, stacked, P, params, batched):
+    def _eval(self, node, env, cache, P, params, batched, propagate=True):
+        """Value of ``node`` for the P copies, given the copies' values ``env`` of its inputs."""
+        if propagate and node.args and isinstance(env.get(node.args[0]), Delta):
+            result = self._propagate(node, env, cache, params, batched)
+            if result is not None:
+                return result
+
         def value(n):
-            v = env[n]
+            if n in env:
+                v = env[n]
+                return v.dense(cache[n]) if isinstance(v, Delta) else v
+            v = cache[n]
             # a shared activation meeting stacked ones is repeated per perturbation
-            if stacked and n not in stacked and isinstance(v, torch.Tensor) and n in self.data_nodes:
+            if env and isinstance(v, torch.Tensor) and n in self.data_nodes:
                 return repeat_rows(v, P)
             return v
 
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
+        return self._apply(node, args, kwargs, P if any(n in env for n in node.all_input_nodes) else 1,
+                           params, batched)
+
+    def _propagate(self, node, env, cache, params, batched):
+        """The one Delta input of ``node`` carried through it, or None when no rule keeps it."""
+        source = node.args[0]
+        if any(n in env for n in node.all_input_nodes if n is not source):
+            return None  # another changed value joins in
+        delta = env[source]
+        extra_args = fx.node.map_arg(node.args[1:], lambda n: cache[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: cache[n])
+        if node.op == "call_module":
+            if any(k.rpartition(".")[0] == node.target for k in batched):
+                return None
+            module = self.modules[node.target]
+            weight = params.get(f"{node.target}.weight", getattr(module, "weight", None))
+            bias = params.get(f"{node.target}.bias", getattr(module, "bias", None))
+            return propagate_module(module, delta, cache[source], cache[node], extra_args, kwargs,
+                                    weight, bias)
+        if node.op in ("call_function", "call_method"):
+            return propagate_call(node.target, delta, extra_args, kwargs, node.op == "call_method")
+        return None
+
+    def _apply(self, node, args, kwargs, P, params, batched):
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             obj, *rest = args
             return getattr(obj, node.target)(*rest, **kwargs)
         if node.op == "call_module":
-            module = self.modules[node.target]
-            is_stacked = bool(stacked) and any(n in stacked for n in node.all_input_nodes)
-            return self._module(node.target, module, args, kwargs, P if is_stacked else 1, params, batched)
+            return self._module(node.target, self.modules[node.target], args, kwargs, P, params, batched)
         raise UnsupportedLearner(f"unexpected graph node {node.op} {node.target}")
 
     def _module(self, name, module, args, kwargs, P, params, batched):
@@ -286,47 +346,34 @@ def one_weight_delta(m, attr, local, mu, x, base_out, aux):
     Args:
         m: Linear, Conv2d or BatchNorm; ``attr``: "weight" or "bias".
         local: ``[P]`` flat indices into that parameter.
-        x: the module's input ``[B, ...]``; base_out: its output ``[B, ...]``.
+        x: the module's input ``[B, ...]``; base_out: its output ``[B, C, ...]``.
         aux: callable ``kind -> tensor`` returning cached helpers (conv patches, BN's x-hat).
     Returns:
-        ``[P, B, ...]``: base_out with the one changed unit/channel per perturbation.
+        A ``Delta``: per perturbation, the one changed unit/channel of the output
+        (``[P, B, 1, ...]``); or, for a Linear on inputs with more than two dims, the
+        outputs in full, ``[P*B, ...]``.
     """
     P = local.numel()
-    out = base_out.unsqueeze(0).repeat(P, *([1] * base_out.dim()))
-    ar = torch.arange(P, device=local.device)
     if isinstance(m, nn.Linear):
         in_f = m.in_features
         unit = local // in_f if attr == "weight" else local
+        change = mu * x.reshape(-1, in_f)[:, local % in_f].T if attr == "weight" else mu  # [P, N]
+        if x.dim() == 2:
+            return Delta(unit, (base_out[:, unit].T + change).unsqueeze(-1))
+        out = base_out.unsqueeze(0).repeat(P, *([1] * base_out.dim()))
         flat = out.reshape(P, -1, m.out_features)
-        if attr == "weight":
-            flat[ar, :, unit] += mu * x.reshape(-1, in_f)[:, local % in_f].T
-        else:
-            flat[ar, :, unit] += mu
-        return flat.reshape(out.shape)
+        flat[torch.arange(P), :, unit] += change
+        return out.reshape(P * base_out.shape[0], *base_out.shape[1:])
+    if attr == "bias":  # Conv2d or BatchNorm bias: channel `local` moves by mu
+        return Delta(local, base_out[:, local].transpose(0, 1).unsqueeze(2) + mu)
     if isinstance(m, nn.Conv2d):
-        if attr == "bias":
-            out[ar, :, local] += mu
-            return out
         O, Cg, kh, kw = m.weight.shape
         o = local // (Cg * kh * kw)
         rest = local % (Cg * kh * kw)  # (c, i, j) within the group's input channels
-        group = o // (O // m.groups)
-        rows = group * Cg * kh * kw + rest
-        patches = aux("patches")  # [B, C*kh*kw, L]
-        delta = patches[:, rows, :].permute(1, 0, 2).reshape(P, x.shape[0], *base_out.shape[2:])
-        out[ar, :, o] += mu * delta
-        return out
+        rows = (o // (O // m.groups)) * Cg * kh * kw + rest
+        patches = aux("patches")[:, rows, :]  # [B, P, L]
+        moved = base_out[:, o] + mu * patches.reshape(x.shape[0], P, *base_out.shape[2:])
+        return Delta(o, moved.transpose(0, 1).unsqueeze(2))
     # BatchNorm: y = gamma * xhat + beta, per channel
-    if attr == "bias":
-        out[ar, :, local] += mu
-    else:
-        out[ar, :, local] += mu * aux("xhat").movedim(1, 0)[local]
-    return out
-
-
-def default_max_batch(cache: dict, budget_bytes: float = 1.5e9) -> int:
-    """Perturbations per call so the stacked activations stay within ``budget_bytes``."""
-    per_copy = sum(
-        v.numel() * v.element_size() for v in cache.values() if isinstance(v, torch.Tensor)
-    )
-    return int(max(1, min(4096, math.floor(budget_bytes / max(per_copy, 1) / 3))))
+    moved = base_out[:, local] + mu * aux("xhat")[:, local]
+    return Delta(local, moved.transpose(0, 1).unsqueeze(2))

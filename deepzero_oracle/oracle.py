@@ -16,7 +16,6 @@ from deepzero_oracle.graph import (
     GraphForward,
     UnsupportedLearner,
     conv_patches,
-    default_max_batch,
     normalised_input,
     one_weight_delta,
     parameter_slots,
@@ -195,18 +194,25 @@ class ModuleOracle(Oracle):
             ``F.cross_entropy``); applied to each perturbation's B rows.
         blackbox: optional callable applied to the learner's outputs ``[N, ...] -> [N, ...]``;
             it sees ``P * B`` rows for P queries.
-        fast: use the structure-aware fast path when possible.
-        max_batch: queries per call; None picks it from a memory budget.
+        fast: use the structure-aware fast path when possible (feature reuse).
+        one_weight_delta, delta_propagation: the fast path's two further savings; switches
+            exist for ablation benchmarks, results are the same either way.
+        max_batch: perturbations evaluated together; None sizes each parameter tensor's chunks
+            so the stacked activations fit in ``memory_budget`` bytes.
     """
 
     def __init__(self, learner: nn.Module, loss_fn: Callable, blackbox: Callable | None = None,
-                 *, budget: int | None = None, max_batch: int | None = None, fast: bool = True):
+                 *, budget: int | None = None, max_batch: int | None = None, fast: bool = True,
+                 one_weight_delta: bool = True, delta_propagation: bool = True,
+                 memory_budget: float = 1.5e9):
         self.slots = parameter_slots(learner)
         if not self.slots:
             raise ValueError("the learner has no trainable parameters (requires_grad=True)")
         super().__init__(sum(s.numel for s in self.slots), budget=budget, max_batch=max_batch)
         self.learner, self.loss_fn, self.blackbox = learner, loss_fn, blackbox
         self.offsets = torch.tensor([s.offset for s in self.slots])
+        self.one_weight_delta, self.delta_propagation = one_weight_delta, delta_propagation
+        self.memory_budget = memory_budget
         self.graph = None
         self.fallback_reason = "disabled (fast=False)"
         if fast:
@@ -279,7 +285,10 @@ class ModuleOracle(Oracle):
             self._check_fast_path(theta, mu)
         if self.graph is None:
             return super()._coordinate_losses(theta, coords, mu)
-        return self._head(self._coordinate_outputs(theta, coords, mu), len(coords))
+        losses = torch.empty(len(coords), dtype=theta.dtype)
+        for where, outputs in self._coordinate_groups(theta, coords, mu):
+            losses[where] = self._head(outputs, len(where)).to(theta.dtype)
+        return losses
 
     def _outputs(self, thetas):
         """Learner outputs for each theta, stacked ``[P*B, ...]``."""
@@ -302,35 +311,44 @@ class ModuleOracle(Oracle):
                 outs = vmap(forward, randomness="different")(params)
         return outs.reshape(P * outs.shape[1], *outs.shape[2:])
 
-    def _coordinate_outputs(self, theta, coords, mu):
-        """Learner outputs with ``theta + mu e_i`` for each ``i`` in coords, ``[C*B, ...]``."""
+    def _coordinate_groups(self, theta, coords, mu):
+        """Yield ``(where, outputs)``: positions in ``coords`` and the learner outputs
+        ``[len(where)*B, ...]`` for ``theta + mu e_i`` at those coordinates, one parameter
+        tensor and one memory-sized chunk at a time."""
         cache = self._base(theta)
         params = unflatten(theta, self.slots)
         graph = self.graph
         slot_of = torch.searchsorted(self.offsets, coords, right=True) - 1
-        B = len(self.x)
-        result = torch.empty(len(coords), B, *cache[graph.output_node].shape[1:],
-                             dtype=theta.dtype)
         for k in slot_of.unique().tolist():
             s = self.slots[k]
-            where = (slot_of == k).nonzero().reshape(-1)
-            local = coords[where] - s.offset
-            P = len(where)
-            sites = graph.call_sites.get(s.module, [])
-            if not sites:  # parameter unused by forward: the loss does not move
-                out = repeat_rows(cache[graph.output_node], P)
-            elif len(sites) == 1:
-                node = sites[0]
-                module = graph.modules[s.module]
-                x_in = cache[node.args[0]]
-                aux = self._aux(cache, node, module)
-                moved = one_weight_delta(module, s.attr, local, mu, x_in, cache[node], aux)
-                out = graph.run(cache, P, params, overrides={node: moved.reshape(-1, *moved.shape[2:])})
-            else:  # a shared module called more than once: perturb its parameter per copy
-                value = params[s.name].reshape(-1).repeat(P, 1)
-                value[torch.arange(P), local] += mu
-                out = graph.run(cache, P, params, batched={s.name: value.reshape(P, *s.shape)})
-            result[where] = out.reshape(P, B, *out.shape[1:])
+            positions = (slot_of == k).nonzero().reshape(-1)
+            size = self.max_batch or graph.copies_within(self.memory_budget, cache, s.module)
+            for where in positions.split(size):
+                local = coords[where] - s.offset
+                yield where, self._slot_outputs(cache, params, s, local, mu)
+
+    def _slot_outputs(self, cache, params, s, local, mu):
+        graph, P = self.graph, len(local)
+        sites = graph.call_sites.get(s.module, [])
+        if not sites:  # parameter unused by forward: the loss does not move
+            return repeat_rows(cache[graph.output_node], P)
+        if len(sites) > 1 or not self.one_weight_delta:
+            # a module called more than once (or the ablation): per-copy parameters
+            return graph.run(cache, P, params, batched={s.name: _moved(params[s.name], local, mu)})
+        node = sites[0]
+        module = graph.modules[s.module]
+        moved = one_weight_delta(module, s.attr, local, mu, cache[node.args[0]], cache[node],
+                                 self._aux(cache, node, module))
+        return graph.run(cache, P, params, overrides={node: moved}, propagate=self.delta_propagation)
+
+    def _coordinate_outputs(self, theta, coords, mu):
+        """Learner outputs with ``theta + mu e_i`` for each ``i`` in coords, ``[C*B, ...]``."""
+        parts = list(self._coordinate_groups(theta, coords, mu))
+        B = len(self.x)
+        first = parts[0][1]
+        result = torch.empty(len(coords), B, *first.shape[1:], dtype=first.dtype)
+        for where, out in parts:
+            result[where] = out.reshape(len(where), B, *out.shape[1:])
         return result.reshape(len(coords) * B, *result.shape[2:])
 
     def _aux(self, cache, node, module):
@@ -355,8 +373,6 @@ class ModuleOracle(Oracle):
             cache = self.graph.base(x, unflatten(theta, self.slots))
         cache["theta"] = theta.clone()
         self._cache = cache
-        if self.max_batch is None:
-            self.max_batch = default_max_batch({k: v for k, v in cache.items() if k != "theta"})
         return cache
 
     def _head(self, outputs, P):
@@ -439,6 +455,13 @@ class ModuleOracle(Oracle):
         loss = self.loss_fn(out, self.y)
         self.queries += 1
         return torch.autograd.grad(loss, theta)[0]
+
+
+def _moved(param, local, mu):
+    """``[P, *shape]`` copies of ``param``, copy p with flat entry ``local[p]`` moved by mu."""
+    value = param.reshape(-1).repeat(len(local), 1)
+    value[torch.arange(len(local)), local] += mu
+    return value.reshape(len(local), *param.shape)
 
 
 __all__ = ["CallableOracle", "ModuleOracle", "Oracle"]

@@ -6,15 +6,109 @@ to random coordinates, redrawn every few epochs (dense model, sparse gradient).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from deepzero_oracle.estimators.rge import RGE
 from deepzero_oracle.graph import ParamSlot
 
+PRUNERS = ("zo-grasp", "random", "uniform")
 
-def uniform_ratios(slots: list[ParamSlot], sparsity: float) -> dict[str, float]:
-    """The same sparsity for every parameter tensor: ``{name: sparsity}``."""
+
+def is_bias_or_norm(slot: ParamSlot, learner: torch.nn.Module) -> bool:
+    """True for biases and normalisation-layer parameters (the reference code never sparsified them)."""
+    module = learner.get_submodule(slot.module) if slot.module else learner
+    return slot.attr == "bias" or isinstance(module, (torch.nn.modules.batchnorm._NormBase,
+                                                      torch.nn.LayerNorm, torch.nn.GroupNorm))
+
+
+def zo_grasp_scores(oracle, theta: torch.Tensor, rge: RGE | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """ZO-GraSP score ``-theta * (g(theta + mu g0) - g0) / mu`` per coordinate, ``[dim]``.
+
+    ``g0 = RGE(theta)`` and ``g = RGE(theta + mu g0)`` share the *same* random directions, so
+    their difference estimates the Hessian-gradient product without the noise of two
+    independent draws. Costs ``2 * rge.queries_per_estimate(dim)`` queries.
+    """
+    rge = rge or RGE(q=192, mu=5e-3)
+    dirs = rge.directions(theta, None, generator)
+    g0 = rge.estimate(oracle, theta, directions=dirs)
+    g1 = rge.estimate(oracle, theta + rge.mu * g0, directions=dirs)
+    return -theta * (g1 - g0) / rge.mu
+
+
+def ratios_from_scores(slots: list[ParamSlot], scores: torch.Tensor, sparsity: float,
+                       exempt: set[str] = frozenset()) -> dict[str, float]:
+    """Layer-wise sparsity from a global ranking: the ``sparsity`` share of coordinates with
+    the highest scores (over non-exempt tensors) is pruned; each tensor's ratio is the share
+    of its coordinates among them. Exempt tensors get ratio 0 (dense)."""
     _check_sparsity(sparsity)
-    return {s.name: float(sparsity) for s in slots}
+    included = [s for s in slots if s.name not in exempt]
+    pool = torch.cat([scores[s.offset : s.offset + s.numel] for s in included])
+    k = int(round(sparsity * pool.numel()))
+    pruned = torch.zeros(pool.numel(), dtype=torch.bool)
+    pruned[torch.argsort(pool, descending=True, stable=True)[:k]] = True
+    ratios, start = {s.name: 0.0 for s in slots}, 0
+    for s in included:
+        ratios[s.name] = float(pruned[start : start + s.numel].float().mean())
+        start += s.numel
+    return ratios
+
+
+def random_ratios(slots: list[ParamSlot], sparsity: float, generator: torch.Generator | None = None,
+                  exempt: set[str] = frozenset()) -> dict[str, float]:
+    """Random layer-wise ratios meeting the global ``sparsity`` (the baseline ZO-GraSP must beat)."""
+    _check_sparsity(sparsity)
+    included = [s for s in slots if s.name not in exempt]
+    sizes = torch.tensor([s.numel for s in included], dtype=torch.float64)
+    raw = torch.rand(len(included), generator=generator, dtype=torch.float64)
+    target = sparsity * sizes.sum()
+    # scale the random shares to the target, clipping at 1 and redistributing the excess
+    ratios = torch.zeros_like(raw)
+    free = torch.ones_like(raw, dtype=torch.bool)
+    for _ in range(len(raw) + 1):
+        remaining = target - (ratios * sizes)[~free].sum()
+        scale = remaining / (raw * sizes)[free].sum().clamp_min(1e-12)
+        ratios[free] = raw[free] * scale
+        over = free & (ratios > 1)
+        if not over.any():
+            break
+        ratios[over] = 1.0
+        free &= ~over
+    out = {s.name: 0.0 for s in slots}
+    out.update({s.name: float(r) for s, r in zip(included, ratios)})
+    return out
+
+
+def global_sparsity(slots: list[ParamSlot], ratios: dict[str, float]) -> float:
+    """Share of all coordinates left out by ``ratios``."""
+    total = sum(s.numel for s in slots)
+    return sum(ratios.get(s.name, 0.0) * s.numel for s in slots) / total
+
+
+def save_ratios(path, ratios: dict[str, float], **meta) -> None:
+    """Write layer-wise ratios (and what produced them) as JSON."""
+    Path(path).write_text(json.dumps({"ratios": ratios, **meta}, indent=2))
+
+
+def load_ratios(path) -> dict[str, float]:
+    """Read ratios written by ``save_ratios``; checks every value is a sparsity in [0, 1]."""
+    data = json.loads(Path(path).read_text())
+    ratios = data.get("ratios") if isinstance(data, dict) else None
+    if not isinstance(ratios, dict):
+        raise ValueError(f"{path} holds no 'ratios' object; write it with save_ratios")
+    for name, r in ratios.items():
+        _check_sparsity(r, f"ratio of {name}")
+    return {k: float(v) for k, v in ratios.items()}
+
+
+def uniform_ratios(slots: list[ParamSlot], sparsity: float,
+                   exempt: set[str] = frozenset()) -> dict[str, float]:
+    """The same sparsity for every parameter tensor (exempt ones dense): ``{name: ratio}``."""
+    _check_sparsity(sparsity)
+    return {s.name: 0.0 if s.name in exempt else float(sparsity) for s in slots}
 
 
 def random_mask(slots: list[ParamSlot], ratios: dict[str, float],

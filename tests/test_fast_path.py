@@ -87,12 +87,17 @@ def data(n=12):
     return torch.rand(n, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (n,))
 
 
+ABLATIONS = {"all": {}, "no_delta_propagation": {"delta_propagation": False},
+             "no_one_weight_delta": {"one_weight_delta": False}}
+
+
 @pytest.mark.parametrize("name", list(models()))
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_fast_path_equals_naive_loop(name, mode):
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+def test_fast_path_equals_naive_loop(name, mode, ablation):
     learner = models()[name].double().train(mode == "train")
     x, y = data()
-    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    oracle = ModuleOracle(learner, F.cross_entropy, **ABLATIONS[ablation]).bind(x, y)
     assert oracle.fallback_reason is None, oracle.fallback_reason
     theta = oracle.theta()
     coords = torch.arange(oracle.dim)

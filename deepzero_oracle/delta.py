@@ -1,0 +1,173 @@
+"""Delta propagation: carry a one-weight perturbation as the few values it changes.
+
+A perturbed weight of a Linear / Conv2d / BatchNorm changes one block of its output along
+dim 1 (one unit, one channel). Element-wise layers, pooling, per-channel normalisation and
+flattening keep the change inside that block, so only the block is computed, per perturbation.
+The next Linear / Conv2d turns the block's change into a dense change of its output with a
+small product (``W[:, block] @ change`` or a convolution over the block's channels only);
+from there the rest of the network runs on ``P * B`` stacked rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# modules and functions applied value by value: a change stays where it is
+ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
+                       nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Mish, nn.Hardswish)
+ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu,
+                         F.silu, F.leaky_relu, F.elu, F.relu6, F.softplus, F.mish, F.hardtanh}
+ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
+# per-channel spatial pooling: a change in channel c stays in channel c
+POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+
+
+@dataclass
+class Delta:
+    """P perturbed copies of a tensor that differ from its base value in one block each.
+
+    Copy p equals the base ``[B, C, *S]`` except on dim-1 positions
+    ``index[p] * k ... index[p] * k + k - 1``, where it holds ``values[p]`` (``[B, k, *S]``).
+    """
+
+    index: torch.Tensor  # [P] block index
+    values: torch.Tensor  # [P, B, k, *S]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[P, k]`` dim-1 positions of each copy's block."""
+        k = self.values.shape[2]
+        return self.index[:, None] * k + torch.arange(k, device=self.index.device)
+
+    def base_slice(self, base: torch.Tensor) -> torch.Tensor:
+        """The base values at each copy's block, ``[P, B, k, *S]``."""
+        pos = self.positions
+        P, k = pos.shape
+        picked = base[:, pos.reshape(-1)]  # [B, P*k, *S]
+        return picked.reshape(base.shape[0], P, k, *base.shape[2:]).transpose(0, 1)
+
+    def dense(self, base: torch.Tensor) -> torch.Tensor:
+        """All copies in full, stacked as ``[P*B, C, *S]``."""
+        P, B = self.values.shape[:2]
+        out = base.unsqueeze(0).repeat(P, *([1] * base.dim()))
+        pos = self.positions
+        rows = torch.arange(P, device=pos.device)[:, None].expand_as(pos)
+        # out[p, :, pos[p, j]] = values[p, :, j]
+        out[rows.reshape(-1), :, pos.reshape(-1)] = self.values.transpose(1, 2).reshape(
+            -1, B, *self.values.shape[3:])
+        return out.reshape(P * B, *base.shape[1:])
+
+
+def propagate_module(module: nn.Module, delta: Delta, x_base, out_base, extra_args, extra_kwargs,
+                     weight=None, bias=None):
+    """Apply ``module`` to a Delta input. Returns a Delta, a dense ``[P*B, ...]`` tensor, or
+    None when no rule applies (the caller then densifies)."""
+    if extra_args or extra_kwargs:
+        return None
+    if isinstance(module, ELEMENTWISE_MODULES):
+        return Delta(delta.index, module(delta.values))
+    if isinstance(module, POOL_MODULES) and delta.values.dim() == 5:
+        return _pool(delta, module)
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return _flatten(delta)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return _batch_norm(module, delta, weight, bias)
+    if isinstance(module, nn.Linear) and x_base.dim() == 2:
+        return _linear(delta, x_base, out_base, weight)
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and x_base.dim() == 4:
+        return _conv2d(module, delta, x_base, out_base, weight)
+    return None
+
+
+def propagate_call(target, delta: Delta, args, kwargs, method: bool):
+    """``target(delta, *args, **kwargs)`` for a function (or a method name); None if no rule."""
+    if method:
+        if target in ELEMENTWISE_METHODS and not args and not kwargs:
+            return Delta(delta.index, getattr(delta.values, target)())
+        if target == "flatten" and tuple(args) == (1,) and not kwargs:
+            return _flatten(delta)
+        return None
+    if any(isinstance(a, torch.Tensor) for a in list(args) + list(kwargs.values())):
+        return None  # another tensor joins in: no per-block rule
+    if target in ELEMENTWISE_FUNCTIONS:
+        return Delta(delta.index, target(delta.values, *args, **kwargs))
+    if target in POOL_FUNCTIONS and delta.values.dim() == 5:
+        P, B, k = delta.values.shape[:3]
+        out = target(delta.values.reshape(P * B, k, *delta.values.shape[3:]), *args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return None
+        return Delta(delta.index, out.reshape(P, B, k, *out.shape[2:]))
+    if target is torch.flatten and tuple(args) == (1,) and not kwargs:
+        return _flatten(delta)
+    return None
+
+
+def _pool(delta, module):
+    if getattr(module, "return_indices", False):
+        return None
+    P, B, k = delta.values.shape[:3]
+    out = module(delta.values.reshape(P * B, k, *delta.values.shape[3:]))
+    return Delta(delta.index, out.reshape(P, B, k, *out.shape[2:]))
+
+
+def _flatten(delta):
+    P, B = delta.values.shape[:2]
+    return Delta(delta.index, delta.values.reshape(P, B, -1))
+
+
+def _batch_norm(m, delta, weight, bias):
+    pos = delta.positions  # [P, k]: channels of each copy
+    v = delta.values  # [P, B, k, *S]
+    shape = (pos.shape[0], 1, pos.shape[1]) + (1,) * (v.dim() - 3)
+    if m.training or m.running_mean is None:
+        dims = [1] + list(range(3, v.dim()))  # each copy's B rows (and positions) on their own
+        mean = v.mean(dim=dims, keepdim=True)
+        var = v.var(dim=dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = m.running_mean[pos].reshape(shape), m.running_var[pos].reshape(shape)
+    xhat = (v - mean) / torch.sqrt(var + m.eps)
+    if weight is not None:
+        xhat = xhat * weight[pos].reshape(shape)
+    if bias is not None:
+        xhat = xhat + bias[pos].reshape(shape)
+    return Delta(delta.index, xhat)
+
+
+def _linear(delta, x_base, out_base, weight):
+    change = delta.values - delta.base_slice(x_base)  # [P, B, k]
+    pos = delta.positions
+    P, k = pos.shape
+    w = weight[:, pos.reshape(-1)].reshape(weight.shape[0], P, k).permute(1, 2, 0)  # [P, k, O]
+    out = out_base.unsqueeze(0) + torch.bmm(change, w)
+    return out.reshape(P * out_base.shape[0], *out_base.shape[1:])
+
+
+def _conv2d(m, delta, x_base, out_base, weight):
+    change = delta.values - delta.base_slice(x_base)  # [P, B, k, H, W]
+    P, B, k = change.shape[:3]
+    blocks, counts = torch.unique_consecutive(delta.index, return_counts=True)
+    if len(blocks) <= 32:
+        # coordinates arrive sorted, so copies sharing a block come in runs: one plain
+        # convolution per run over its block's k input channels, rows already in copy order
+        rows = change.reshape(P * B, k, *change.shape[3:])
+        outs, start = [], 0
+        for block, n in zip(blocks.tolist(), counts.tolist()):
+            w = weight[:, block * k : (block + 1) * k]
+            outs.append(F.conv2d(rows[start * B : (start + n) * B], w, None, m.stride, m.padding, m.dilation))
+            start += n
+        y = torch.cat(outs) if len(outs) > 1 else outs[0]
+        y = y.view(P, B, *out_base.shape[1:]).add_(out_base)
+        return y.view(P * B, *out_base.shape[1:])
+    # many distinct blocks: one grouped convolution, each copy a group of its k channels
+    pos = delta.positions
+    w = weight[:, pos.reshape(-1)].reshape(weight.shape[0], P, k, *weight.shape[2:]).transpose(0, 1)
+    y = F.conv2d(change.transpose(0, 1).reshape(B, P * k, *change.shape[3:]),
+                 w.reshape(P * weight.shape[0], k, *weight.shape[2:]), None,
+                 m.stride, m.padding, m.dilation, P)
+    y = y.reshape(B, P, *out_base.shape[1:]).transpose(0, 1) + out_base.unsqueeze(0)
+    return y.reshape(P * B, *out_base.shape[1:])
