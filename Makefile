@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install proto mlserver-venv clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/run.py
+
+proto: install
+	$(PY) protos/generate.py
+
+mlserver-venv:
+	bash tests/mlserver/setup_venv.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

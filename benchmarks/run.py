@@ -1,7 +1,6 @@
 """`make bench`: every benchmark, ratios measured side by side in one run; results under
 benchmarks/results/."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ def main():
         import bench_grpc
 
         print("\n== gRPC black box over loopback")
-        print(json.dumps(bench_grpc.main(), indent=2))
+        bench_grpc.main(["--json", str(RESULTS / "bench_grpc.json")])
     print(f"\nresults in {RESULTS}/")
 
 

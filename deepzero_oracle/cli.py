@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results", help="where engine.json and engine.md go")
     bench.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     bench.set_defaults(func=_bench)
+
+    from deepzero_oracle import serve
+
+    serve.register(sub)
     return parser
 
 

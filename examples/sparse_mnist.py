@@ -22,6 +22,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--rge-q", type=int, default=192)
+    parser.add_argument("--rge-lr", type=float, default=0.01,
+                        help="RGE's noisier estimates diverge at the CGE/FO learning rate of 0.1")
     parser.add_argument("--quick", action="store_true", help="FO and ZO-GraSP CGE only")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -41,12 +43,13 @@ def main(argv=None):
         results[name] = train_classifier(recipe, out / slug)
     if not args.quick:  # RGE gets exactly the queries the ZO-GraSP CGE run used
         budget = results["CGE, ZO-GraSP ratios"]["queries"]
-        name = f"RGE q={args.rge_q}, same query budget"
+        name = f"RGE q={args.rge_q}, lr {args.rge_lr:g}, same query budget"
         print(f"== {name} ({budget:,} queries)")
         steps_per_epoch = -(-len(load_dataset(args.dataset).x_train) // args.batch_size)
         epochs = -(-budget // ((args.rge_q + 1) * steps_per_epoch))
-        recipe = Recipe(estimator="rge", q=args.rge_q, max_queries=budget, **{**common, "epochs": epochs})
-        results[name] = train_classifier(recipe, out / "rge-same-budget")
+        recipe = Recipe(estimator="rge", q=args.rge_q, lr=args.rge_lr, max_queries=budget,
+                        **{**common, "epochs": epochs})
+        results[name] = train_classifier(recipe, out / f"rge-same-budget-lr{args.rge_lr:g}")
     lines = [f"{args.dataset} CNN, {args.epochs} epochs, batch {args.batch_size}, gradient sparsity "
              f"{args.sparsity:.0%} for the sparse runs", "",
              "| method | test accuracy | queries | training seconds |", "|---|---|---|---|"]

@@ -6,6 +6,43 @@ shaped ``[N, *out_shape]`` of either kind. Rows are independent. Local callables
 servers and remote model APIs all follow the same contract and raise the same errors.
 """
 
+from deepzero_oracle.blackbox.errors import (
+    BlackBoxInvalidArgument,
+    BlackBoxNotFound,
+    BlackBoxRemoteError,
+    BlackBoxResourceExhausted,
+    BlackBoxTimeout,
+    BlackBoxUnauthenticated,
+    BlackBoxUnavailable,
+)
 from deepzero_oracle.blackbox.local import BlackBoxError, LocalBlackBox, as_tensor
 
-__all__ = ["BlackBoxError", "LocalBlackBox", "as_tensor"]
+# The remote black boxes import grpc and the generated code (~0.1-0.2 s): load them on first use.
+_LAZY = {
+    "GrpcBlackBox": "deepzero_oracle.blackbox.grpc",
+    "KServeBlackBox": "deepzero_oracle.blackbox.kserve",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BlackBoxError",
+    "BlackBoxInvalidArgument",
+    "BlackBoxNotFound",
+    "BlackBoxRemoteError",
+    "BlackBoxResourceExhausted",
+    "BlackBoxTimeout",
+    "BlackBoxUnauthenticated",
+    "BlackBoxUnavailable",
+    "GrpcBlackBox",
+    "KServeBlackBox",
+    "LocalBlackBox",
+    "as_tensor",
+]

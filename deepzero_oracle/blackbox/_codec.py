@@ -1,0 +1,181 @@
+"""Arrays <-> KServe v2 tensors (datatype string + int64 shape + raw little-endian bytes).
+
+Shared by the server and both remote clients. Imports neither grpc nor the generated code, so
+the REST client stays light. Decoding never unpickles: raw bytes become a NumPy view of an
+explicit numeric dtype, after the byte count has been checked against the shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# KServe datatype -> NumPy dtype, fixed little-endian as the protocol requires.
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
+
+# Which typed-contents field carries each datatype (FP16 exists only as raw contents).
+TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+_TYPED_FIELDS = tuple(sorted(set(TYPED_FIELD.values()))) + ("bytes_contents",)
+
+
+class WireError(ValueError):
+    """A tensor on the wire is malformed. ``code`` is the gRPC status name to answer with."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+        super().__init__(message)
+        self.code = code
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    """KServe datatype string of a NumPy array's dtype (``float32 -> "FP32"``).
+
+    Raises:
+        WireError: for dtypes the protocol cannot carry (object, complex, strings).
+    """
+    name = _BY_KIND.get((arr.dtype.kind, arr.dtype.itemsize))
+    if name is None:
+        raise WireError(
+            f"dtype {arr.dtype} cannot be sent; use one of "
+            f"{', '.join(str(d) for d in DATATYPES.values())} (e.g. float32)"
+        )
+    return name
+
+
+def to_numpy(value, *, what: str = "input") -> np.ndarray:
+    """A C-contiguous NumPy array from a tensor, ndarray, list or scalar (detached, on CPU)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bfloat16:
+            raise WireError(f"{what}: bfloat16 has no KServe raw layout here; convert to float32")
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype.byteorder == ">":  # the wire is little-endian
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr)
+
+
+def check_shape(shape, name: str, *, batched: bool = True) -> tuple[int, ...]:
+    """Validate a wire shape: non-negative ints, and a leading batch dimension if ``batched``."""
+    dims = tuple(int(d) for d in shape)
+    if batched and len(dims) == 0:
+        raise WireError(f"tensor {name!r}: shape [] has no batch dimension; send shape [N, ...]")
+    if any(d < 0 for d in dims):
+        raise WireError(f"tensor {name!r}: shape {list(dims)} has a negative dimension")
+    return dims
+
+
+def _count(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:  # Python ints: a hostile shape cannot overflow the product
+        n *= d
+    return n
+
+
+def _dtype_for(datatype: str, name: str) -> np.dtype:
+    dt = DATATYPES.get(datatype)
+    if dt is None:
+        if datatype == "BYTES":
+            raise WireError(f"tensor {name!r}: BYTES tensors are not supported; send numbers")
+        if datatype == "BF16":
+            raise WireError(f"tensor {name!r}: BF16 is not supported; send FP32")
+        raise WireError(
+            f"tensor {name!r}: unknown datatype {datatype!r}; use one of {', '.join(DATATYPES)}"
+        )
+    return dt
+
+
+def decode_raw(raw: bytes, datatype: str, shape, name: str) -> np.ndarray:
+    """Raw little-endian bytes -> array ``shape`` of ``datatype`` (a read-only view, no copy).
+
+    Raises:
+        WireError: unknown datatype, bad shape, or byte count != prod(shape) * itemsize.
+    """
+    dt = _dtype_for(datatype, name)
+    dims = check_shape(shape, name)
+    expected = _count(dims) * dt.itemsize
+    if len(raw) != expected:
+        raise WireError(
+            f"tensor {name!r}: {len(raw)} bytes of raw contents, but shape {list(dims)} of "
+            f"{datatype} needs {expected}"
+        )
+    if datatype == "BOOL":  # any non-zero byte is true; never trust the byte to be 0/1
+        return np.frombuffer(raw, dtype=np.uint8).reshape(dims) != 0
+    return np.frombuffer(raw, dtype=dt).reshape(dims)
+
+
+def has_typed_contents(contents) -> bool:
+    """True if an ``InferTensorContents`` message holds any value."""
+    return any(len(getattr(contents, f)) for f in _TYPED_FIELDS)
+
+
+def decode_typed(contents, datatype: str, shape, name: str) -> np.ndarray:
+    """Typed ``InferTensorContents`` -> array ``shape`` of ``datatype``.
+
+    Raises:
+        WireError: unknown datatype, wrong field, wrong value count, or values out of range.
+    """
+    dt = _dtype_for(datatype, name)
+    dims = check_shape(shape, name)
+    field = TYPED_FIELD.get(datatype)
+    if field is None:
+        raise WireError(f"tensor {name!r}: {datatype} must be sent as raw contents")
+    values = getattr(contents, field)
+    others = [f for f in _TYPED_FIELDS if f != field and len(getattr(contents, f))]
+    if others:
+        raise WireError(f"tensor {name!r} of {datatype} carries values in {others[0]}; use {field}")
+    if len(values) != _count(dims):
+        raise WireError(
+            f"tensor {name!r}: {len(values)} values in {field}, but shape {list(dims)} needs "
+            f"{_count(dims)}"
+        )
+    if dt.kind in "iu" and dt.itemsize < 4:  # the proto field is 32-bit: narrow it with a check
+        wide = np.asarray(values, dtype=np.int64)
+        info = np.iinfo(dt)
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
+            raise WireError(f"tensor {name!r}: values out of range for {datatype}")
+        return wide.astype(dt).reshape(dims)
+    return np.asarray(values, dtype=dt).reshape(dims)
+
+
+def encode_raw(arr: np.ndarray) -> bytes:
+    """Array -> flat row-major little-endian bytes."""
+    dt = arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
+    return np.ascontiguousarray(arr, dtype=dt).tobytes()
+
+
+def fill_typed(contents, arr: np.ndarray) -> None:
+    """Write ``arr`` into the typed field of an ``InferTensorContents`` message (slow path)."""
+    datatype = datatype_of(arr)
+    field = TYPED_FIELD.get(datatype)
+    if field is None:
+        raise WireError(f"{datatype} can only be sent as raw contents")
+    getattr(contents, field).extend(arr.ravel().tolist())
+
+
+def nonfinite_rows(arr: np.ndarray) -> np.ndarray | None:
+    """Boolean mask ``[N]`` of rows holding NaN or Inf; None for non-float arrays (no check)."""
+    if arr.dtype.kind != "f":
+        return None
+    finite = np.isfinite(arr)
+    return ~finite.reshape(arr.shape[0], -1).all(axis=1)

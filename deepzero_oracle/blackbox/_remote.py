@@ -1,0 +1,109 @@
+"""What every remote black box shares: argument checks, row chunking, answer checks, counters."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deepzero_oracle.blackbox._codec import WireError, datatype_of, to_numpy
+from deepzero_oracle.blackbox.errors import BlackBoxInvalidArgument, BlackBoxResourceExhausted
+from deepzero_oracle.blackbox.local import BlackBoxError
+
+# Room for the protobuf/JSON envelope around the tensor bytes of one message.
+ENVELOPE_BYTES = 64 * 1024
+
+
+class RemoteBlackBox:
+    """Base of the remote black boxes: ``box(*inputs [N, ...]) -> [N, ...]`` like LocalBlackBox.
+
+    A call is split into chunks of at most ``max_batch_rows`` rows that also fit the message
+    limit; subclasses send the chunks (``_infer_chunks``). Answers are checked: every output
+    must have one row per input row, or the call fails (never a silently wrong answer).
+    """
+
+    target: str = ""
+
+    def __init__(self, *, max_batch_rows: int = 65536, max_message_mb: float = 64):
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be >= 1")
+        self.max_batch_rows = int(max_batch_rows)
+        self.max_message_bytes = int(max_message_mb * 2**20)
+        self.calls = 0
+        self.rows = 0
+
+    # -- subclass hook ---------------------------------------------------------------------
+    def _infer_chunks(self, chunks: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Answer each chunk (a list of input arrays ``[n_i, ...]``) with its output arrays."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------
+    def _arrays(self, inputs) -> list[np.ndarray]:
+        """Inputs (tensors / arrays / lists) -> C-contiguous arrays with one common row count."""
+        if not inputs:
+            raise BlackBoxInvalidArgument(f"black box at {self.target}: called with no inputs",
+                                          target=self.target)
+        try:
+            arrays = [to_numpy(x, what=f"input {i}") for i, x in enumerate(inputs)]
+            for a in arrays:
+                datatype_of(a)
+        except WireError as e:
+            raise BlackBoxInvalidArgument(f"black box at {self.target}: {e}", target=self.target) from e
+        for i, a in enumerate(arrays):
+            if a.ndim == 0:
+                raise BlackBoxInvalidArgument(
+                    f"black box at {self.target}: input {i} is a scalar; send [N, ...] arrays",
+                    target=self.target)
+            if a.shape[0] != arrays[0].shape[0]:
+                raise BlackBoxInvalidArgument(
+                    f"black box at {self.target}: input {i} has {a.shape[0]} rows, input 0 has "
+                    f"{arrays[0].shape[0]}; all inputs need the same batch size", target=self.target)
+        return arrays
+
+    def _rows_per_chunk(self, arrays: list[np.ndarray]) -> int:
+        n = arrays[0].shape[0]
+        per_row = sum(a.nbytes // max(n, 1) for a in arrays)
+        budget = self.max_message_bytes - ENVELOPE_BYTES
+        if per_row > budget:
+            raise BlackBoxResourceExhausted(
+                f"black box at {self.target}: one row takes {per_row / 2**20:.1f} MiB, over the "
+                f"{self.max_message_bytes / 2**20:.0f} MiB message limit; raise max_message_mb= "
+                "here and --max-message-mb on the server", target=self.target)
+        return max(1, min(self.max_batch_rows, budget // max(per_row, 1)))
+
+    def __call__(self, *inputs):
+        """Query the black box: inputs ``[N, ...]`` -> a tensor ``[N, ...]`` (tuple if several)."""
+        arrays = self._arrays(inputs)
+        n = arrays[0].shape[0]
+        step = self._rows_per_chunk(arrays)
+        bounds = [(s, min(s + step, n)) for s in range(0, n, step)] or [(0, 0)]
+        chunks = [[a[s:e] for a in arrays] for s, e in bounds]
+        answers = self._infer_chunks(chunks)
+        for (s, e), outs in zip(bounds, answers):
+            check_rows(outs, e - s, self.target)
+        if len({len(outs) for outs in answers}) > 1:
+            raise BlackBoxError(f"black box at {self.target} answered chunks with different "
+                                "numbers of outputs")
+        if len(answers) == 1:
+            outs = [o if o.flags.writeable else o.copy() for o in answers[0]]
+        else:
+            outs = [np.concatenate(parts) for parts in zip(*answers)]
+        self.calls += 1
+        self.rows += n
+        return to_tensors(outs)
+
+
+def check_rows(outs: list[np.ndarray], rows: int, target: str) -> None:
+    """Every output must have ``rows`` rows: a shorter answer must not pass as a gradient."""
+    if not outs:
+        raise BlackBoxError(f"black box at {target} answered with no outputs")
+    for i, o in enumerate(outs):
+        if o.ndim == 0 or o.shape[0] != rows:
+            raise BlackBoxError(f"black box at {target} returned output {i} of shape "
+                                f"{list(o.shape)} for {rows} input rows; it must return one row "
+                                "per input row")
+
+
+def to_tensors(outs: list[np.ndarray]):
+    """Arrays -> one tensor, or a tuple of tensors for several outputs."""
+    tensors = tuple(torch.from_numpy(o if o.flags.writeable else o.copy()) for o in outs)
+    return tensors[0] if len(tensors) == 1 else tensors

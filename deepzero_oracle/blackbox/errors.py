@@ -1,0 +1,111 @@
+"""Errors of remote black boxes (gRPC, KServe v2): each says what was wrong and what to do.
+
+All are :class:`~deepzero_oracle.blackbox.local.BlackBoxError`, so code written against a
+local black box catches them unchanged. ``code`` is the gRPC status name (``"UNAVAILABLE"``),
+also for REST, where HTTP statuses are mapped to the matching gRPC code.
+"""
+
+from __future__ import annotations
+
+from deepzero_oracle.blackbox.local import BlackBoxError
+
+
+class BlackBoxRemoteError(BlackBoxError):
+    """A remote black box answered with an error, or could not be asked.
+
+    Attributes:
+        code: gRPC status name (``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"``, ...).
+        details: the server's own message (or the transport's).
+        target: the address that was queried.
+    """
+
+    code = "UNKNOWN"
+
+    def __init__(self, message: str, *, code: str | None = None, details: str = "", target: str = ""):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.details = details
+        self.target = target
+
+
+class BlackBoxUnavailable(BlackBoxRemoteError):
+    """The server could not be reached (down, restarting, wrong address) even after retries."""
+
+    code = "UNAVAILABLE"
+
+
+class BlackBoxTimeout(BlackBoxRemoteError):
+    """No answer before the deadline (``timeout=``)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class BlackBoxInvalidArgument(BlackBoxRemoteError):
+    """The query was malformed or rejected: datatype, shape, byte count, NaN/Inf inputs."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class BlackBoxResourceExhausted(BlackBoxRemoteError):
+    """A message exceeded the size limit, or the server was at its concurrency limit."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class BlackBoxUnauthenticated(BlackBoxRemoteError):
+    """Missing or wrong shared token."""
+
+    code = "UNAUTHENTICATED"
+
+
+class BlackBoxNotFound(BlackBoxRemoteError):
+    """The server does not serve the requested model (name or version)."""
+
+    code = "NOT_FOUND"
+
+
+_HINTS = {
+    "UNAVAILABLE": (BlackBoxUnavailable,
+                    "is the server running at that address (`deepzero-oracle serve ... --port P`)? "
+                    "Idempotent calls were already retried; pass wait_for_ready=True to wait for a "
+                    "restarting server until the deadline"),
+    "DEADLINE_EXCEEDED": (BlackBoxTimeout,
+                          "raise timeout=, or send fewer rows per call (max_batch_rows=)"),
+    "INVALID_ARGUMENT": (BlackBoxInvalidArgument,
+                         "fix the query (datatype, shape, finite values) to match the model's "
+                         "metadata"),
+    "OUT_OF_RANGE": (BlackBoxInvalidArgument, "fix the query"),
+    "FAILED_PRECONDITION": (BlackBoxInvalidArgument, "fix the query"),
+    "RESOURCE_EXHAUSTED": (BlackBoxResourceExhausted,
+                           "send fewer rows per call (max_batch_rows=) or raise the message limit "
+                           "on both ends (max_message_mb= here, --max-message-mb on the server); "
+                           "if the server is at its concurrency limit, retry later"),
+    "UNAUTHENTICATED": (BlackBoxUnauthenticated,
+                        "pass token= (or set DEEPZERO_ORACLE_TOKEN) to the server's --token"),
+    "PERMISSION_DENIED": (BlackBoxUnauthenticated, "check the token"),
+    "NOT_FOUND": (BlackBoxNotFound, "check model= (and version=) against the server's models"),
+}
+
+
+def remote_error(code: str, details: str, target: str, *, context: str = "") -> BlackBoxRemoteError:
+    """Build the error for gRPC status ``code`` (a name) with the server's ``details``.
+
+    The message names the target, the status, what the server said and what to do.
+    """
+    cls, hint = _HINTS.get(code, (BlackBoxRemoteError, "see the server's log"))
+    where = f"{context} at {target}" if context else target
+    message = f"black box {where} failed with {code}: {details or '(no details)'}; {hint}"
+    return cls(message, code=code, details=details, target=target)
+
+
+__all__ = [
+    "BlackBoxInvalidArgument",
+    "BlackBoxNotFound",
+    "BlackBoxRemoteError",
+    "BlackBoxResourceExhausted",
+    "BlackBoxTimeout",
+    "BlackBoxUnauthenticated",
+    "BlackBoxUnavailable",
+    "remote_error",
+]

@@ -1,0 +1,175 @@
+"""KServeBlackBox against real KServe v2 servers: MLServer (its own venv) and ours.
+
+The MLServer fixture creates .venv-mlserver with tests/mlserver/setup_venv.sh when it is
+missing (~45 s once; MLServer pins protobuf<7, so it cannot share the project's venv), starts
+`mlserver start` on 127.0.0.1 with `parallel_workers: 0`, waits for the model to be ready and
+stops the server by its process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepzero_oracle.blackbox import (
+    BlackBoxInvalidArgument,
+    BlackBoxNotFound,
+    BlackBoxUnavailable,
+    KServeBlackBox,
+    LocalBlackBox,
+)
+from grpcbb_functions import affine as torch_affine
+from grpcbb_helpers import start_server
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+MLSERVER_DIR = TESTS / "mlserver"
+VENV = Path(os.environ.get("DEEPZERO_MLSERVER_VENV", REPO / ".venv-mlserver"))
+MODEL = "deepzero-affine"
+
+sys.path.insert(0, str(MLSERVER_DIR))
+from kserve_function import affine  # noqa: E402  (the function MLServer serves)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _start_mlserver(work: Path):
+    settings = json.loads((MLSERVER_DIR / "settings.json").read_text())
+    settings.update(host="127.0.0.1", http_port=_free_port(), grpc_port=_free_port(),
+                    parallel_workers=0, metrics_endpoint=None)
+    (work / "settings.json").write_text(json.dumps(settings))
+    log = open(work / "mlserver.log", "wb")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.Popen([str(VENV / "bin" / "mlserver"), "start", "."], cwd=work, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    ready = f"http://127.0.0.1:{settings['http_port']}/v2/models/{MODEL}/ready"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _ready(ready):  # the model, not only the server: see GRPC_NOTES
+            return proc, settings
+        time.sleep(0.3)
+    _stop(proc)
+    return None, (work / "mlserver.log").read_text(errors="replace")[-3000:]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlserver(tmp_path_factory):
+    if os.environ.get("DEEPZERO_SKIP_MLSERVER"):
+        pytest.skip("DEEPZERO_SKIP_MLSERVER is set")
+    setup = subprocess.run(["bash", str(MLSERVER_DIR / "setup_venv.sh"), str(VENV)],
+                           env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},
+                           capture_output=True, text=True, timeout=1800)
+    if setup.returncode != 0:
+        pytest.fail(f"could not create {VENV} (needs PyPI access once):\n{setup.stderr[-3000:]}")
+    work = tmp_path_factory.mktemp("mlserver")
+    for name in ("kserve_runtime.py", "kserve_function.py"):
+        shutil.copy(MLSERVER_DIR / name, work / name)
+    shutil.copytree(MLSERVER_DIR / MODEL, work / MODEL)
+    for _attempt in range(2):  # a free port can be taken between choosing and binding it
+        proc, info = _start_mlserver(work)
+        if proc is not None:
+            break
+    else:
+        pytest.fail(f"MLServer did not get ready; log tail:\n{info}")
+    try:
+        yield {"grpc": f"127.0.0.1:{info['grpc_port']}", "rest": f"http://127.0.0.1:{info['http_port']}"}
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mlserver_gives_identical_outputs(mlserver, protocol, dtype):
+    x = np.random.default_rng(3).normal(size=(64, 5)).astype(dtype)
+    want = LocalBlackBox(affine, numpy=True)(x)
+    with KServeBlackBox(mlserver[protocol], MODEL, protocol=protocol, timeout=30, max_batch_rows=20) as box:
+        got = box(torch.from_numpy(x))
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert box.calls == 1 and box.rows == 64
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_mlserver_metadata_ready_and_errors(mlserver, protocol):
+    box = KServeBlackBox(mlserver[protocol], MODEL, protocol=protocol, timeout=30)
+    assert box.ready()
+    md = box.metadata()
+    assert [t["name"] for t in md["inputs"]] == ["x"] and md["inputs"][0]["datatype"] == "FP32"
+    unknown = KServeBlackBox(mlserver[protocol], "no-such-model", protocol=protocol, timeout=30,
+                             input_names=["x"])
+    assert not unknown.ready()
+    with pytest.raises(BlackBoxNotFound, match="no-such-model"):
+        unknown(torch.ones(2, 2))
+    box.close()
+
+
+def test_rest_refuses_nan_instead_of_sending_invalid_json(mlserver):
+    box = KServeBlackBox(mlserver["rest"], MODEL, protocol="rest", timeout=30, input_names=["x"])
+    with pytest.raises(BlackBoxInvalidArgument, match="NaN"):
+        box(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_kserve_client_against_our_server():
+    """Our server speaks the standard service: a KServe client needs nothing else."""
+    proc = start_server()
+    try:
+        x = torch.randn(33, 4)
+        with KServeBlackBox(proc.address, "affine", timeout=30, max_batch_rows=10) as box:
+            assert box.metadata()["inputs"][0]["name"] == "x"
+            assert torch.equal(box(x), torch_affine(x))
+            assert box.ready()
+        with KServeBlackBox(proc.address, "pair", timeout=30, output_names=["output_1"]) as box:
+            assert torch.equal(box(x, x), x * x)
+        a, b = torch.randn(4, 2), torch.randn(4, 2)
+        with KServeBlackBox(proc.address, "diff", timeout=30, input_names=["y", "x"]) as box:
+            assert torch.equal(box(a, b), b - a)  # matched by name: x=b, y=a
+        with KServeBlackBox(proc.address, "diff", timeout=30, input_names=["p", "q"]) as box:
+            assert torch.equal(box(a, b), a - b)  # unknown names: by position
+        with pytest.raises(BlackBoxNotFound):
+            KServeBlackBox(proc.address, "nope", timeout=30, input_names=["x"])(x)
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_unreachable_server_is_unavailable(protocol):
+    port = _free_port()
+    url = f"127.0.0.1:{port}" if protocol == "grpc" else f"http://127.0.0.1:{port}"
+    box = KServeBlackBox(url, "m", protocol=protocol, timeout=10, retries=1, input_names=["x"])
+    with pytest.raises(BlackBoxUnavailable, match="is the server running"):
+        box(torch.ones(1, 1))
+    assert not box.ready(timeout=2)
