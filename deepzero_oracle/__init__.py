@@ -4,6 +4,7 @@ from deepzero_oracle.blackbox import BlackBoxError, LocalBlackBox
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
 from deepzero_oracle.estimators import CGE, RGE, Autograd, Estimator
 from deepzero_oracle.oracle import CallableOracle, ModuleOracle, Oracle
+from deepzero_oracle.parallel import ChunkError, InlineExecutor, ParallelOracle
 from deepzero_oracle.pruning import MaskSchedule
 from deepzero_oracle.train import Callback, CSVLogger, Trainer, assign_gradient
 
@@ -19,11 +20,14 @@ __all__ = [
     "BlackBoxError",
     "CGE",
     "CallableOracle",
+    "ChunkError",
+    "InlineExecutor",
     "Estimator",
     "LocalBlackBox",
     "ModuleOracle",
     "NonFiniteLossError",
     "Oracle",
+    "ParallelOracle",
     "QueryBudgetExceeded",
     "RGE",
 ]

@@ -229,6 +229,11 @@ class ModuleOracle(Oracle):
             warnings.warn("the learner has Dropout in train mode: finite differences will be noise; "
                           "call learner.eval() or remove dropout", stacklevel=2)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None  # per-theta activations keyed by fx nodes: rebuilt on demand
+        return state
+
     # -- data and parameters --------------------------------------------------------------------
 
     def bind(self, x: torch.Tensor, y) -> "ModuleOracle":
