@@ -58,13 +58,7 @@ class Oracle:
 
     def coordinate_losses(self, theta, coords, mu: float) -> torch.Tensor:
         """``loss(theta + mu * e_i)`` for each ``i`` in ``coords [C]``; returns ``[C]``."""
-        theta = self._as_vector(theta)
-        coords = torch.as_tensor(coords, dtype=torch.long).reshape(-1)
-        if coords.numel() and (coords.min() < 0 or coords.max() >= self.dim):
-            raise IndexError(
-                f"coordinates must lie in [0, {self.dim}); got range "
-                f"[{int(coords.min())}, {int(coords.max())}]"
-            )
+        theta, coords = self._as_vector(theta), self._as_coords(coords)
         return self._chunked(
             coords.numel(), lambda s: self._coordinate_losses(theta, coords[s], float(mu))
         )
@@ -132,6 +126,16 @@ class Oracle:
                 )
             out.append(values)
         return torch.cat(out) if out else torch.empty(0)
+
+    def _as_coords(self, coords) -> torch.Tensor:
+        """Coordinates as a flat long tensor ``[C]``, each checked to lie in ``[0, dim)``."""
+        coords = torch.as_tensor(coords, dtype=torch.long).reshape(-1)
+        if coords.numel() and (coords.min() < 0 or coords.max() >= self.dim):
+            raise IndexError(
+                f"coordinates must lie in [0, {self.dim}); got range "
+                f"[{int(coords.min())}, {int(coords.max())}]"
+            )
+        return coords
 
     def _as_vector(self, value, rows: bool = False) -> torch.Tensor:
         t = as_tensor(value).detach()

@@ -419,13 +419,7 @@ class ParallelOracle(Oracle):
     def coordinate_losses(self, theta, coords, mu: float) -> torch.Tensor:
         """``loss(theta + mu * e_i)`` for each ``i`` in ``coords [C]``; returns ``[C]`` in the
         order asked. Workers get theta and the sorted coordinates once, tasks a position range."""
-        theta = self._as_vector(theta)
-        coords = torch.as_tensor(coords, dtype=torch.long).reshape(-1)
-        if coords.numel() and (coords.min() < 0 or coords.max() >= self.dim):
-            raise IndexError(
-                f"coordinates must lie in [0, {self.dim}); got range "
-                f"[{int(coords.min())}, {int(coords.max())}]"
-            )
+        theta, coords = self._as_vector(theta), self._as_coords(coords)
         # sorted, a chunk is a contiguous run of coordinates: one or two parameter tensors,
         # which the ModuleOracle fast path evaluates best; results are put back in order
         order = torch.argsort(coords, stable=True)
