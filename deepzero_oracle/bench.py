@@ -162,7 +162,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         lines.append(f"| {r['model']} | {r['parameters']:,} | {r['batch']} | {r['loop_coords_per_s']:.0f} | "
                      f"{r['engine_coords_per_s']:.0f} | {r['speedup_vs_loop']:.1f}x | "
-                     f"{r['coords_per_forward']:.0f} ({r['loop_coords_per_forward']:.1f}) | "
+                     f"{r['coords_per_forward']:.3g} ({r['loop_coords_per_forward']:.2g}) | "
                      f"{r['max_abs_diff']:.1e} |")
     lines += ["", "| model | configuration | coords/s | speedup vs loop |", "|---|---|---|---|"]
     for r in results:
