@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= runs/demo
+SOL_DEMO_OUT ?= runs/sol-demo
 
 .PHONY: demo test test-slow bench install proto mlserver-venv clean
 
@@ -15,7 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# the main job: a solver-in-the-loop comparison with the solver served by an embedded gRPC
+# server, then the digits classifier trained by ZO beside FO
 demo: install
+	$(PY) examples/sol_demo.py $(SOL_DEMO_OUT)
 	$(PY) examples/demo.py --out $(DEMO_OUT)
 
 test: install

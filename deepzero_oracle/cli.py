@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     from deepzero_oracle import serve
 
     serve.register(sub)
+
+    from deepzero_oracle.adapters.sol import cli as sol_cli
+
+    sol_cli.register(sub)
     return parser
 
 
