@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     from deepzero_oracle.adapters.sol import cli as sol_cli
 
     sol_cli.register(sub)
+
+    from deepzero_oracle.adapters.defense import cli as defense_cli
+
+    defense_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,218 @@
+"""``deepzero-oracle defense train | certify | report``: the black-box defense from the shell.
+
+Wire it into the main parser with ``register(subparsers)``. A run folder (``--out``) holds one
+method's trained front (``run.json``, ``front.pt``, per-stage Trainer checkpoints) and, after
+``certify``, its per-example log ``certify.tsv`` and ``certify.json``; ``report`` reads the
+run folders under ``--root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register", "report", "CERTIFY_METHODS"]
+
+CERTIFY_METHODS = ("none", "fo-ds", "zo-ds", "zo-ae-ds")
+_ORDER = {m: i for i, m in enumerate(CERTIFY_METHODS)}
+
+
+def _classifier(args, dataset: str):
+    from deepzero_oracle.adapters.defense.classifier import open_classifier
+
+    return open_classifier(args.classifier, dataset, path=args.classifier_path, progress=not args.quiet)
+
+
+def _train(args) -> int:
+    from deepzero_oracle.adapters.defense.classifier import ensure_classifier, whitebox_classifier
+    from deepzero_oracle.adapters.defense.methods import DefenseConfig, train_defense
+
+    config = DefenseConfig(method=args.method, dataset=args.dataset, sigma=args.sigma, objective=args.objective,
+                           epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, ae_epochs=args.ae_epochs,
+                           batch_size=args.batch_size, lr=args.lr, width=args.width, depth=args.depth,
+                           latent=args.latent, sparsity=args.sparsity, pruner=args.pruner,
+                           redraw_every=args.redraw_every, mu=args.mu, max_train=args.max_train,
+                           seed=args.seed).check()
+    whitebox = None
+    if args.method == "fo-ds":
+        if args.classifier != "local":
+            raise ValueError("fo-ds back-propagates through the classifier, so it needs --classifier local")
+        whitebox = whitebox_classifier(ensure_classifier(args.dataset, args.classifier_path, progress=not args.quiet))
+    out = Path(args.out)
+    if args.restart:
+        for ckpt in out.glob("*/checkpoint.pt"):  # only our own stage checkpoints
+            ckpt.unlink()
+    info = train_defense(config, _classifier(args, args.dataset), out, whitebox=whitebox, progress=not args.quiet)
+    print(json.dumps({k: info[k] for k in ("method", "queries", "blackbox_images", "seconds",
+                                           "pipeline_clean_accuracy", "denoiser_parameters")}, indent=2))
+    print(f"wrote {out}/run.json, front.pt and stage checkpoints", file=sys.stderr)
+    return 0
+
+
+def _certify(args) -> int:
+    from deepzero_oracle.adapters.defense.methods import certify_front, load_front
+
+    out = Path(args.out)
+    front, training = None, {"queries": 0, "blackbox_images": 0}
+    if args.method == "none":
+        if args.dataset is None or args.sigma is None:
+            raise ValueError("--method none needs --dataset and --sigma (there is no trained run to read them from)")
+        dataset, sigma = args.dataset, args.sigma
+    else:
+        if not (out / "run.json").exists():
+            raise FileNotFoundError(
+                f"{out}/run.json not found: run `defense train --method {args.method} --out {out}` first")
+        front, config = load_front(out)
+        if config.method != args.method:
+            raise ValueError(f"{out} holds a {config.method} run, not {args.method}")
+        training = json.loads((out / "run.json").read_text())
+        dataset = config.dataset
+        if args.dataset not in (None, dataset):
+            raise ValueError(f"{out} was trained on {dataset}, not {args.dataset}")
+        sigma = args.sigma if args.sigma is not None else config.sigma
+        if sigma != config.sigma:
+            print(f"note: certifying at sigma={sigma} a front trained at sigma={config.sigma}", file=sys.stderr)
+    run = certify_front(front, _classifier(args, dataset), dataset, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                        max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
+                        log_path=out / "certify.tsv", progress=not args.quiet)
+    summary = {"method": args.method, "dataset": dataset, **run.summary(),
+               "training_queries": int(training["queries"]),
+               "training_blackbox_images": int(training["blackbox_images"])}
+    (out / "certify.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _runs(root: Path, runs: list[str] | None) -> list[Path]:
+    dirs = [Path(r) for r in runs] if runs else sorted(p.parent for p in root.glob("*/certify.json"))
+    missing = [str(d) for d in dirs if not (d / "certify.json").exists() or not (d / "certify.tsv").exists()]
+    if missing:
+        raise FileNotFoundError(f"no certify.json/certify.tsv in {', '.join(missing)}: run `defense certify` there")
+    if not dirs:
+        raise FileNotFoundError(f"no certified runs under {root} (looked for */certify.json)")
+    return dirs
+
+
+def report(dirs: list[Path], radii=(0.0, 0.25, 0.5, 0.75)) -> tuple[dict, str, dict]:
+    """Collect certified runs.
+
+    Args:
+        dirs: run folders holding ``certify.tsv`` and ``certify.json``.
+        radii: the table's radii.
+    Returns:
+        ``(table_json, markdown, logs)``: ``{name: {"0.0": acc, ..., "queries": n}}`` (accuracy in
+        [0, 1], queries = training queries), the markdown text, and ``{name: log path}``.
+        ``name`` is the method, or ``method (folder)`` when two folders hold the same method.
+    """
+    from deepzero_oracle.adapters.defense.certify_log import certified_accuracy, certified_accuracy_markdown
+
+    infos = [(d, json.loads((d / "certify.json").read_text())) for d in dirs]
+    infos.sort(key=lambda t: (_ORDER.get(t[1]["method"], 99), str(t[0])))
+    counts: dict[str, int] = {}
+    for _, info in infos:
+        counts[info["method"]] = counts.get(info["method"], 0) + 1
+    table, logs, queries, extra = {}, {}, {}, []
+    for d, info in infos:
+        name = info["method"] if counts[info["method"]] == 1 else f"{info['method']} ({d.name})"
+        logs[name] = d / "certify.tsv"
+        acc = certified_accuracy(logs[name], radii)
+        queries[name] = int(info["training_queries"])
+        table[name] = {str(float(r)): acc[float(r)] for r in radii}
+        table[name]["queries"] = queries[name]
+        extra.append(f"| {name} | {info['training_blackbox_images']:,} | {info['sigma']:g} | {info['n']:,} | "
+                     f"{info['alpha']:g} | {info['samples_per_second']:,.0f} |")
+    md = "Certified accuracy (%) by L2 radius; queries = oracle queries spent in training.\n\n"
+    md += certified_accuracy_markdown(logs, radii, queries=queries)
+    md += ("\n| method | training black-box images | sigma | n | alpha | certify samples/s |\n"
+           "|---|---:|---:|---:|---:|---:|\n" + "\n".join(extra) + "\n")
+    return table, md, logs
+
+
+def _report(args) -> int:
+    from deepzero_oracle.adapters.defense.certify_log import plot_certified_curve
+
+    root = Path(args.root)
+    table, md, logs = report(_runs(root, args.runs))
+    out_md = Path(args.markdown) if args.markdown else root / "report.md"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(md)
+    plot = plot_certified_curve(logs, Path(args.plot) if args.plot else root / "certified_accuracy.png",
+                                title="certified accuracy vs L2 radius")
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(md)
+    print(f"wrote {out_md} and {plot}", file=sys.stderr)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classifier", default="local",
+                   help="local (the adapter's own FO-trained CNN), grpc://host:port[/model] "
+                        "or kserve://host:port/model")
+    p.add_argument("--classifier-path", default=None,
+                   help="saved local classifier (default runs/defense/classifier-<dataset>.pt, trained on first use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``defense`` with ``train``, ``certify`` and ``report`` to an argparse subparsers object.
+
+    Returns the ``defense`` parser. Each leaf sets ``func(args) -> exit code``.
+    """
+    from deepzero_oracle.adapters.defense.methods import METHODS, OBJECTIVES, DefenseConfig
+    from deepzero_oracle.data import DATASETS
+
+    d = DefenseConfig()
+    defense = subparsers.add_parser(
+        "defense", help="robustify a black-box classifier: ZO-trained denoiser + certification")
+    sub = defense.add_subparsers(dest="defense_command", required=True)
+
+    train = sub.add_parser("train", help="train a denoiser in front of the black-box classifier")
+    train.add_argument("--method", choices=METHODS, required=True)
+    _common(train)
+    train.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    train.add_argument("--sigma", type=float, default=d.sigma, help="noise level (0.12, 0.25, 0.5)")
+    train.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    train.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the main objective")
+    train.add_argument("--pretrain-epochs", type=int, default=None, help="MSE epochs before stab (mse+stab)")
+    train.add_argument("--ae-epochs", type=int, default=d.ae_epochs, help="zo-ae-ds autoencoder pre-training")
+    train.add_argument("--batch-size", type=int, default=d.batch_size)
+    train.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    train.add_argument("--width", type=int, default=d.width, help="denoiser channels")
+    train.add_argument("--depth", type=int, default=d.depth, help="denoiser conv layers")
+    train.add_argument("--latent", type=int, default=None, help="zo-ae-ds latent size (default ~pixels/16)")
+    train.add_argument("--sparsity", type=float, default=d.sparsity, help="zo-ds gradient sparsity")
+    train.add_argument("--pruner", choices=("zo-grasp", "uniform"), default=d.pruner)
+    train.add_argument("--redraw-every", type=int, default=d.redraw_every)
+    train.add_argument("--mu", type=float, default=d.mu, help="CGE finite-difference step")
+    train.add_argument("--max-train", type=int, default=None, help="use only this many training images")
+    train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--out", required=True, help="run folder (resumes from its checkpoints)")
+    train.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
+    train.set_defaults(func=_train)
+
+    cert = sub.add_parser("certify", help="randomized-smoothing CERTIFY of a trained run (or of no denoiser)")
+    cert.add_argument("--method", choices=CERTIFY_METHODS, required=True)
+    _common(cert)
+    cert.add_argument("--dataset", choices=DATASETS, default=None, help="required for --method none")
+    cert.add_argument("--sigma", type=float, default=None, help="default: the run's training sigma")
+    cert.add_argument("--n0", type=int, default=100)
+    cert.add_argument("--n", type=int, default=100_000)
+    cert.add_argument("--alpha", type=float, default=0.001)
+    cert.add_argument("--max-examples", type=int, default=100, help="first test images certified")
+    cert.add_argument("--batch-size", type=int, default=1000, help="noisy samples per black-box call")
+    cert.add_argument("--seed", type=int, default=0)
+    cert.add_argument("--out", required=True, help="run folder: writes certify.tsv and certify.json")
+    cert.set_defaults(func=_certify)
+
+    rep = sub.add_parser("report", help="certified accuracy at r = 0, 0.25, 0.5, 0.75 per method, plus plots")
+    rep.add_argument("--root", default="runs/defense", help="folder whose */certify.json runs are reported")
+    rep.add_argument("--runs", nargs="*", default=None, help="explicit run folders instead of --root/*")
+    rep.add_argument("--json", action="store_true", help='print {method: {"0.0": acc, ..., "queries": n}}')
+    rep.add_argument("--markdown", default=None, help="markdown output (default <root>/report.md)")
+    rep.add_argument("--plot", default=None, help="plot output (default <root>/certified_accuracy.png)")
+    rep.set_defaults(func=_report)
+    return defense

@@ -1,0 +1,76 @@
+"""Small white-box front-ends placed before the black-box classifier.
+
+- :class:`Denoiser`: a residual conv net ``x + body(x)`` (a DnCNN sized for 2 CPU cores).
+- :class:`Encoder` / :class:`Decoder`: the small autoencoder of ZO-AE-DS; the ZO estimate is taken
+  in its latent ``z [B, latent]``, the decoder is pre-trained and frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Denoiser", "Encoder", "Decoder", "default_latent"]
+
+
+class Denoiser(nn.Module):
+    """Residual denoiser ``[B, C, H, W] -> [B, C, H, W]``: ``x + body(x)``.
+
+    ``body`` is ``depth`` 3x3 convs (padding 1) with ReLUs between them, ``width`` channels inside.
+    Width 16, depth 3 on one channel: 2,625 parameters. The last conv starts small so the
+    untrained denoiser is close to the identity (the classifier sees near-clean inputs at first).
+    """
+
+    def __init__(self, channels: int = 1, width: int = 16, depth: int = 3):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth must be >= 2 convolutions, got {depth}")
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(width, channels, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+        with torch.no_grad():
+            self.body[-1].weight.mul_(0.1)
+            self.body[-1].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W]`` -> denoised ``[B, C, H, W]``."""
+        return x + self.body(x)
+
+
+def default_latent(side: int) -> int:
+    """Latent size for ``side x side`` images: about 1/16 of the pixels as in ZO-AE-DS
+    (192 for 32x32x3), but at least 16 so 8x8 digits stay recognisable."""
+    return max(16, (side * side) // 16)
+
+
+class Encoder(nn.Module):
+    """``[B, C, H, W] -> z [B, latent]``: strided 3x3 conv (8 channels), ReLU, Linear."""
+
+    def __init__(self, side: int, latent: int, channels: int = 1, width: int = 8):
+        super().__init__()
+        half = (side + 1) // 2
+        self.net = nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU(),
+                                 nn.Flatten(), nn.Linear(width * half * half, latent))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W]`` -> ``z [B, latent]``."""
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """``z [B, latent] -> [B, C, side, side]``: Linear, ReLU, transposed conv (x2 up-sampling)."""
+
+    def __init__(self, side: int, latent: int, channels: int = 1, width: int = 8):
+        super().__init__()
+        if side % 2:
+            raise ValueError(f"the decoder needs an even image side, got {side}")
+        self.width, self.half = width, side // 2
+        self.fc = nn.Sequential(nn.Linear(latent, width * self.half * self.half), nn.ReLU())
+        self.up = nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [B, latent]`` -> images ``[B, C, side, side]``."""
+        h = self.fc(z).reshape(len(z), self.width, self.half, self.half)
+        return self.up(h)
