@@ -27,6 +27,38 @@ POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMax
 POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 
 
+def is_plain_2x2_max_pool(m: nn.Module) -> bool:
+    """A MaxPool2d with kernel 2, stride 2, no padding/dilation/ceil/indices."""
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    return (isinstance(m, nn.MaxPool2d) and pair(m.kernel_size) == (2, 2)
+            and pair(m.stride if m.stride is not None else m.kernel_size) == (2, 2)
+            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1)
+            and not m.ceil_mode and not m.return_indices)
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` for ``[N, C, H, W]`` as two element-wise maxima: the same values,
+    several times faster than the CPU pooling kernel on small images."""
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    rows = torch.maximum(x[..., 0:h:2, :w], x[..., 1:h:2, :w])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Input patches ``[N, C*kh*kw, L]`` of conv ``m`` on ``x [N, C, H, W]`` (``F.unfold``'s
+    layout: row ``(c, i, j)`` is what weight ``[:, c, i, j]`` multiplies at each of the L output
+    positions), built from strided slices: several times faster than ``unfold`` on CPU."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    ho = (xp.shape[-2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+    taps = [xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+            for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, 2).reshape(x.shape[0], -1, ho * wo)
+
+
 @dataclass
 class Delta:
     """P perturbed copies of a tensor that differ from its base value in one block each.
@@ -111,7 +143,8 @@ def _pool(delta, module):
     if getattr(module, "return_indices", False):
         return None
     P, B, k = delta.values.shape[:3]
-    out = module(delta.values.reshape(P * B, k, *delta.values.shape[3:]))
+    rows = delta.values.reshape(P * B, k, *delta.values.shape[3:])
+    out = max_pool_2x2(rows) if is_plain_2x2_max_pool(module) else module(rows)
     return Delta(delta.index, out.reshape(P, B, k, *out.shape[2:]))
 
 
@@ -152,15 +185,18 @@ def _conv2d(m, delta, x_base, out_base, weight):
     P, B, k = change.shape[:3]
     blocks, counts = torch.unique_consecutive(delta.index, return_counts=True)
     if len(blocks) <= 32:
-        # coordinates arrive sorted, so copies sharing a block come in runs: one plain
-        # convolution per run over its block's k input channels, rows already in copy order
-        rows = change.reshape(P * B, k, *change.shape[3:])
-        outs, start = [], 0
+        # coordinates arrive sorted, so copies sharing a block come in runs. Per run, the
+        # change convolves with that block's k input channels only: as im2col + one matrix
+        # product (oneDNN's convolution is slow for so few input channels), written in place.
+        patches = conv_patches(m, change.reshape(P * B, k, *change.shape[3:]))  # [P*B, k*kh*kw, L]
+        O = weight.shape[0]
+        y = torch.empty(P * B, O, patches.shape[-1], dtype=change.dtype)
+        start = 0
         for block, n in zip(blocks.tolist(), counts.tolist()):
-            w = weight[:, block * k : (block + 1) * k]
-            outs.append(F.conv2d(rows[start * B : (start + n) * B], w, None, m.stride, m.padding, m.dilation))
+            w = weight[:, block * k : (block + 1) * k].reshape(O, -1)
+            rows = slice(start * B, (start + n) * B)
+            torch.matmul(w, patches[rows], out=y[rows])
             start += n
-        y = torch.cat(outs) if len(outs) > 1 else outs[0]
         y = y.view(P, B, *out_base.shape[1:]).add_(out_base)
         return y.view(P * B, *out_base.shape[1:])
     # many distinct blocks: one grouped convolution, each copy a group of its k channels

@@ -21,7 +21,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle.delta import Delta, propagate_call, propagate_module
+from deepzero_oracle.delta import (Delta, conv_patches, is_plain_2x2_max_pool, max_pool_2x2,
+                                   propagate_call, propagate_module)
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 SUPPORTED = (nn.Linear, nn.Conv2d) + _NORMS
@@ -100,8 +101,9 @@ class GraphForward:
             m = self.modules[s.module]
             if not isinstance(m, SUPPORTED):
                 raise UnsupportedLearner(f"no fast rule for {type(m).__name__} ({s.name})")
-            if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-                raise UnsupportedLearner(f"Conv2d {s.module} uses padding_mode={m.padding_mode!r}")
+            if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                raise UnsupportedLearner(f"Conv2d {s.module} uses padding={m.padding!r}, "
+                                         f"padding_mode={m.padding_mode!r}")
         for target in self.call_sites:
             m = self.modules[target]
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _NORMS):
@@ -247,6 +249,8 @@ class GraphForward:
     def _module(self, name, module, args, kwargs, P, params, batched):
         """Apply one module; ``P > 1`` means ``args[0]`` holds ``P*B`` stacked rows."""
         if not isinstance(module, SUPPORTED):
+            if is_plain_2x2_max_pool(module) and len(args) == 1 and not kwargs and args[0].dim() == 4:
+                return max_pool_2x2(args[0])
             return module(*args, **kwargs)
         x = args[0]
         w = batched.get(f"{name}.weight", params.get(f"{name}.weight", module.weight))
@@ -332,12 +336,6 @@ def normalised_input(m, x):
     if _uses_batch_stats(m):
         return F.batch_norm(x, None, None, None, None, True, 0.0, m.eps)
     return F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-
-
-def conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Input patches ``[B, C*kh*kw, L]`` of conv ``m``: row ``(c, i, j)`` is what weight
-    ``[:, c, i, j]`` multiplies at each of the L output positions."""
-    return F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
 
 
 def one_weight_delta(m, attr, local, mu, x, base_out, aux):

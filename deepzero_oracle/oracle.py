@@ -12,10 +12,10 @@ from torch.func import functional_call, vmap
 
 from deepzero_oracle.blackbox.local import BlackBoxError, LocalBlackBox, as_tensor
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
+from deepzero_oracle.delta import conv_patches
 from deepzero_oracle.graph import (
     GraphForward,
     UnsupportedLearner,
-    conv_patches,
     normalised_input,
     one_weight_delta,
     parameter_slots,
