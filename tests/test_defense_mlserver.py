@@ -23,7 +23,7 @@ import deepzero_oracle.adapters.defense as defense_pkg
 from deepzero_oracle.adapters.defense.classifier import open_classifier, train_classifier, whitebox_classifier
 from deepzero_oracle.adapters.defense.methods import DefenseConfig, certify_front, load_front, train_defense
 from deepzero_oracle.data import load_dataset
-from test_kserve import MLSERVER_DIR, VENV, _free_port, _ready, _stop
+from test_kserve import MLSERVER_DIR, VENV, _free_port, _ready, _stop, ensure_mlserver_venv
 
 MODEL = "defense-classifier"
 
@@ -52,13 +52,7 @@ class Classifier(MLModel):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    if os.environ.get("DEEPZERO_SKIP_MLSERVER"):
-        pytest.skip("DEEPZERO_SKIP_MLSERVER is set")
-    setup = subprocess.run(["bash", str(MLSERVER_DIR / "setup_venv.sh"), str(VENV)],
-                           env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},
-                           capture_output=True, text=True, timeout=1800)
-    if setup.returncode != 0:
-        pytest.fail(f"could not create {VENV} (needs PyPI access once):\n{setup.stderr[-3000:]}")
+    ensure_mlserver_venv()
     work = tmp_path_factory.mktemp("mlserver-defense")
     clf = work / "classifier.pt"
     train_classifier("digits", clf, epochs=5, channels=(8, 8), max_train=600, batch_size=32,

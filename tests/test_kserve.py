@@ -87,8 +87,8 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def mlserver(tmp_path_factory):
+def ensure_mlserver_venv() -> None:
+    """Create .venv-mlserver once (MLServer pins protobuf < 7, so it lives apart); skip if asked."""
     if os.environ.get("DEEPZERO_SKIP_MLSERVER"):
         pytest.skip("DEEPZERO_SKIP_MLSERVER is set")
     setup = subprocess.run(["bash", str(MLSERVER_DIR / "setup_venv.sh"), str(VENV)],
@@ -96,6 +96,11 @@ def mlserver(tmp_path_factory):
                            capture_output=True, text=True, timeout=1800)
     if setup.returncode != 0:
         pytest.fail(f"could not create {VENV} (needs PyPI access once):\n{setup.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def mlserver(tmp_path_factory):
+    ensure_mlserver_venv()
     work = tmp_path_factory.mktemp("mlserver")
     for name in ("kserve_runtime.py", "kserve_function.py"):
         shutil.copy(MLSERVER_DIR / name, work / name)
