@@ -122,23 +122,27 @@ class GraphForward:
             self.freed_after.setdefault(i, []).append(n)
         self.output_node = next(n for n in self.nodes if n.op == "output")
 
-    def copies_within(self, budget_bytes: float, cache: dict, module: str) -> int:
-        """How many perturbations of ``module``'s parameters fit in ``budget_bytes``.
+    def copies_within(self, budget_bytes: float, cache: dict, module: str | None) -> int:
+        """How many perturbations of ``module``'s parameters (of all parameters if None) to
+        stack so that the largest stacked activation takes about ``budget_bytes``.
 
-        Per copy, the stacked run holds a few activations the size of the largest value from
-        the first Linear/Conv2d after the module on (earlier ones carry only a Delta).
+        Per copy, that is the largest value from the first Linear/Conv2d after the module on
+        (earlier ones carry only a Delta).
         """
-        sites = self.call_sites.get(module, [])
-        if not sites:
+        sites = self.call_sites.get(module, []) if module is not None else None
+        if sites == []:
             return 4096
-        start = self.position[sites[0]]
-        dense_from = next((i for i, n in enumerate(self.nodes) if i > start and n.op == "call_module"
-                           and isinstance(self.modules[n.target], (nn.Linear, nn.Conv2d))), start)
-        if len(sites) > 1:
-            dense_from = start
+        if sites is None:
+            dense_from = 0
+        else:
+            start = self.position[sites[0]]
+            dense_from = next((i for i, n in enumerate(self.nodes) if i > start and n.op == "call_module"
+                               and isinstance(self.modules[n.target], (nn.Linear, nn.Conv2d))), start)
+            if len(sites) > 1:
+                dense_from = start
         largest = max((cache[n].numel() * cache[n].element_size() for n in self.nodes[dense_from:]
                        if isinstance(cache.get(n), torch.Tensor)), default=1)
-        return int(min(4096, max(8, budget_bytes // (4 * largest))))
+        return int(min(4096, max(1, budget_bytes // largest)))
 
     # -- evaluation ---------------------------------------------------------------------------
 

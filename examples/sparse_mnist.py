@@ -24,6 +24,9 @@ def main(argv=None):
     parser.add_argument("--rge-q", type=int, default=192)
     parser.add_argument("--rge-lr", type=float, default=0.01,
                         help="RGE's noisier estimates diverge at the CGE/FO learning rate of 0.1")
+    parser.add_argument("--rge-budget-epochs", type=int, default=None,
+                        help="give RGE the queries the ZO-GraSP CGE run had used after this many "
+                             "epochs (default: all of them) and compare with CGE at that epoch")
     parser.add_argument("--quick", action="store_true", help="FO and ZO-GraSP CGE only")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -41,8 +44,16 @@ def main(argv=None):
         print(f"== {name}")
         slug = name.lower().replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
         results[name] = train_classifier(recipe, out / slug)
-    if not args.quick:  # RGE gets exactly the queries the ZO-GraSP CGE run used
-        budget = results["CGE, ZO-GraSP ratios"]["queries"]
+    if not args.quick:  # RGE gets exactly the queries the ZO-GraSP CGE run used (up to an epoch)
+        cge = results["CGE, ZO-GraSP ratios"]
+        if args.rge_budget_epochs is not None and args.rge_budget_epochs < args.epochs:
+            at = cge["history"][args.rge_budget_epochs]
+            budget = at["queries"]
+            results[f"CGE, ZO-GraSP ratios, after epoch {at['epoch']} (RGE's budget)"] = {
+                "test_accuracy": at["test_accuracy"], "queries": budget, "seconds": at["seconds"],
+                "stopped_reason": "read from the CGE run's history", "history": []}
+        else:
+            budget = cge["queries"]
         name = f"RGE q={args.rge_q}, lr {args.rge_lr:g}, same query budget"
         print(f"== {name} ({budget:,} queries)")
         steps_per_epoch = -(-len(load_dataset(args.dataset).x_train) // args.batch_size)
@@ -61,7 +72,7 @@ def main(argv=None):
     (out / "summary.json").write_text(json.dumps(
         {k: {f: v[f] for f in ("test_accuracy", "queries", "seconds", "stopped_reason")} for k, v in results.items()},
         indent=2))
-    plot_curves({k: v["history"] for k, v in results.items()}, out / "accuracy_vs_queries.png")
+    plot_curves({k: v["history"] for k, v in results.items() if v["history"]}, out / "accuracy_vs_queries.png")
     print(f"wrote {out}/table.md, summary.json, accuracy_vs_queries.png")
 
 
