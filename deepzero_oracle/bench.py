@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from deepzero_oracle.data import load_dataset
 from deepzero_oracle.models import cnn, mlp
@@ -75,6 +76,13 @@ def _timed(fn):
     return value, time.perf_counter() - start
 
 
+def _flops(fn) -> int:
+    """Multiply-add FLOPs (matmuls and convolutions only) that ``fn()`` performs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def sample_coordinates(oracle: ModuleOracle, per_tensor: int, generator) -> list[torch.Tensor]:
     """Per parameter tensor, up to ``per_tensor`` random coordinates (all when 0)."""
     picks = []
@@ -126,6 +134,10 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
     all_coords = torch.arange(engine.dim)
     losses, t_all = _timed(lambda: engine.coordinate_losses(theta, all_coords, mu))
     engine_grad = (losses - loss0) / mu
+    # arithmetic, not time: what the rates would be if every method ran at the forward's FLOP/s
+    forward_flops = _flops(lambda: learner(x))
+    engine_flops = _flops(lambda: engine.coordinate_losses(theta, all_coords, mu))
+    loop_flops = sum(s.numel * _flops(lambda: loop.losses(c[:1], mu)) for s, c in zip(engine.slots, loop_sample))
     reference = torch.cat(loop_grads)
     compared = torch.cat(loop_sample)
     loop_rate = engine.dim / estimated_seconds(loop_rates, engine)
@@ -143,6 +155,11 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
         "speedup_vs_loop": engine_rate / loop_rate,
         "coords_per_forward": engine_rate / forwards_per_s,
         "loop_coords_per_forward": loop_rate / forwards_per_s,
+        "flops_per_forward": forward_flops,
+        "engine_flops_per_coord": engine_flops / engine.dim,
+        "loop_flops_per_coord": loop_flops / engine.dim,
+        "flop_ceiling_coords_per_forward": forward_flops * engine.dim / max(engine_flops, 1),
+        "flop_ratio_loop_to_engine": loop_flops / max(engine_flops, 1),
         "max_abs_diff": float((engine_grad[compared] - reference).abs().max()),
         "max_abs_grad": float(reference.abs().max()),
         "compared_coordinates": len(compared),
@@ -164,6 +181,14 @@ def markdown(results: list[dict]) -> str:
                      f"{r['engine_coords_per_s']:.0f} | {r['speedup_vs_loop']:.1f}x | "
                      f"{r['coords_per_forward']:.3g} ({r['loop_coords_per_forward']:.2g}) | "
                      f"{r['max_abs_diff']:.1e} |")
+    lines += ["", "Arithmetic (matmul and convolution FLOPs, elementwise work not counted): the speedup "
+              "and coords_per_forward each method would reach if it ran at a full forward's FLOP/s.", "",
+              "| model | FLOPs per forward | loop FLOPs per coord | engine FLOPs per coord | "
+              "FLOP ratio loop/engine | FLOP ceiling of coords_per_forward |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['flops_per_forward']:.3g} | {r['loop_flops_per_coord']:.3g} | "
+                     f"{r['engine_flops_per_coord']:.3g} | {r['flop_ratio_loop_to_engine']:.1f}x | "
+                     f"{r['flop_ceiling_coords_per_forward']:.3g} |")
     lines += ["", "| model | configuration | coords/s | speedup vs loop |", "|---|---|---|---|"]
     for r in results:
         for label, cfg in r["ablation"].items():

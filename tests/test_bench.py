@@ -11,6 +11,9 @@ def test_engine_benchmark_runs_at_tiny_size(tmp_path, capsys):
     for result in report["results"]:
         # the engine and the loop compute the same gradient (float32 forward differences)
         assert result["max_abs_diff"] <= 1e-3 * max(1.0, result["max_abs_grad"])
+        # delta propagation must do less arithmetic per coordinate than re-running the suffix
+        assert result["flops_per_forward"] > 0
+        assert result["engine_flops_per_coord"] < result["loop_flops_per_coord"]
         assert set(result["ablation"]) == {"engine", "no delta propagation", "no one-weight delta", "no feature reuse"}
     assert json.loads((tmp_path / "engine.json").read_text())["results"]
     assert "speedup" in (tmp_path / "engine.md").read_text()
