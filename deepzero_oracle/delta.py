@@ -49,14 +49,15 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 def conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Input patches ``[N, C*kh*kw, L]`` of conv ``m`` on ``x [N, C, H, W]`` (``F.unfold``'s
     layout: row ``(c, i, j)`` is what weight ``[:, c, i, j]`` multiplies at each of the L output
-    positions), built from strided slices: several times faster than ``unfold`` on CPU."""
+    positions), copied once from a strided view: several times faster than ``unfold`` on CPU."""
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
     ho = (xp.shape[-2] - dh * (kh - 1) - 1) // sh + 1
     wo = (xp.shape[-1] - dw * (kw - 1) - 1) // sw + 1
-    taps = [xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-            for i in range(kh) for j in range(kw)]
-    return torch.stack(taps, 2).reshape(x.shape[0], -1, ho * wo)
+    n, c, row, col = xp.stride()
+    view = xp.as_strided((x.shape[0], x.shape[1], kh, kw, ho, wo),
+                         (n, c, row * dh, col * dw, row * sh, col * sw))
+    return view.reshape(x.shape[0], -1, ho * wo)
 
 
 @dataclass

@@ -14,6 +14,7 @@ per perturbation runs as P independent copies (batched matmul / grouped conv).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,8 @@ class GraphForward:
         except Exception as exc:  # data-dependent control flow and the like
             raise UnsupportedLearner(f"torch.fx could not trace the learner: {exc}") from exc
         self.slots = parameter_slots(learner)
-        self.modules = dict(learner.named_modules())
+        self.modules = {name: _out_of_place(m) for name, m in learner.named_modules()}
+        _rewrite_graph(self.gm, self.modules)
         self.nodes = list(self.gm.graph.nodes)
         self.call_sites: dict[str, list[fx.Node]] = {}
         for node in self.nodes:
@@ -268,6 +270,50 @@ class GraphForward:
         if isinstance(module, nn.Conv2d):
             return _conv2d(module, x, w, b, P, per_copy)
         return _batch_norm(module, x, w, b, P, per_copy)
+
+
+def _out_of_place(m: nn.Module) -> nn.Module:
+    """``m``, or a copy of it that does not overwrite its input: the base forward's values are
+    cached and reused, so an in-place ReLU would corrupt them."""
+    if getattr(m, "inplace", False) is True and not any(True for _ in m.parameters()):
+        m = copy.copy(m)
+        m.inplace = False
+    return m
+
+
+_RELUS = {F.relu, torch.relu}
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    return ((node.op == "call_module" and type(modules[node.target]) is nn.ReLU)
+            or (node.op == "call_function" and node.target in _RELUS and len(node.args) == 1)
+            or (node.op == "call_method" and node.target == "relu" and len(node.args) == 1))
+
+
+def _rewrite_graph(gm: fx.GraphModule, modules: dict) -> None:
+    """Exact rewrites that save work on every stacked run (values are unchanged bit for bit):
+    functional in-place flags off, and ReLU -> MaxPool2d swapped to MaxPool2d -> ReLU (max is
+    monotone, so relu(max(a, b)) == max(relu(a), relu(b)); the ReLU then touches 4x fewer values).
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.kwargs.get("inplace") is True:
+            node.kwargs = {**node.kwargs, "inplace": False}
+    for relu in list(graph.nodes):
+        if not _is_relu(relu, modules) or relu.kwargs or len(relu.users) != 1:
+            continue
+        (pool,) = relu.users
+        if not (pool.op == "call_module" and isinstance(modules[pool.target], nn.MaxPool2d)
+                and not modules[pool.target].return_indices and pool.args[:1] == (relu,)
+                and relu not in pool.args[1:] and relu not in pool.kwargs.values()):
+            continue
+        source = relu.args[0]
+        pool.replace_input_with(relu, source)  # pool(source)
+        pool.replace_all_uses_with(relu)  # pool's users now read the ReLU
+        relu.replace_input_with(source, pool)  # relu(pool(source))
+        pool.append(relu)  # keep topological order
+    graph.lint()
+    gm.recompile()
 
 
 def _per_copy(t, P, shape):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import LocalBlackBox, ModuleOracle, NonFiniteLossError
+from deepzero_oracle.delta import conv_patches
 
 
 class Residual(nn.Module):
@@ -226,3 +227,49 @@ def test_query_without_data_and_mismatched_batch():
         oracle.loss(oracle.theta())
     with pytest.raises(ValueError, match="same number of rows"):
         oracle.bind(torch.rand(4, 1, 8, 8), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 0, 2), ((2, 3), (2, 1), (1, 0), (1, 2)), (1, 1, 0, 1)])
+def test_conv_patches_match_unfold(kernel, stride, padding, dilation):
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(5, 3, 9, 8, dtype=torch.float64)
+    expected = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    assert torch.equal(conv_patches(conv, x), expected)
+    # a non-contiguous input (a view) gives the same patches
+    wide = torch.randn(5, 3, 9, 16, dtype=torch.float64)
+    assert torch.equal(conv_patches(conv, wide[..., ::2]), F.unfold(
+        wide[..., ::2], conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride))
+
+
+class _FunctionalInplace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 16, 3)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.conv(x), inplace=True), 2)
+        return self.fc(F.relu(h).flatten(1))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(64, 3)),
+    _FunctionalInplace,
+])
+def test_inplace_relu_keeps_the_fast_path_exact(build):
+    torch.manual_seed(0)
+    learner = build().double()
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    fast = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    theta = fast.theta()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a self-check mismatch would warn
+        got = fast.coordinate_losses(theta, torch.arange(fast.dim), 1e-3)
+    assert fast.graph is not None and fast.fallback_reason is None
+    want = ModuleOracle(learner, F.cross_entropy, fast=False).bind(x, y).coordinate_losses(
+        theta, torch.arange(fast.dim), 1e-3)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    # the learner itself is untouched
+    assert all(m.inplace for m in learner.modules() if isinstance(m, nn.ReLU))
