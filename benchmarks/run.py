@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, ratios measured side by side in one run; results under
 benchmarks/results/."""
 
-import sys
+import runpy
 from pathlib import Path
 
 from deepzero_oracle.bench import markdown, run
@@ -15,11 +15,8 @@ def main():
     print(markdown(report["results"]))
     grpc_bench = Path(__file__).parent / "bench_grpc.py"
     if grpc_bench.exists():
-        sys.path.insert(0, str(grpc_bench.parent))
-        import bench_grpc
-
         print("\n== gRPC black box over loopback")
-        bench_grpc.main(["--json", str(RESULTS / "bench_grpc.json")])
+        runpy.run_path(str(grpc_bench))["main"](["--json", str(RESULTS / "bench_grpc.json")])
     print(f"\nresults in {RESULTS}/")
 
 

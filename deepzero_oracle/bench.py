@@ -227,7 +227,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     args = parser.parse_args(argv)
-    report = run(args.batch, args.loop_coords, args.engine_coords, args.tiny)
+    report = run(args.batch, args.loop_coords, args.engine_coords, args.tiny,
+                 out_dir="benchmarks/results/tiny" if args.tiny else "benchmarks/results")
     print(json.dumps(report, indent=2) if args.json else markdown(report["results"]))
 
 

@@ -31,7 +31,7 @@ def _bench(args) -> int:
     from deepzero_oracle.bench import markdown, run
 
     report = run(batch=args.batch, loop_coords=args.loop_coords, engine_coords=args.engine_coords,
-                 tiny=args.tiny, out_dir=args.out)
+                 tiny=args.tiny, out_dir=args.out or ("benchmarks/results/tiny" if args.tiny else "benchmarks/results"))
     print(json.dumps(report, indent=2) if args.json else markdown(report["results"]))
     return 0
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine-coords", type=int, default=0,
                        help="coordinates per parameter tensor timed for the engine's per-tensor rates (0: all)")
     bench.add_argument("--tiny", action="store_true", help="small inputs (what the test suite runs)")
-    bench.add_argument("--out", default="benchmarks/results", help="where engine.json and engine.md go")
+    bench.add_argument("--out", default=None, help="where engine.json and engine.md go (default "
+                       "benchmarks/results, or benchmarks/results/tiny with --tiny)")
     bench.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     bench.set_defaults(func=_bench)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -40,8 +41,8 @@ MLSERVER_DIR = TESTS / "mlserver"
 VENV = Path(os.environ.get("DEEPZERO_MLSERVER_VENV", REPO / ".venv-mlserver"))
 MODEL = "deepzero-affine"
 
-sys.path.insert(0, str(MLSERVER_DIR))
-from kserve_function import affine  # noqa: E402  (the function MLServer serves)
+# the function MLServer serves, loaded from its file (MLServer imports it the same way)
+affine = runpy.run_path(str(MLSERVER_DIR / "kserve_function.py"))["affine"]
 
 
 def _free_port() -> int:
