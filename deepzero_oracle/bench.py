@@ -12,8 +12,8 @@ every coordinate instead). The engine is also timed directly on all coordinates.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -220,17 +220,11 @@ def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, tiny: b
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--loop-coords", type=int, default=24, help="coordinates per tensor for the loop (0: all)")
-    parser.add_argument("--engine-coords", type=int, default=0, help="coordinates per tensor for engine rates (0: all)")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
-    args = parser.parse_args(argv)
-    report = run(args.batch, args.loop_coords, args.engine_coords, args.tiny,
-                 out_dir="benchmarks/results/tiny" if args.tiny else "benchmarks/results")
-    print(json.dumps(report, indent=2) if args.json else markdown(report["results"]))
+    """``python -m deepzero_oracle.bench``: the same as ``deepzero-oracle bench``."""
+    from deepzero_oracle.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

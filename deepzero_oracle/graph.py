@@ -131,12 +131,11 @@ class GraphForward:
         Per copy, that is the largest value from the first Linear/Conv2d after the module on
         (earlier ones carry only a Delta).
         """
-        sites = self.call_sites.get(module, []) if module is not None else None
-        if sites == []:
-            return 4096
-        if sites is None:
-            dense_from = 0
-        else:
+        dense_from = 0
+        if module is not None:
+            sites = self.call_sites.get(module, [])
+            if not sites:
+                return 4096
             start = self.position[sites[0]]
             dense_from = next((i for i, n in enumerate(self.nodes) if i > start and n.op == "call_module"
                                and isinstance(self.modules[n.target], (nn.Linear, nn.Conv2d))), start)
@@ -275,7 +274,7 @@ class GraphForward:
 def _out_of_place(m: nn.Module) -> nn.Module:
     """``m``, or a copy of it that does not overwrite its input: the base forward's values are
     cached and reused, so an in-place ReLU would corrupt them."""
-    if getattr(m, "inplace", False) is True and not any(True for _ in m.parameters()):
+    if getattr(m, "inplace", False) is True and next(m.parameters(), None) is None:
         m = copy.copy(m)
         m.inplace = False
     return m

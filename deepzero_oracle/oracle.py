@@ -25,6 +25,16 @@ from deepzero_oracle.graph import (
 )
 
 
+def default_working_set() -> float:
+    """Bytes for the largest stacked activation of one query chunk: 3/4 of the last-level
+    cache where the OS reports it (Linux), else 24 MB."""
+    try:
+        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        l3 = 0
+    return 0.75 * l3 if l3 and l3 > 0 else 24e6
+
+
 class Oracle:
     """Base oracle: ``theta [dim] -> loss``, batched, with a query counter and budget.
 
@@ -496,13 +506,3 @@ def _moved(param, local, mu):
 
 
 __all__ = ["CallableOracle", "ModuleOracle", "Oracle"]
-
-
-def default_working_set() -> float:
-    """Bytes for the largest stacked activation of one query chunk: 3/4 of the last-level
-    cache where the OS reports it (Linux), else 24 MB."""
-    try:
-        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        l3 = 0
-    return 0.75 * l3 if l3 and l3 > 0 else 24e6
