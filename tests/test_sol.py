@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from deepzero_oracle.adapters.sol import cli as sol_cli
+from deepzero_oracle.adapters.sol import methods as sol_methods
 from deepzero_oracle.adapters.sol.corrector import make_corrector
 from deepzero_oracle.adapters.sol.serving import serve_source_solver
 from deepzero_oracle.adapters.sol.data import SOLConfig, prepare_data, scenario_for
@@ -167,6 +168,33 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     # resuming with a healthy solver continues from step 2 to the end
     done = train_method(cfg, "zo-sol", data, tmp_path, progress=False)
     assert done["step"] == cfg.steps and len(done["history"]) == cfg.steps
+
+
+
+def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    cfg, data, _ = tiny
+    cosine = SOLConfig(**{**TINY, "lr_schedule": "cosine"}).check()
+    straight = train_method(cosine, "fo-sol", data, tmp_path / "straight", progress=False)
+    ck = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # interrupt at step 3 (checkpoint at 2), then resume: the schedule comes back with the checkpoint
+    real_loss, calls = sol_methods.unrolled_loss, {"n": 0}
+
+    def failing_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise SolverDiverged("interrupted")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(sol_methods, "unrolled_loss", failing_third)
+    with pytest.raises(SolverDiverged):
+        train_method(cosine, "fo-sol", data, tmp_path / "resumed", progress=False)
+    ck_half = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert ck_half["step"] == 2 and 0 < ck_half["optimizer"]["param_groups"][0]["lr"] < cfg.lr
+    resumed = train_method(cosine, "fo-sol", data, tmp_path / "resumed", progress=False)
+    assert resumed["history"] == straight["history"]
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        SOLConfig(**{**TINY, "lr_schedule": "linear"}).check()
 
 
 def _wake_tiny(tmp_path):

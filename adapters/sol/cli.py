@@ -245,6 +245,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--solver", default=None, help="zo-sol's solver: local (default) or grpc://host:port")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps")
     train.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    train.add_argument("--lr-schedule", dest="lr_schedule", choices=("constant", "cosine"), default=None,
+                       help="cosine: decay to 0 over --steps (default: constant, or the folder's)")
     train.add_argument("--unroll", type=int, default=None, help="n of SOL-n")
     train.add_argument("--batch", type=int, default=None, help="windows per step")
     train.add_argument("--hidden", type=int, default=None, help="corrector channels")

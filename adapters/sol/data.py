@@ -30,6 +30,9 @@ SIZES = {
 }
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclasses.dataclass
 class SOLConfig:
     """Everything that defines one SOL comparison (all methods share data, corrector and metric).
@@ -41,6 +44,8 @@ class SOLConfig:
         unroll: n of SOL-n (solver steps per training window).
         batch: windows per optimizer step (NON uses ``batch * unroll`` pairs, the same data volume).
         steps: optimizer steps; lr: Adam learning rate.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over ``steps``: with a few windows
+            per step the last updates are noisy, and decay keeps that noise out of the final corrector).
         sparsity: ZO-SOL gradient sparsity (share of coordinates *not* estimated per step).
         redraw_every: steps between redraws of the random sparse coordinate mask.
         mu: CGE finite-difference step (the loss is float64 and deterministic, so small mu is safe).
@@ -61,6 +66,7 @@ class SOLConfig:
     batch: int = 4
     steps: int = 200
     lr: float = 3e-3
+    lr_schedule: str = "constant"
     sparsity: float = 0.8
     redraw_every: int = 1
     mu: float = 1e-4
@@ -75,6 +81,8 @@ class SOLConfig:
             raise ValueError(f"size must be one of {sorted(SIZES[self.scenario])}, got {self.size!r}")
         if self.unroll < 1 or self.unroll > self.train_steps:
             raise ValueError(f"unroll must be in [1, train_steps={self.train_steps}], got {self.unroll}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         for k in ("n_train", "n_test", "test_steps", "batch", "steps", "checkpoint_every", "redraw_every"):

@@ -15,6 +15,7 @@ test cases' initial source states; per simulation averaged over time, then mean 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -222,6 +223,10 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver:
         _save_atomic({"corrector": corr.state_dict(), "config": cfg.to_dict(), **state}, run_dir / "checkpoint.pt")
         return {"method": method, **state}
     opt = torch.optim.Adam(corr.parameters(), lr=cfg.lr)
+    # Closed-form factor of the step index, so a resumed run follows the schedule of its --steps.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda t: 0.5 * (1 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps)))
+        if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
     gen = torch.Generator().manual_seed(cfg.seed)
     oracle = masks = None
     if method == "zo-sol":
@@ -239,6 +244,8 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver:
         if ck.get("method") == method:
             corr.load_state_dict(ck["corrector"])
             opt.load_state_dict(ck["optimizer"])
+            if ck.get("schedule"):
+                schedule.load_state_dict(ck["schedule"])
             gen.set_state(ck["generator"])
             if masks is not None and ck.get("masks"):
                 masks.load_state_dict(ck["masks"])
@@ -248,6 +255,7 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver:
 
     def save():
         _save_atomic({"method": method, "corrector": corr.state_dict(), "optimizer": opt.state_dict(),
+                      "schedule": schedule.state_dict(),
                       "generator": gen.get_state(), "masks": masks.state_dict() if masks else None,
                       "config": cfg.to_dict(), **state}, ckpt)
 
@@ -283,6 +291,7 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver:
             if not torch.isfinite(loss):
                 raise SolverDiverged(f"{method}: loss became NaN/Inf")
             opt.step()
+            schedule.step()
         except (SolverDiverged, NonFiniteLossError) as e:
             bar.close()
             raise SolverDiverged(
