@@ -13,6 +13,7 @@ every coordinate instead). The engine is also timed directly on all coordinates.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from deepzero_oracle.oracle import ModuleOracle
 
 ABLATIONS = {
     "engine": {},
+    "no fused kernels": {"fused_kernels": False},
     "no delta propagation": {"delta_propagation": False},
     "no one-weight delta": {"one_weight_delta": False, "delta_propagation": False},
     "no feature reuse": {"fast": False},
@@ -98,7 +100,7 @@ def estimated_seconds(rates: list[float], oracle: ModuleOracle) -> float:
 
 
 def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine_coords: int,
-                mu: float = 5e-3, repeats: int = 3, seed: int = 0) -> dict:
+                mu: float = 5e-3, repeats: int = 15, seed: int = 0) -> dict:
     """One model: loop vs engine (+ ablations); returns a dict of rates, ratios and errors."""
     gen = torch.Generator().manual_seed(seed)
     base = ModuleOracle(learner, F.cross_entropy).bind(x, y)
@@ -107,10 +109,9 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
     loop_sample = sample_coordinates(base, loop_coords, gen)
     engine_sample = sample_coordinates(base, engine_coords, gen)
 
-    with torch.no_grad():  # full forwards per second at the same batch
+    with torch.no_grad():  # full forwards per second at the same batch: the median of many
         learner(x)
-        _, t = _timed(lambda: [learner(x) for _ in range(repeats)])
-    forwards_per_s = repeats / t
+        forwards_per_s = 1 / statistics.median(_timed(lambda: learner(x))[1] for _ in range(repeats))
 
     loop = ReferenceLoop(learner, F.cross_entropy, x, y)
     loop_rates, loop_grads = [], []
@@ -136,7 +137,10 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
     engine_grad = (losses - loss0) / mu
     # arithmetic, not time: what the rates would be if every method ran at the forward's FLOP/s
     forward_flops = _flops(lambda: learner(x))
-    engine_flops = _flops(lambda: engine.coordinate_losses(theta, all_coords, mu))
+    # counted on the library-op path: the fused kernel's multiply-adds are element-wise ops the
+    # counter does not see (it does the same products, on the pooled positions only)
+    unfused = ModuleOracle(learner, F.cross_entropy, fused_kernels=False).bind(x, y)
+    engine_flops = _flops(lambda: unfused.coordinate_losses(theta, all_coords, mu))
     loop_flops = sum(s.numel * _flops(lambda: loop.losses(c[:1], mu)) for s, c in zip(engine.slots, loop_sample))
     reference = torch.cat(loop_grads)
     compared = torch.cat(loop_sample)

@@ -46,10 +46,11 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
-def conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def conv_patches(m: nn.Conv2d, x: torch.Tensor, channel_major: bool = False) -> torch.Tensor:
     """Input patches ``[N, C*kh*kw, L]`` of conv ``m`` on ``x [N, C, H, W]`` (``F.unfold``'s
     layout: row ``(c, i, j)`` is what weight ``[:, c, i, j]`` multiplies at each of the L output
-    positions), copied once from a strided view: several times faster than ``unfold`` on CPU."""
+    positions), copied once from a strided view: several times faster than ``unfold`` on CPU.
+    ``channel_major``: ``[C*kh*kw, N, L]`` instead, so that picking rows copies whole blocks."""
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
     xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
     ho = (xp.shape[-2] - dh * (kh - 1) - 1) // sh + 1
@@ -57,7 +58,14 @@ def conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     n, c, row, col = xp.stride()
     view = xp.as_strided((x.shape[0], x.shape[1], kh, kw, ho, wo),
                          (n, c, row * dh, col * dw, row * sh, col * sw))
+    if channel_major:
+        return view.permute(1, 2, 3, 0, 4, 5).reshape(-1, x.shape[0], ho * wo)
     return view.reshape(x.shape[0], -1, ho * wo)
+
+
+def channel_major(t: torch.Tensor) -> torch.Tensor:
+    """``[B, C, ...] -> [C, B, ...]``, contiguous: a copy whose channels are whole blocks."""
+    return t.transpose(0, 1).contiguous()
 
 
 @dataclass
@@ -77,10 +85,14 @@ class Delta:
         k = self.values.shape[2]
         return self.index[:, None] * k + torch.arange(k, device=self.index.device)
 
-    def base_slice(self, base: torch.Tensor) -> torch.Tensor:
-        """The base values at each copy's block, ``[P, B, k, *S]``."""
+    def base_slice(self, base: torch.Tensor, base_cm: torch.Tensor | None = None) -> torch.Tensor:
+        """The base values at each copy's block, ``[P, B, k, *S]``; ``base_cm`` (the same
+        values as ``[C, B, *S]``, see ``channel_major``) makes the pick a copy of whole rows."""
         pos = self.positions
         P, k = pos.shape
+        if base_cm is not None:
+            picked = base_cm[pos.reshape(-1)]  # [P*k, B, *S]
+            return picked.reshape(P, k, *base_cm.shape[1:]).transpose(1, 2)
         picked = base[:, pos.reshape(-1)]  # [B, P*k, *S]
         return picked.reshape(base.shape[0], P, k, *base.shape[2:]).transpose(0, 1)
 

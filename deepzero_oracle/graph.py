@@ -22,8 +22,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle.delta import (Delta, conv_patches, is_plain_2x2_max_pool, max_pool_2x2,
-                                   propagate_call, propagate_module)
+from deepzero_oracle.delta import (Delta, channel_major, conv_patches, is_plain_2x2_max_pool,
+                                   max_pool_2x2, propagate_call, propagate_module)
+from deepzero_oracle.fused import (conv2d_max_pool, fusable, fusable_moved_weight, moved_weight_max_pool,
+                                   pool_layout)
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 SUPPORTED = (nn.Linear, nn.Conv2d) + _NORMS
@@ -116,6 +118,22 @@ class GraphForward:
             if node.op == "placeholder" or any(n in self.data_nodes for n in node.all_input_nodes):
                 self.data_nodes.add(node)
         self.position = {n: i for i, n in enumerate(self.nodes)}
+        # Conv2d calls whose only user is a plain 2x2 max-pool (maybe then a ReLU, its only
+        # user): a Delta entering one is convolved, pooled (and rectified) by one fused kernel
+        # (deepzero_oracle.fused), whose value is the last node's
+        self.pool_after: dict[fx.Node, fx.Node] = {}
+        self.relu_after: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            m = self.modules.get(node.target) if node.op == "call_module" else None
+            if (isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple) and m.padding_mode == "zeros"
+                    and len(node.args) == 1 and not node.kwargs and len(node.users) == 1):
+                (user,) = node.users
+                if (user.op == "call_module" and is_plain_2x2_max_pool(self.modules[user.target])
+                        and user.args == (node,) and not user.kwargs):
+                    self.pool_after[node] = user
+                    relu = next(iter(user.users)) if len(user.users) == 1 else None
+                    if relu is not None and _is_relu(relu, self.modules) and relu.args == (user,) and not relu.kwargs:
+                        self.relu_after[node] = relu
         # after which node each value is no longer needed (memory in stacked runs)
         last_use = {n: max((self.position[u] for u in n.users), default=self.position[n])
                     for n in self.nodes}
@@ -124,25 +142,42 @@ class GraphForward:
             self.freed_after.setdefault(i, []).append(n)
         self.output_node = next(n for n in self.nodes if n.op == "output")
 
-    def copies_within(self, budget_bytes: float, cache: dict, module: str | None) -> int:
+    def copies_within(self, budget_bytes: float, cache: dict, module: str | None, *,
+                      propagate: bool = True, fuse: bool = True) -> int:
         """How many perturbations of ``module``'s parameters (of all parameters if None) to
-        stack so that the largest stacked activation takes about ``budget_bytes``.
+        stack so that the largest stacked value takes about ``budget_bytes``.
 
-        Per copy, that is the largest value from the first Linear/Conv2d after the module on
-        (earlier ones carry only a Delta).
+        Per copy, values carrying a Delta (from the module up to the next Linear/Conv2d) hold
+        one channel or unit; from there on they are whole. A Conv2d whose Delta input goes
+        through the fused kernel never exists in full, only its pooled output.
         """
-        dense_from = 0
-        if module is not None:
+        if module is None:
+            counted = {n: 1 for n in self.nodes}
+        else:
             sites = self.call_sites.get(module, [])
             if not sites:
                 return 4096
             start = self.position[sites[0]]
-            dense_from = next((i for i, n in enumerate(self.nodes) if i > start and n.op == "call_module"
-                               and isinstance(self.modules[n.target], (nn.Linear, nn.Conv2d))), start)
-            if len(sites) > 1:
-                dense_from = start
-        largest = max((cache[n].numel() * cache[n].element_size() for n in self.nodes[dense_from:]
-                       if isinstance(cache.get(n), torch.Tensor)), default=1)
+            dense = next((n for n in self.nodes[start + 1:] if n.op == "call_module"
+                          and isinstance(self.modules[n.target], (nn.Linear, nn.Conv2d))), None)
+            if len(sites) > 1 or not propagate or dense is None:
+                dense = sites[0]
+            # per node: the share of its full size one copy holds (None: not materialised)
+            counted = {}
+            for n in self.nodes[start:]:
+                whole = self.position[n] >= self.position[dense]
+                value = cache.get(n)
+                counted[n] = 1 if whole else (1 / value.shape[1] if isinstance(value, torch.Tensor)
+                                              and value.dim() > 1 else 1)
+            source = dense.args[0] if dense.args else None
+            if (fuse and propagate and dense in self.pool_after and dense is not sites[0]
+                    and isinstance(cache.get(source), torch.Tensor) and cache[source].dim() == 4
+                    and fusable(self.modules[dense.target], cache[source].shape[0], cache[dense].shape, 1)):
+                counted[dense] = None
+                if dense in self.relu_after:
+                    counted[self.pool_after[dense]] = None
+        largest = max((cache[n].numel() * cache[n].element_size() * share for n, share in counted.items()
+                       if share is not None and isinstance(cache.get(n), torch.Tensor)), default=1)
         return int(min(4096, max(1, budget_bytes // largest)))
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -162,7 +197,7 @@ class GraphForward:
         return env
 
     def run(self, cache: dict, P: int, params: dict, *, overrides=None, batched=None,
-            propagate: bool = True) -> torch.Tensor:
+            propagate: bool = True, fuse: bool = True) -> torch.Tensor:
         """Re-run only what changes; returns the output stacked as ``[P*B, ...]``.
 
         Args:
@@ -173,6 +208,7 @@ class GraphForward:
                 stacked ``[P*B, ...]`` tensor (the one-weight delta).
             batched: ``{name: [P, *shape]}`` parameters that differ per perturbation.
             propagate: carry Deltas through layers that keep them (else densify at once).
+            fuse: a Delta entering a Conv2d + 2x2 max-pool takes the fused kernel when it pays.
         """
         overrides, batched = overrides or {}, batched or {}
         batched_modules = {name.rpartition(".")[0] for name in batched}
@@ -190,7 +226,11 @@ class GraphForward:
                 any(n in env for n in node.all_input_nodes)
                 or (node.op == "call_module" and node.target in batched_modules)
             ):
-                env[node] = self._eval(node, env, cache, P, params, batched, propagate)
+                pooled = self._conv_pool(node, env, cache, params, batched) if propagate and fuse else None
+                if pooled is not None:
+                    env[self.relu_after.get(node, self.pool_after[node])] = pooled
+                else:
+                    env[node] = self._eval(node, env, cache, P, params, batched, propagate)
             for n in self.freed_after.get(i, ()):  # keep memory to what is still needed
                 if n is not out:
                     env.pop(n, None)
@@ -220,6 +260,37 @@ class GraphForward:
         kwargs = fx.node.map_arg(node.kwargs, value)
         return self._apply(node, args, kwargs, P if any(n in env for n in node.all_input_nodes) else 1,
                            params, batched)
+
+    def moved_weight(self, node: fx.Node, attr: str, local: torch.Tensor, mu: float, cache: dict,
+                     aux, fuse: bool = True) -> dict:
+        """Overrides for ``run`` when one weight of the module called at ``node`` moves by mu, for
+        each flat index in ``local [P]``: ``{node: one_weight_delta(...)}``, or, for a Conv2d
+        weight that a 2x2 max-pool (and ReLU) follows, the pooled Delta from the fused kernel.
+        ``aux`` as for `one_weight_delta`."""
+        m = self.modules[node.target]
+        if fuse and node in self.pool_after and fusable_moved_weight(m, attr, cache[node].shape):
+            relu = node in self.relu_after
+            pooled = moved_weight_max_pool(m, local, mu, aux("patches"), aux("output_cm"), relu)
+            if pooled is not None:
+                channel = local // m.weight[0].numel()
+                return {self.relu_after[node] if relu else self.pool_after[node]: Delta(channel, pooled)}
+        return {node: one_weight_delta(m, attr, local, mu, cache[node.args[0]], cache[node], aux)}
+
+    def _conv_pool(self, node, env, cache, params, batched):
+        """The pooled output of a Conv2d + 2x2 max-pool for a Delta input, from the fused
+        kernel; None when the pattern, the sizes or the compiler rule it out."""
+        pool, source = self.pool_after.get(node), node.args[0] if node.args else None
+        delta = env.get(source)
+        if pool is None or not isinstance(delta, Delta) or any(k.rpartition(".")[0] == node.target for k in batched):
+            return None
+        m, x_base = self.modules[node.target], cache[source]
+        if x_base.dim() != 4 or not fusable(m, x_base.shape[0], cache[node].shape, delta.values.shape[2]):
+            return None
+        weight = params.get(f"{node.target}.weight", m.weight)
+        base_cm = cached_aux(cache, source, "output_cm", lambda: channel_major(x_base))
+        change = delta.values - delta.base_slice(x_base, base_cm)
+        base4 = cached_aux(cache, node, "pool_layout", lambda: pool_layout(cache[node]))
+        return conv2d_max_pool(m, change, delta.index, weight, base4, relu=node in self.relu_after)
 
     def _propagate(self, node, env, cache, params, batched):
         """The one Delta input of ``node`` carried through it, or None when no rule keeps it."""
@@ -269,6 +340,14 @@ class GraphForward:
         if isinstance(module, nn.Conv2d):
             return _conv2d(module, x, w, b, P, per_copy)
         return _batch_norm(module, x, w, b, P, per_copy)
+
+
+def cached_aux(cache: dict, node: fx.Node, kind: str, make):
+    """A helper value derived from ``cache[node]`` (patches, layouts), made once per cache."""
+    store = cache.setdefault("aux", {})
+    if (node, kind) not in store:
+        store[(node, kind)] = make()
+    return store[(node, kind)]
 
 
 def _out_of_place(m: nn.Module) -> nn.Module:
@@ -394,7 +473,9 @@ def one_weight_delta(m, attr, local, mu, x, base_out, aux):
         m: Linear, Conv2d or BatchNorm; ``attr``: "weight" or "bias".
         local: ``[P]`` flat indices into that parameter.
         x: the module's input ``[B, ...]``; base_out: its output ``[B, C, ...]``.
-        aux: callable ``kind -> tensor`` returning cached helpers (conv patches, BN's x-hat).
+        aux: callable ``kind -> tensor`` returning cached helpers: ``"patches"`` (conv patches,
+            channel-major ``[C*kh*kw, B, L]``), ``"output_cm"`` (``base_out`` channel-major)
+            and ``"xhat"`` (BatchNorm's normalised input).
     Returns:
         A ``Delta``: per perturbation, the one changed unit/channel of the output
         (``[P, B, 1, ...]``); or, for a Linear on inputs with more than two dims, the
@@ -418,9 +499,10 @@ def one_weight_delta(m, attr, local, mu, x, base_out, aux):
         o = local // (Cg * kh * kw)
         rest = local % (Cg * kh * kw)  # (c, i, j) within the group's input channels
         rows = (o // (O // m.groups)) * Cg * kh * kw + rest
-        patches = aux("patches")[:, rows, :]  # [B, P, L]
-        moved = base_out[:, o] + mu * patches.reshape(x.shape[0], P, *base_out.shape[2:])
-        return Delta(o, moved.transpose(0, 1).unsqueeze(2))
+        patches = aux("patches")[rows]  # [P, B, L]
+        moved = torch.add(aux("output_cm")[o], patches.view(P, *base_out.shape[:1], *base_out.shape[2:]),
+                          alpha=mu)
+        return Delta(o, moved.unsqueeze(2))
     # BatchNorm: y = gamma * xhat + beta, per channel
     moved = base_out[:, local] + mu * aux("xhat")[:, local]
     return Delta(local, moved.transpose(0, 1).unsqueeze(2))

@@ -13,12 +13,12 @@ from torch.func import functional_call, vmap
 
 from deepzero_oracle.blackbox.local import BlackBoxError, LocalBlackBox, as_tensor
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
-from deepzero_oracle.delta import conv_patches
+from deepzero_oracle.delta import channel_major, conv_patches
 from deepzero_oracle.graph import (
     GraphForward,
+    cached_aux,
     UnsupportedLearner,
     normalised_input,
-    one_weight_delta,
     parameter_slots,
     repeat_rows,
     unflatten,
@@ -26,13 +26,14 @@ from deepzero_oracle.graph import (
 
 
 def default_working_set() -> float:
-    """Bytes for the largest stacked activation of one query chunk: 3/4 of the last-level
-    cache where the OS reports it (Linux), else 24 MB."""
+    """Bytes for the largest stacked value of one query chunk: a quarter of the last-level
+    cache where the OS reports it (Linux), else 8 MB. (Measured on the MNIST-5k CNN with a
+    64 MB L3: 8 / 16 / 24 / 48 MB took 2.83 / 2.51 / 2.54 / 2.99 s for all coordinates.)"""
     try:
         l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
     except (ValueError, OSError, AttributeError):
         l3 = 0
-    return 0.75 * l3 if l3 and l3 > 0 else 24e6
+    return 0.25 * l3 if l3 and l3 > 0 else 8e6
 
 
 class Oracle:
@@ -217,19 +218,21 @@ class ModuleOracle(Oracle):
         blackbox: optional callable applied to the learner's outputs ``[N, ...] -> [N, ...]``;
             it sees ``P * B`` rows for P queries.
         fast: use the structure-aware fast path when possible (feature reuse).
-        one_weight_delta, delta_propagation: the fast path's two further savings; switches
-            exist for ablation benchmarks, results are the same either way.
+        one_weight_delta, delta_propagation, fused_kernels: the fast path's further savings
+            (``fused_kernels``: a change entering a Conv2d + 2x2 max-pool is computed by one
+            ``torch.compile``d kernel, see ``deepzero_oracle.fused``); switches exist for
+            ablation benchmarks, results are the same either way (to float rounding).
         max_batch: perturbations evaluated together; None sizes each parameter tensor's chunks
-            so that the largest stacked activation takes about ``working_set`` bytes.
-        working_set: target bytes for the largest stacked activation of one chunk. The
-            stacked runs are memory-bound; chunks that stay in the last-level cache run 2-3x
-            faster than huge ones. Default: 3/4 of the L3 cache (24 MB if unknown).
+            so that the largest stacked value takes about ``working_set`` bytes.
+        working_set: target bytes for the largest stacked value of one chunk. The stacked
+            runs are memory-bound; chunks that stay in cache run 2-3x faster than huge ones.
+            Default: a quarter of the L3 cache (8 MB if unknown).
     """
 
     def __init__(self, learner: nn.Module, loss_fn: Callable, blackbox: Callable | None = None,
                  *, budget: int | None = None, max_batch: int | None = None, fast: bool = True,
                  one_weight_delta: bool = True, delta_propagation: bool = True,
-                 working_set: float | None = None):
+                 fused_kernels: bool = True, working_set: float | None = None):
         self.slots = parameter_slots(learner)
         if not self.slots:
             raise ValueError("the learner has no trainable parameters (requires_grad=True)")
@@ -237,6 +240,7 @@ class ModuleOracle(Oracle):
         self.learner, self.loss_fn, self.blackbox = learner, loss_fn, blackbox
         self.offsets = torch.tensor([s.offset for s in self.slots])
         self.one_weight_delta, self.delta_propagation = one_weight_delta, delta_propagation
+        self.fused_kernels = fused_kernels
         self.working_set = working_set or default_working_set()
         self.graph = None
         self.fallback_reason = "disabled (fast=False)"
@@ -363,7 +367,9 @@ class ModuleOracle(Oracle):
         for k in slot_of.unique().tolist():
             s = self.slots[k]
             positions = (slot_of == k).nonzero().reshape(-1)
-            size = self.max_batch or graph.copies_within(self.working_set, cache, s.module)
+            size = self.max_batch or graph.copies_within(self.working_set, cache, s.module,
+                                                         propagate=self.delta_propagation and self.one_weight_delta,
+                                                         fuse=self.fused_kernels)
             for where in positions.split(size):
                 local = coords[where] - s.offset
                 yield where, self._slot_outputs(cache, params, s, local, mu)
@@ -377,10 +383,11 @@ class ModuleOracle(Oracle):
             # a module called more than once (or the ablation): per-copy parameters
             return graph.run(cache, P, params, batched={s.name: _moved(params[s.name], local, mu)})
         node = sites[0]
-        module = graph.modules[s.module]
-        moved = one_weight_delta(module, s.attr, local, mu, cache[node.args[0]], cache[node],
-                                 self._aux(cache, node, module))
-        return graph.run(cache, P, params, overrides={node: moved}, propagate=self.delta_propagation)
+        fuse = self.fused_kernels and self.delta_propagation
+        overrides = graph.moved_weight(node, s.attr, local, mu, cache,
+                                       self._aux(cache, node, graph.modules[s.module]), fuse)
+        return graph.run(cache, P, params, overrides=overrides, propagate=self.delta_propagation,
+                         fuse=self.fused_kernels)
 
     def _coordinate_outputs(self, theta, coords, mu):
         """Learner outputs with ``theta + mu e_i`` for each ``i`` in coords, ``[C*B, ...]``."""
@@ -394,16 +401,12 @@ class ModuleOracle(Oracle):
 
     def _aux(self, cache, node, module):
         """Lazily cached per-node helpers for the one-weight delta."""
-        store = cache.setdefault("aux", {})
-
-        def get(kind):
-            key = (node, kind)
-            if key not in store:
-                x = cache[node.args[0]]
-                store[key] = conv_patches(module, x) if kind == "patches" else normalised_input(module, x)
-            return store[key]
-
-        return get
+        makers = {
+            "patches": lambda: conv_patches(module, cache[node.args[0]], channel_major=True),
+            "output_cm": lambda: channel_major(cache[node]),
+            "xhat": lambda: normalised_input(module, cache[node.args[0]]),
+        }
+        return lambda kind: cached_aux(cache, node, kind, makers[kind])
 
     def _base(self, theta):
         """Every node's value at theta on the bound batch (cached until theta or data change)."""

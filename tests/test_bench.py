@@ -14,6 +14,7 @@ def test_engine_benchmark_runs_at_tiny_size(tmp_path, capsys):
         # delta propagation must do less arithmetic per coordinate than re-running the suffix
         assert result["flops_per_forward"] > 0
         assert result["engine_flops_per_coord"] < result["loop_flops_per_coord"]
-        assert set(result["ablation"]) == {"engine", "no delta propagation", "no one-weight delta", "no feature reuse"}
+        assert set(result["ablation"]) == {"engine", "no fused kernels", "no delta propagation", "no one-weight delta",
+                                        "no feature reuse"}
     assert json.loads((tmp_path / "engine.json").read_text())["results"]
     assert "speedup" in (tmp_path / "engine.md").read_text()
