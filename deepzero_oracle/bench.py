@@ -100,14 +100,19 @@ def estimated_seconds(rates: list[float], oracle: ModuleOracle) -> float:
 
 
 def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine_coords: int,
-                mu: float = 5e-3, repeats: int = 15, seed: int = 0) -> dict:
-    """One model: loop vs engine (+ ablations); returns a dict of rates, ratios and errors."""
+                ablation_coords: int = 128, mu: float = 5e-3, repeats: int = 15, seed: int = 0) -> dict:
+    """One model: loop vs engine (+ ablations); returns a dict of rates, ratios and errors.
+
+    Every ablation configuration, the full engine included, is timed on the same per-tensor
+    sample of ``ablation_coords`` coordinates (chunk overheads weigh the same on all of them).
+    """
     gen = torch.Generator().manual_seed(seed)
     base = ModuleOracle(learner, F.cross_entropy).bind(x, y)
     theta = base.theta()
     loss0 = float(base.loss(theta))
     loop_sample = sample_coordinates(base, loop_coords, gen)
     engine_sample = sample_coordinates(base, engine_coords, gen)
+    ablation_sample = sample_coordinates(base, ablation_coords, gen)
 
     with torch.no_grad():  # full forwards per second at the same batch: the median of many
         learner(x)
@@ -120,18 +125,20 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
         loop_rates.append(len(coords) / t)
         loop_grads.append((losses - loss0) / mu)
 
-    configs = {}
-    for label, options in ABLATIONS.items():
-        oracle = ModuleOracle(learner, F.cross_entropy, **options).bind(x, y)
-        oracle.coordinate_losses(theta, loop_sample[0][:2], mu)  # warm-up and self-check
-        sample = engine_sample if label == "engine" else loop_sample
+    def rates_on(oracle, sample):
         rates = []
         for coords in sample:
             _, t = _timed(lambda: oracle.coordinate_losses(theta, coords, mu))
             rates.append(len(coords) / t)
-        configs[label] = {"coords_per_s": oracle.dim / estimated_seconds(rates, oracle)}
+        return rates
+
+    configs = {}
+    for label, options in ABLATIONS.items():
+        oracle = ModuleOracle(learner, F.cross_entropy, **options).bind(x, y)
+        oracle.coordinate_losses(theta, loop_sample[0][:2], mu)  # warm-up and self-check
+        configs[label] = {"coords_per_s": oracle.dim / estimated_seconds(rates_on(oracle, ablation_sample), oracle)}
         if label == "engine":
-            engine, engine_rates = oracle, rates
+            engine, engine_rates = oracle, rates_on(oracle, engine_sample)
     all_coords = torch.arange(engine.dim)
     losses, t_all = _timed(lambda: engine.coordinate_losses(theta, all_coords, mu))
     engine_grad = (losses - loss0) / mu
@@ -200,8 +207,8 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, tiny: bool = False,
-        out_dir="benchmarks/results", seed: int = 0) -> dict:
+def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablation_coords: int = 128,
+        tiny: bool = False, out_dir="benchmarks/results", seed: int = 0) -> dict:
     """Benchmark the MNIST-5k CNN and MLP; writes JSON and markdown under ``out_dir``."""
     torch.manual_seed(seed)
     data = load_dataset("mnist5k", seed=seed)
@@ -211,8 +218,8 @@ def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, tiny: b
     if tiny:  # for the test suite: the same code on small inputs
         x, y = F.avg_pool2d(x, 4), y
         models = {"tiny-cnn": cnn(x.shape[1:], 10, channels=(4, 4)), "tiny-mlp": mlp(x.shape[1:], 10, (8,))}
-    results = [bench_model(name, m, x, y, loop_coords=loop_coords, engine_coords=engine_coords, seed=seed)
-               for name, m in models.items()]
+    results = [bench_model(name, m, x, y, loop_coords=loop_coords, engine_coords=engine_coords,
+                           ablation_coords=ablation_coords, seed=seed) for name, m in models.items()]
     report = {"benchmark": "coordinate estimates", "threads": torch.get_num_threads(), "results": results}
     report.update({k: results[0][k] for k in ("speedup_vs_loop", "coords_per_forward", "max_abs_diff")})
     if out_dir is not None:

@@ -31,7 +31,7 @@ def _bench(args) -> int:
     from deepzero_oracle.bench import markdown, run
 
     report = run(batch=args.batch, loop_coords=args.loop_coords, engine_coords=args.engine_coords,
-                 tiny=args.tiny, out_dir=args.out or ("benchmarks/results/tiny" if args.tiny else "benchmarks/results"))
+                 ablation_coords=args.ablation_coords, tiny=args.tiny, out_dir=args.out or ("benchmarks/results/tiny" if args.tiny else "benchmarks/results"))
     print(json.dumps(report, indent=2) if args.json else markdown(report["results"]))
     return 0
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="coordinates per parameter tensor timed for the loop (0: all)")
     bench.add_argument("--engine-coords", type=int, default=0,
                        help="coordinates per parameter tensor timed for the engine's per-tensor rates (0: all)")
+    bench.add_argument("--ablation-coords", type=int, default=128,
+                       help="coordinates per parameter tensor timed for every ablation configuration (0: all)")
     bench.add_argument("--tiny", action="store_true", help="small inputs (what the test suite runs)")
     bench.add_argument("--out", default=None, help="where engine.json and engine.md go (default "
                        "benchmarks/results, or benchmarks/results/tiny with --tiny)")

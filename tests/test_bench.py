@@ -4,7 +4,7 @@ from deepzero_oracle.cli import main
 
 
 def test_engine_benchmark_runs_at_tiny_size(tmp_path, capsys):
-    assert main(["bench", "--tiny", "--loop-coords", "2", "--engine-coords", "4", "--out", str(tmp_path), "--json"]) == 0
+    assert main(["bench", "--tiny", "--loop-coords", "2", "--engine-coords", "4", "--ablation-coords", "3", "--out", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     for key in ("speedup_vs_loop", "coords_per_forward", "max_abs_diff"):
         assert report[key] > 0
