@@ -217,6 +217,18 @@ def test_cli_train_certify_report_json(clf, tmp_path, capsys):
     assert (root / "report.md").read_text().count("| zo-ds |") == 2
     assert (root / "certified_accuracy.png").stat().st_size > 0
 
+    # An interrupted certify resumes where it stopped, and only with the same model and settings.
+    log = root / "zo-ds" / "certify.tsv"
+    whole = log.read_text()
+    log.write_text("".join(whole.splitlines(keepends=True)[:3]))
+    zo_cert = ["defense", "certify", "--method", "zo-ds", *common, *cert, "--out", str(root / "zo-ds"), "--resume"]
+    assert _cli(zo_cert) == 0
+    strip_time = lambda text: [line.rsplit("\t", 1)[0] for line in text.splitlines()]  # noqa: E731
+    assert strip_time(log.read_text()) == strip_time(whole)
+    with pytest.raises(ValueError, match="method: log 'zo-ds' vs now 'none'"):
+        _cli(["defense", "certify", "--method", "none", *common, *cert, "--dataset", "digits", "--sigma", "0.25",
+              "--out", str(root / "zo-ds"), "--resume"])
+
 
 def test_zo_ds_resume_follows_the_same_run(clf, tmp_path):
     """Stopping after one stab epoch and resuming to two gives the same denoiser and the same

@@ -343,6 +343,50 @@ def test_certify_dataset_is_reproducible_per_example_and_validates_first(tmp_pat
         certify_dataset(Smooth(Recorder(constant(0), 2), 2, SIGMA), xs, labels[:2], 10, 100, ALPHA)
 
 
+def test_resumed_certification_equals_an_uninterrupted_one(tmp_path):
+    xs = torch.stack([x_with_pixel0(m) for m in [0.6 * SIGMA, -0.4 * SIGMA, 0.2 * SIGMA, -0.9 * SIGMA]])
+    labels = [1, 0, 1, 0]
+    kw = dict(n0=20, n=500, alpha=0.01, batch_size=128, seed=3, progress=False)
+    key = lambda r: (r["idx"], r["predict"], r["radius"], r["correct"])  # noqa: E731
+    full = certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels,
+                           log_path=tmp_path / "full.tsv", **kw)
+    log = tmp_path / "cut.tsv"
+    certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels, log_path=log, **kw)
+    # Interrupt after two rows, in the middle of writing the third.
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:3]) + lines[3][:4])
+
+    box = Recorder(sign_of_pixel0, 2)
+    resumed = certify_dataset(Smooth(box, 2, SIGMA), xs, labels, log_path=log, resume=True, **kw)
+    assert [key(r) for r in resumed.rows] == [key(r) for r in full.rows]
+    assert [key(r) for r in read_log(log)] == [key(r) for r in full.rows]
+    assert box.rows == 2 * (20 + 500)  # only the two missing examples were queried
+    assert resumed.queries == full.queries == 4 * 520
+    assert resumed.certified_accuracy() == full.certified_accuracy()
+
+    with pytest.raises(ValueError, match="n: log 500 vs now 600"):
+        certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels, log_path=log, resume=True,
+                        **dict(kw, n=600))
+    certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs[:1], labels[:1], log_path=tmp_path / "m.tsv",
+                    settings={"model": "a"}, **kw)
+    with pytest.raises(ValueError, match="model: log 'a' vs now 'b'"):
+        certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels, log_path=tmp_path / "m.tsv",
+                        settings={"model": "b"}, resume=True, **kw)
+    with pytest.raises(ValueError, match="not the first"):
+        certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs[1:], labels[1:], indices=[1, 2, 3],
+                        log_path=log, resume=True, **kw)
+    (tmp_path / "full.settings.json").unlink()
+    with pytest.raises(ValueError, match="settings are unknown"):
+        certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels, log_path=tmp_path / "full.tsv",
+                        resume=True, **kw)
+    # Without a log there is nothing to resume; with a missing log, resume starts afresh.
+    with pytest.raises(ValueError, match="needs the log_path"):
+        certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels, resume=True, **kw)
+    fresh = certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels,
+                            log_path=tmp_path / "new.tsv", resume=True, **kw)
+    assert [key(r) for r in fresh.rows] == [key(r) for r in full.rows]
+
+
 def test_read_log_rejects_other_files(tmp_path):
     other = tmp_path / "other.tsv"
     other.write_text("a\tb\n1\t2\n")

@@ -10,6 +10,7 @@ back to, and recomputed from, the rows that produced it.
 from __future__ import annotations
 
 import csv
+import json
 import numbers
 import os
 import time
@@ -37,6 +38,7 @@ __all__ = [
     "certify_dataset",
     "example_seed",
     "read_log",
+    "settings_path",
     "certified_accuracy",
     "certified_accuracy_markdown",
     "plot_certified_curve",
@@ -139,6 +141,8 @@ def certify_dataset(
     indices: Sequence[int] | None = None,
     progress: bool = True,
     desc: str = "certify",
+    resume: bool = False,
+    settings: Mapping | None = None,
 ) -> CertifyRun:
     """Run CERTIFY on every example and write the per-example log as it goes.
 
@@ -155,8 +159,14 @@ def certify_dataset(
             (default ``0..M-1``); use it when certifying a subset of a larger set.
         progress: show a tqdm progress bar.
         desc: progress bar label.
+        resume: keep the rows an interrupted run already wrote to ``log_path`` and certify only the
+            rest. The log's settings file (:func:`settings_path`, written by every run with a log)
+            must match this run's, and its rows must be the first examples of ``indices``; per-example
+            seeds make the result equal to an uninterrupted run's.
+        settings: extra JSON-friendly values that must also match on resume (e.g. which model).
     Returns:
-        :class:`CertifyRun` with the rows, query count and throughput (noisy samples/s).
+        :class:`CertifyRun` with the rows, query count and throughput (noisy samples/s). Resumed
+        rows count ``n0 + n`` queries each (what CERTIFY spends) and their logged times.
     """
     n0 = _check_count("n0", n0)
     n = _check_count("n", n)
@@ -172,19 +182,27 @@ def certify_dataset(
         raise ValueError(f"indices has {len(idxs)} entries for {xs.shape[0]} examples")
 
     path = Path(log_path) if log_path is not None else None
+    run_settings = {"n0": n0, "n": n, "alpha": alpha, "sigma": float(smooth.sigma), "batch_size": batch_size,
+                    "seed": int(seed), **dict(settings or {})}
+    if resume and path is None:
+        raise ValueError("resume=True needs the log_path of the run to continue")
+    rows: list[dict] = _resumable_rows(path, run_settings, idxs) if resume and path.exists() else []
     fh = None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "w", encoding="utf-8")
+        settings_path(path).write_text(json.dumps(run_settings, indent=2) + "\n")
+        fh = open(path, "w", encoding="utf-8")  # rewritten whole: drops a half-written last line
         fh.write("\t".join(LOG_COLUMNS) + "\n")
+        for row in rows:
+            fh.write(_format_row(row) + "\n")
         fh.flush()
 
-    rows: list[dict] = []
-    queries_before = smooth.queries
-    total_seconds = 0.0
-    certified = 0
+    queries_before = smooth.queries - len(rows) * (n0 + n)
+    total_seconds = float(sum(row["time"] for row in rows))
+    certified = sum(int(row["correct"]) for row in rows)
     try:
-        bar = tqdm(range(xs.shape[0]), desc=desc, disable=not progress, unit="img")
+        bar = tqdm(range(len(rows), xs.shape[0]), desc=desc, disable=not progress, unit="img",
+                   initial=len(rows), total=xs.shape[0])
         for i in bar:
             idx, label = idxs[i], int(ys[i])
             gen = torch.Generator().manual_seed(example_seed(seed, idx))
@@ -220,6 +238,39 @@ def certify_dataset(
         alpha=alpha,
         sigma=smooth.sigma,
     )
+
+
+def settings_path(log_path: str | os.PathLike) -> Path:
+    """The JSON file beside a log that records the settings it was certified with.
+
+    ``runs/x/certify.tsv`` -> ``runs/x/certify.settings.json``.
+    """
+    log_path = Path(log_path)
+    return log_path.with_name(log_path.stem + ".settings.json")
+
+
+def _resumable_rows(path: Path, run_settings: Mapping, idxs: Sequence[int]) -> list[dict]:
+    # A resumed log must come from the same settings and hold a prefix of this run's examples;
+    # anything else would silently mix two different certifications in one table.
+    spath = settings_path(path)
+    if not spath.exists():
+        raise ValueError(f"cannot resume {path}: {spath} is missing, so its settings are unknown; "
+                         "certify again without resume (or into another folder)")
+    saved = json.loads(spath.read_text())
+    differ = {k: (saved.get(k), v) for k, v in run_settings.items() if saved.get(k) != v}
+    if differ:
+        what = ", ".join(f"{k}: log {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"cannot resume {path}: it was certified with other settings ({what}); "
+                         "rerun with the log's settings, or without resume to start over")
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):  # killed mid-row: that row is certified again
+        path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    rows = read_log(path)
+    done = [row["idx"] for row in rows]
+    if done != list(idxs[: len(done)]):
+        raise ValueError(f"cannot resume {path}: its rows (idx {done[:5]}...) are not the first {len(done)} "
+                         "examples of this run; certify again without resume")
+    return rows
 
 
 def _parse_time(text: str) -> float:

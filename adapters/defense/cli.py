@@ -9,6 +9,7 @@ run folders under ``--root``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -74,9 +75,13 @@ def _certify(args) -> int:
         sigma = args.sigma if args.sigma is not None else config.sigma
         if sigma != config.sigma:
             print(f"note: certifying at sigma={sigma} a front trained at sigma={config.sigma}", file=sys.stderr)
+    # What the log's rows depend on beyond the sampling settings: resuming must not mix models.
+    model = {"method": args.method, "classifier": args.classifier,
+             "front_sha256": hashlib.sha256((out / "front.pt").read_bytes()).hexdigest() if front else None}
     run = certify_front(front, _classifier(args, dataset), dataset, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                         max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
-                        log_path=out / "certify.tsv", progress=not args.quiet)
+                        log_path=out / "certify.tsv", progress=not args.quiet, resume=args.resume,
+                        settings=model)
     summary = {"method": args.method, "dataset": dataset, **run.summary(),
                "training_queries": int(training["queries"]),
                "training_blackbox_images": int(training["blackbox_images"])}
@@ -206,6 +211,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     cert.add_argument("--batch-size", type=int, default=1000, help="noisy samples per black-box call")
     cert.add_argument("--seed", type=int, default=0)
     cert.add_argument("--out", required=True, help="run folder: writes certify.tsv and certify.json")
+    cert.add_argument("--resume", action="store_true",
+                      help="continue an interrupted certify.tsv in --out (same settings) instead of starting over")
     cert.set_defaults(func=_certify)
 
     rep = sub.add_parser("report", help="certified accuracy at r = 0, 0.25, 0.5, 0.75 per method, plus plots")

@@ -471,14 +471,15 @@ def smoothed_pipeline(front: nn.Module | None, blackbox: Callable) -> LocalBlack
 
 def certify_front(front: nn.Module | None, blackbox: Callable, dataset: str, sigma: float, *, n0: int = 100,
                   n: int = 100_000, alpha: float = 0.001, max_examples: int = 100, batch_size: int = 1000,
-                  seed: int = 0, log_path: str | Path | None = None, progress: bool = True) -> CertifyRun:
+                  seed: int = 0, log_path: str | Path | None = None, progress: bool = True,
+                  resume: bool = False, settings: dict | None = None) -> CertifyRun:
     """CERTIFY the first ``max_examples`` test images of ``dataset`` through ``f(front(x + noise))``.
 
     Returns the :class:`CertifyRun` (rows, queries = noisy samples, samples/s); the per-example
-    log goes to ``log_path``.
+    log goes to ``log_path``. ``resume`` and ``settings`` are :func:`certify_dataset`'s.
     """
     data = load_dataset(dataset)
     xs, ys = data.x_test[:max_examples], data.y_test[:max_examples]
     smooth = Smooth(smoothed_pipeline(front, blackbox), data.classes, sigma)
     return certify_dataset(smooth, xs, ys, n0, n, alpha, batch_size, seed=seed, log_path=log_path,
-                           progress=progress)
+                           progress=progress, resume=resume, settings={"dataset": dataset, **(settings or {})})
