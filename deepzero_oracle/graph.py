@@ -169,10 +169,7 @@ class GraphForward:
                 value = cache.get(n)
                 counted[n] = 1 if whole else (1 / value.shape[1] if isinstance(value, torch.Tensor)
                                               and value.dim() > 1 else 1)
-            source = dense.args[0] if dense.args else None
-            if (fuse and propagate and dense in self.pool_after and dense is not sites[0]
-                    and isinstance(cache.get(source), torch.Tensor) and cache[source].dim() == 4
-                    and fusable(self.modules[dense.target], cache[source].shape[0], cache[dense].shape, 1)):
+            if fuse and propagate and dense is not sites[0] and self._fuses_pool(dense, cache, 1):
                 counted[dense] = None
                 if dense in self.relu_after:
                     counted[self.pool_after[dense]] = None
@@ -276,16 +273,22 @@ class GraphForward:
                 return {self.relu_after[node] if relu else self.pool_after[node]: Delta(channel, pooled)}
         return {node: one_weight_delta(m, attr, local, mu, cache[node.args[0]], cache[node], aux)}
 
+    def _fuses_pool(self, node: fx.Node, cache: dict, k: int) -> bool:
+        """Whether a Delta of k channels entering the Conv2d called at ``node`` goes through the
+        fused conv + 2x2 max-pool kernel (the pattern holds and the work per copy pays)."""
+        x = cache.get(node.args[0]) if node.args else None
+        return (node in self.pool_after and isinstance(x, torch.Tensor) and x.dim() == 4
+                and fusable(self.modules[node.target], x.shape[0], cache[node].shape, k))
+
     def _conv_pool(self, node, env, cache, params, batched):
         """The pooled output of a Conv2d + 2x2 max-pool for a Delta input, from the fused
         kernel; None when the pattern, the sizes or the compiler rule it out."""
-        pool, source = self.pool_after.get(node), node.args[0] if node.args else None
+        source = node.args[0] if node.args else None
         delta = env.get(source)
-        if pool is None or not isinstance(delta, Delta) or any(k.rpartition(".")[0] == node.target for k in batched):
+        if (not isinstance(delta, Delta) or any(k.rpartition(".")[0] == node.target for k in batched)
+                or not self._fuses_pool(node, cache, delta.values.shape[2])):
             return None
         m, x_base = self.modules[node.target], cache[source]
-        if x_base.dim() != 4 or not fusable(m, x_base.shape[0], cache[node].shape, delta.values.shape[2]):
-            return None
         weight = params.get(f"{node.target}.weight", m.weight)
         base_cm = cached_aux(cache, source, "output_cm", lambda: channel_major(x_base))
         change = delta.values - delta.base_slice(x_base, base_cm)
