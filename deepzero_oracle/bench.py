@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from deepzero_oracle.data import load_dataset
 from deepzero_oracle.models import cnn, mlp
-from deepzero_oracle.oracle import ModuleOracle
+from deepzero_oracle.module_oracle import ModuleOracle
 
 ABLATIONS = {
     "engine": {},

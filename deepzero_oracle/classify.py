@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from deepzero_oracle.data import DATASETS, class_balanced_sample, load_dataset
 from deepzero_oracle.estimators import CGE, RGE, Autograd
 from deepzero_oracle.models import MODELS, build_model
-from deepzero_oracle.oracle import ModuleOracle
+from deepzero_oracle.module_oracle import ModuleOracle
 from deepzero_oracle.pruning import (PRUNERS, MaskSchedule, is_bias_or_norm, load_ratios, random_ratios,
                                      ratios_from_scores, save_ratios, uniform_ratios, zo_grasp_scores)
 from deepzero_oracle.train import TensorBoardLogger, Trainer

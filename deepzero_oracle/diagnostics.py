@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from deepzero_oracle.estimators import CGE
 from deepzero_oracle.estimators.base import mask_coordinates
-from deepzero_oracle.oracle import ModuleOracle, Oracle
+from deepzero_oracle.module_oracle import ModuleOracle
+from deepzero_oracle.oracle import Oracle
 
 
 def compare_to_autograd(target, estimator=None, *, data=None, loss_fn=None, theta=None, mask=None,

@@ -15,7 +15,6 @@ per perturbation runs as P independent copies (batched matmul / grouped conv).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from deepzero_oracle.delta import (Delta, channel_major, conv_patches, is_plain_2x2_max_pool,
                                    max_pool_2x2, propagate_call, propagate_module)
+from deepzero_oracle.theta import parameter_slots
 from deepzero_oracle.fused import (conv2d_max_pool, fusable, fusable_moved_weight, moved_weight_max_pool,
                                    pool_layout)
 
@@ -33,38 +33,6 @@ SUPPORTED = (nn.Linear, nn.Conv2d) + _NORMS
 
 class UnsupportedLearner(TypeError):
     """The learner's structure cannot use the fast path (the caller falls back)."""
-
-
-@dataclass
-class ParamSlot:
-    """Where one trainable parameter lives in theta and in the traced graph."""
-
-    name: str  # qualified name, as in learner.named_parameters()
-    module: str  # qualified module name
-    attr: str  # "weight" or "bias"
-    offset: int  # first coordinate in theta
-    shape: torch.Size
-    numel: int
-
-
-def parameter_slots(learner: nn.Module) -> list[ParamSlot]:
-    """Trainable parameters of ``learner`` in theta order (``named_parameters`` order)."""
-    slots, offset = [], 0
-    for name, p in learner.named_parameters():
-        if not p.requires_grad:
-            continue
-        module, _, attr = name.rpartition(".")
-        slots.append(ParamSlot(name, module, attr, offset, p.shape, p.numel()))
-        offset += p.numel()
-    return slots
-
-
-def unflatten(theta: torch.Tensor, slots: list[ParamSlot]) -> dict[str, torch.Tensor]:
-    """Views of theta ``[..., dim]`` as parameters ``{name: [..., *shape]}``."""
-    lead = theta.shape[:-1]
-    return {
-        s.name: theta[..., s.offset : s.offset + s.numel].reshape(*lead, *s.shape) for s in slots
-    }
 
 
 def _uses_batch_stats(m: nn.Module) -> bool:

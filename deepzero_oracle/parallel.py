@@ -73,7 +73,7 @@ import torch
 from deepzero_oracle.blackbox.local import BlackBoxError, as_tensor
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
 from deepzero_oracle.estimators.base import mask_coordinates
-from deepzero_oracle.oracle import Oracle
+from deepzero_oracle.oracle import Oracle, QueryLedger
 
 try:  # cloudpickle ships lambdas and closures by value; plain pickle is the fallback
     import cloudpickle as _pickler
@@ -281,7 +281,7 @@ def _resolve(handle):
 def _run_chunk(state, request, job: _Job):
     """Worker entry point: ``(losses [stop - start], seconds, payloads loaded)``.
 
-    Calls the wrapped oracle's evaluation hooks (``_coordinate_losses`` ...) once per block:
+    Calls the wrapped oracle's evaluation hooks (``evaluate_coordinates`` ...) once per block:
     they neither count queries nor check the budget, so worker copies never double count.
     """
     began, loads_before = time.perf_counter(), getattr(_WORKER, "loads", 0)
@@ -296,13 +296,13 @@ def _run_chunk(state, request, job: _Job):
                 b = min(job.stop, a + job.block)
                 if job.kind == "coordinate":
                     theta, coords = req
-                    values = oracle._coordinate_losses(theta, coords[a:b], job.mu)
+                    values = oracle.evaluate_coordinates(theta, coords[a:b], job.mu)
                 elif job.kind == "direction":
                     theta, dirs = req
                     rows = dirs.rows(a, b) if isinstance(dirs, DirectionRecipe) else dirs[a:b]
-                    values = oracle._direction_losses(theta, rows, job.mu)
+                    values = oracle.evaluate_directions(theta, rows, job.mu)
                 else:
-                    values = oracle._losses(job.rows[a - job.start : b - job.start])
+                    values = oracle.evaluate_losses(job.rows[a - job.start : b - job.start])
                 out.append(as_tensor(values).reshape(-1))
     except Exception as exc:
         if hasattr(exc, "add_note"):  # Python >= 3.11; the parent names the chunk regardless
@@ -323,7 +323,7 @@ class ParallelOracle(Oracle):
     blocks, submitted to ``executor`` and reassembled in request order. The budget is checked
     before anything is submitted and queries are counted here only (worker copies call the
     wrapped oracle's uncounted hooks). Other attributes (``bind``, ``theta``, ``set_theta``,
-    ``learner``, ``parameters``, ``update_running_stats``...) pass through to the wrapped oracle,
+    ``learner``, ``parameters``, ``end_step``...) pass through to the wrapped oracle,
     so a ``ParallelOracle`` around a ``ModuleOracle`` can go to ``Trainer`` as is. Not thread
     safe: one request at a time.
 
@@ -395,18 +395,19 @@ class ParallelOracle(Oracle):
             raise AttributeError(name)
         return getattr(self.__dict__["oracle"], name)
 
-    def bind(self, x, y) -> "ParallelOracle":
-        """Bind the data batch ``x [B, ...]``, targets ``y [B, ...]`` on the wrapped oracle;
-        returns this wrapper (so ``oracle = oracle.bind(x, y)`` keeps the parallel one)."""
-        self.oracle.bind(x, y)
+    def bind(self, *batch) -> "ParallelOracle":
+        """Bind a data batch (e.g. ``x [B, ...], y [B, ...]``) on the wrapped oracle; returns
+        this wrapper (so ``oracle = oracle.bind(x, y)`` keeps the parallel one)."""
+        self.oracle.bind(*batch)
         return self
 
-    def autograd_gradient(self, theta) -> torch.Tensor:
+    def end_step(self) -> None:
+        """The wrapped oracle's end-of-step update (e.g. BatchNorm running statistics)."""
+        self.oracle.end_step()
+
+    def evaluate_gradient(self, theta) -> torch.Tensor:
         """The wrapped oracle's exact gradient ``[dim]`` at ``theta [dim]``, computed here."""
-        self._check_budget(1)
-        grad = self.oracle.autograd_gradient(theta)
-        self.queries += 1
-        return grad
+        return self.oracle.evaluate_gradient(theta)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -642,7 +643,7 @@ def _shippable(oracle: Oracle) -> Oracle:
     """A shallow copy of the oracle fit to pickle: counters reset, per-theta caches dropped
     (a ModuleOracle's base-forward cache is large and keyed by graph nodes; workers rebuild it)."""
     clone = copy.copy(oracle)
-    clone.queries, clone.budget = 0, None
+    clone.ledger = QueryLedger()  # a fresh counter: the original's stays with the parent
     if getattr(clone, "_cache", None) is not None:
         clone._cache = None
     return clone

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from deepzero_oracle.estimators.rge import RGE
-from deepzero_oracle.graph import ParamSlot
+from deepzero_oracle.theta import ParamSlot
 
 PRUNERS = ("zo-grasp", "random", "uniform")
 
@@ -30,7 +30,7 @@ def zo_grasp_scores(oracle, theta: torch.Tensor, rge: RGE | None = None,
 
     ``g0 = RGE(theta)`` and ``g = RGE(theta + mu g0)`` share the *same* random directions, so
     their difference estimates the Hessian-gradient product without the noise of two
-    independent draws. Costs ``2 * rge.queries_per_estimate(dim)`` queries.
+    independent draws. Costs ``2 * rge.queries_per_estimate(oracle)`` queries.
     """
     rge = rge or RGE(q=192, mu=5e-3)
     dirs = rge.directions(theta, None, generator)

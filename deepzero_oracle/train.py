@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from deepzero_oracle.estimators.base import Estimator, mask_coordinates
-from deepzero_oracle.oracle import ModuleOracle
+from deepzero_oracle.module_oracle import ModuleOracle
 from deepzero_oracle.pruning import MaskSchedule
+from deepzero_oracle.theta import assign_gradient
 
 
 class Callback:
@@ -69,19 +70,6 @@ class TensorBoardLogger(Callback):
                 if isinstance(v, (int, float)) and k not in ("epoch", "queries"):
                     self.writer.add_scalar(f"epoch/{k}", v, metrics["queries"])
             self.writer.flush()
-
-
-def assign_gradient(params: Iterable[torch.nn.Parameter], grad: torch.Tensor) -> None:
-    """Write a flat gradient ``[dim]`` into ``param.grad`` of each parameter, in order."""
-    params = list(params)
-    total = sum(p.numel() for p in params)
-    if total != grad.numel():
-        raise ValueError(f"gradient has {grad.numel()} entries but the parameters hold {total}")
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = grad[offset : offset + n].reshape(p.shape).to(p.dtype).clone()
-        offset += n
 
 
 class Trainer:
@@ -171,14 +159,14 @@ class Trainer:
         theta = oracle.theta()
         mask = None if self.mask_schedule is None else self.mask_schedule.mask_for(self.epoch, self.generator)
         if max_queries is not None:
-            cost = self.estimator.queries_per_estimate(len(mask_coordinates(mask, oracle.dim)))
+            cost = self.estimator.queries_per_estimate(oracle, mask)
             if oracle.queries + cost > max_queries:
                 self.stopped_reason = f"query budget of {max_queries} reached"
                 return False
         grad = self.estimator.estimate(oracle, theta, mask=mask, generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         assign_gradient(oracle.parameters(), grad)
-        oracle.update_running_stats()
+        oracle.end_step()
         self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()

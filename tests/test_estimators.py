@@ -60,7 +60,7 @@ def test_rge_is_unbiased_on_a_quadratic(distribution, antithetic):
     samples = torch.stack([rge.estimate(oracle, theta, generator=gen) for _ in range(3000)])
     mean, se = samples.mean(0), samples.std(0) / 3000**0.5
     assert torch.all((mean - truth).abs() < 5 * se + 1e-9), (mean, truth, se)
-    assert oracle.queries == 3000 * rge.queries_per_estimate(d)
+    assert oracle.queries == 3000 * rge.queries_per_estimate(oracle)
 
 
 def test_rge_respects_mask_and_shared_directions():

@@ -186,13 +186,13 @@ class LatentOracle(Oracle):
             self._base_losses = self._image_losses(theta.reshape(self.B, self.k), self.y)
         return self._base_losses
 
-    def _losses(self, thetas):
+    def evaluate_losses(self, thetas):
         # Generic path (a full batch per theta): used for plain loss queries.
         z = thetas.reshape(-1, self.k)
         per = self._image_losses(z, self.y.repeat(len(thetas)))
         return per.reshape(len(thetas), self.B).mean(1)
 
-    def _coordinate_losses(self, theta, coords, mu):
+    def evaluate_coordinates(self, theta, coords, mu):
         base = self._per_sample(theta)
         sample = torch.div(coords, self.k, rounding_mode="floor")
         rows = theta.reshape(self.B, self.k)[sample].clone()
@@ -240,7 +240,7 @@ class LatentCGE(Estimator):
             grad = grad * torch.as_tensor(mask, dtype=grad.dtype)
         return grad
 
-    def queries_per_estimate(self, active: int) -> int:
+    def queries_per_estimate(self, oracle, mask=None) -> int:
         raise NotImplementedError("LatentCGE costs 2 x latent x batch queries; use epochs, not max_queries")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from deepzero_oracle import CGE, MaskSchedule, NonFiniteLossError, Oracle, assign_gradient
-from deepzero_oracle.graph import parameter_slots
+from deepzero_oracle.theta import parameter_slots
 from deepzero_oracle.pruning import uniform_ratios
 
 from .corrector import Corrector, make_corrector
@@ -105,7 +105,7 @@ class SOLOracle(Oracle):
         """Current flat parameters ``[dim]`` (float64)."""
         return torch.cat([p.detach().reshape(-1) for p in self.corrector.parameters()])
 
-    def _losses(self, thetas: torch.Tensor) -> torch.Tensor:
+    def evaluate_losses(self, thetas: torch.Tensor) -> torch.Tensor:
         if self._bound is None:
             raise RuntimeError("SOLOracle: call bind(...) before querying")
         start, params, pf, targets = self._bound

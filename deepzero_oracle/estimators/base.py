@@ -19,33 +19,44 @@ def mask_coordinates(mask, dim: int) -> torch.Tensor:
 
 
 class Estimator:
-    """``estimate(oracle, theta [dim], mask=None) -> gradient estimate [dim]``."""
+    """A gradient estimate from oracle queries.
+
+    ``estimate(oracle, theta [dim], mask=None, generator=None) -> [dim]``; a boolean
+    ``mask [dim]`` restricts it to those coordinates (the rest are zero). Subclasses implement
+    ``estimate_and_loss``, which also hands back ``l(theta)`` when the estimate computed it
+    anyway (so training logs its loss at no extra query), and ``queries_per_estimate``.
+    """
 
     name = "estimator"
 
     def estimate(self, oracle, theta: torch.Tensor, mask=None, generator=None) -> torch.Tensor:
         """Gradient estimate ``[dim]`` at ``theta [dim]``; randomness comes from ``generator``."""
+        return self.estimate_and_loss(oracle, theta, mask, generator)[0]
+
+    def estimate_and_loss(self, oracle, theta: torch.Tensor, mask=None,
+                          generator=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(gradient estimate [dim], l(theta) as a 0-d tensor, or None if not computed)``."""
         raise NotImplementedError
 
-    def queries_per_estimate(self, active: int) -> int:
-        """Queries one estimate costs when ``active`` coordinates are unmasked."""
+    def queries_per_estimate(self, oracle, mask=None) -> int:
+        """Queries one estimate on ``oracle`` costs with ``mask`` (before spending any)."""
         raise NotImplementedError
 
 
 class Autograd(Estimator):
     """The first-order baseline: the exact gradient by back-propagation (needs a
     differentiable oracle, e.g. a ``ModuleOracle`` without a black box). The mask zeroes
-    coordinates, as a sparse gradient would."""
+    coordinates, as a sparse gradient would. One query per estimate."""
 
     name = "fo"
 
-    def estimate(self, oracle, theta, mask=None, generator=None):
-        grad = oracle.autograd_gradient(theta)
+    def estimate_and_loss(self, oracle, theta, mask=None, generator=None):
+        grad, loss = oracle.autograd_gradient(theta, with_loss=True)
         if mask is not None:
             grad = grad * torch.as_tensor(mask, dtype=grad.dtype)
-        return grad
+        return grad, loss
 
-    def queries_per_estimate(self, active):
+    def queries_per_estimate(self, oracle, mask=None):
         return 1
 
     def __repr__(self):

@@ -47,8 +47,13 @@ class RGE(Estimator):
         """Returns the estimate ``[dim]``. Pass ``directions [q, dim]`` to reuse directions
         (e.g. two estimates that must share them); otherwise they are drawn from ``generator``
         (or torch's global RNG)."""
+        return self.estimate_and_loss(oracle, theta, mask, generator, directions)[0]
+
+    def estimate_and_loss(self, oracle, theta, mask=None, generator=None, directions=None):
+        """``(estimate [dim], l(theta) or None)``; ``directions`` as for ``estimate``."""
         dirs = self.directions(theta, mask, generator) if directions is None else directions
         d = len(mask_coordinates(mask, oracle.dim))
+        base = None
         if self.antithetic:
             plus = oracle.direction_losses(theta, dirs, self.mu)
             minus = oracle.direction_losses(theta, dirs, -self.mu)
@@ -57,9 +62,9 @@ class RGE(Estimator):
             base = oracle.loss(theta)
             slopes = (oracle.direction_losses(theta, dirs, self.mu) - base) / self.mu
         phi = d if self.distribution == "sphere" else 1
-        return phi / len(dirs) * (slopes.to(dirs.dtype) @ dirs)
+        return phi / len(dirs) * (slopes.to(dirs.dtype) @ dirs), base
 
-    def queries_per_estimate(self, active):
+    def queries_per_estimate(self, oracle, mask=None):
         return 2 * self.q if self.antithetic else self.q + 1
 
     def __repr__(self):
