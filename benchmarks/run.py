@@ -1,23 +1,26 @@
-"""`make bench`: every benchmark, ratios measured side by side in one run; results under
-benchmarks/results/."""
+"""`make bench`: every benchmark, ratios measured side by side in one run.
 
+    python benchmarks/run.py [--out DIR]      # default runs/bench (never the committed docs)
+"""
+
+import argparse
 import runpy
 from pathlib import Path
 
-from deepzero_oracle.bench import markdown, run
-
-RESULTS = Path(__file__).parent / "results"
+from deepzero_oracle.apps.bench import markdown, run
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench", help="folder for the JSON and markdown results")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
     print("== coordinate estimates: engine vs the per-coordinate loop (MNIST-5k CNN and MLP, batch 256)")
-    report = run(out_dir=RESULTS)
+    report = run(out_dir=out)
     print(markdown(report["results"]))
-    grpc_bench = Path(__file__).parent / "bench_grpc.py"
-    if grpc_bench.exists():
-        print("\n== gRPC black box over loopback")
-        runpy.run_path(str(grpc_bench))["main"](["--json", str(RESULTS / "bench_grpc.json")])
-    print(f"\nresults in {RESULTS}/")
+    print("\n== gRPC black box over loopback")
+    runpy.run_path(str(Path(__file__).parent / "bench_grpc.py"))["main"](["--json", str(out / "bench_grpc.json")])
+    print(f"\nresults in {out}/")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Errors the engine raises: each says what went wrong and what to do about it."""
+"""Errors the engine raises (each says what went wrong and what to do about it), and the
+exit codes the command line maps them to."""
 
 from deepzero_oracle.blackbox.local import BlackBoxError
 
@@ -11,4 +12,30 @@ class NonFiniteLossError(FloatingPointError):
     """An oracle (or the black box behind it) produced NaN or Inf."""
 
 
-__all__ = ["BlackBoxError", "NonFiniteLossError", "QueryBudgetExceeded"]
+class TrainingDiverged(RuntimeError):
+    """Training met a non-finite loss, gradient or state; the last good checkpoint is kept.
+
+    Attributes:
+        step: the step (1-based) that failed.
+        checkpoint_step: the step of the checkpoint left on disk (None: no checkpoint).
+    """
+
+    def __init__(self, message: str, *, step: int, checkpoint_step: int | None):
+        super().__init__(message)
+        self.step, self.checkpoint_step = step, checkpoint_step
+
+
+class SettingsMismatch(ValueError):
+    """A run folder holds a run with other settings than the ones asked for."""
+
+
+# Exit codes of the `deepzero-oracle` command line (documented in the README).
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad arguments or bad input data
+EXIT_DIVERGED = 3  # training diverged (non-finite loss, gradient or state)
+EXIT_BUDGET = 4  # the query budget was exhausted before the work was done
+EXIT_UNREACHABLE = 5  # the black box could not be reached (down, wrong address, deadline)
+
+__all__ = ["BlackBoxError", "EXIT_BUDGET", "EXIT_DIVERGED", "EXIT_OK", "EXIT_UNREACHABLE",
+           "EXIT_USAGE", "NonFiniteLossError", "QueryBudgetExceeded", "SettingsMismatch",
+           "TrainingDiverged"]

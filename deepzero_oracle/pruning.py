@@ -111,48 +111,66 @@ def uniform_ratios(slots: list[ParamSlot], sparsity: float,
     return {s.name: 0.0 if s.name in exempt else float(sparsity) for s in slots}
 
 
-def random_mask(slots: list[ParamSlot], ratios: dict[str, float],
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """A boolean mask ``[dim]`` keeping ``round((1 - ratio) * numel)`` random coordinates of each
-    parameter tensor (at least one where the ratio is below 1)."""
-    dim = slots[-1].offset + slots[-1].numel
-    mask = torch.zeros(dim, dtype=torch.bool)
+def kept_counts(slots: list[ParamSlot], ratios: dict[str, float]) -> dict[str, int]:
+    """Coordinates a mask keeps per parameter tensor: ``round((1 - ratio) * numel)``, at least
+    one where the ratio is below 1."""
+    counts = {}
     for s in slots:
         ratio = ratios.get(s.name, 0.0)
         keep = int(round((1.0 - ratio) * s.numel))
-        keep = min(s.numel, max(keep, 1 if ratio < 1 else 0))
+        counts[s.name] = min(s.numel, max(keep, 1 if ratio < 1 else 0))
+    return counts
+
+
+def random_mask(slots: list[ParamSlot], ratios: dict[str, float],
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """A boolean mask ``[dim]`` keeping ``kept_counts`` random coordinates of each parameter tensor."""
+    dim = slots[-1].offset + slots[-1].numel
+    mask = torch.zeros(dim, dtype=torch.bool)
+    for s, keep in zip(slots, kept_counts(slots, ratios).values()):
         chosen = torch.randperm(s.numel, generator=generator)[:keep]
         mask[s.offset + chosen] = True
     return mask
 
 
 class MaskSchedule:
-    """Random masks with fixed layer-wise ratios, redrawn every ``redraw_every`` epochs.
+    """Random masks with fixed layer-wise ratios, redrawn every ``redraw_every`` epochs (or
+    steps, with ``unit="step"``).
 
     Args:
         slots: the learner's parameter slots (``oracle.slots``).
         ratios: ``{parameter name: sparsity in [0, 1]}``; missing names stay dense.
-        redraw_every: epochs between redraws (DeepZero: 5).
-    Call ``mask_for(epoch, generator) -> [dim]`` at each step; the mask is part of the
-    trainer's checkpoint through ``state_dict``.
+        redraw_every: epochs (or steps) between redraws (DeepZero: 5 epochs).
+        unit: "epoch" or "step": what ``redraw_every`` counts.
+    Call ``mask_for(epoch_or_step, generator) -> [dim]`` at each step (the Trainer does); the
+    mask is part of the trainer's checkpoint through ``state_dict``.
     """
 
-    def __init__(self, slots: list[ParamSlot], ratios: dict[str, float], redraw_every: int = 5):
+    def __init__(self, slots: list[ParamSlot], ratios: dict[str, float], redraw_every: int = 5,
+                 unit: str = "epoch"):
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
         if redraw_every < 1:
-            raise ValueError(f"redraw_every must be at least 1 epoch, got {redraw_every}")
+            raise ValueError(f"redraw_every must be at least 1 {unit}, got {redraw_every}")
         for name, r in ratios.items():
             _check_sparsity(r, name)
         self.slots, self.ratios, self.redraw_every = slots, dict(ratios), int(redraw_every)
+        self.unit = unit
         self.mask: torch.Tensor | None = None
         self.drawn_at: int | None = None
 
-    def mask_for(self, epoch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The mask ``[dim]`` for ``epoch`` (0-based); redrawn when the schedule says so."""
-        due = self.drawn_at is None or (epoch // self.redraw_every) != (self.drawn_at // self.redraw_every)
+    def mask_for(self, when: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mask ``[dim]`` for epoch (or step) ``when``, 0-based; redrawn when due."""
+        due = self.drawn_at is None or (when // self.redraw_every) != (self.drawn_at // self.redraw_every)
         if self.mask is None or due:
             self.mask = random_mask(self.slots, self.ratios, generator)
-            self.drawn_at = epoch
+            self.drawn_at = when
         return self.mask
+
+    @property
+    def active(self) -> int:
+        """Coordinates every mask of this schedule keeps (the same count at each redraw)."""
+        return sum(kept_counts(self.slots, self.ratios).values())
 
     @property
     def density(self) -> float:
@@ -164,6 +182,20 @@ class MaskSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.mask, self.drawn_at, self.ratios = state["mask"], state["drawn_at"], dict(state["ratios"])
+
+
+def class_balanced_sample(x: torch.Tensor, y: torch.Tensor, per_class: int,
+                          generator: torch.Generator | None = None):
+    """``per_class`` random examples of each class (ZO-GraSP scores a small balanced sample):
+    ``(x [K*per_class, ...], y [K*per_class])`` for ``x [N, ...]``, labels ``y [N]``."""
+    picks = []
+    for c in y.unique():
+        idx = (y == c).nonzero().reshape(-1)
+        if len(idx) < per_class:
+            raise ValueError(f"class {int(c)} has {len(idx)} examples, fewer than per_class={per_class}")
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
+    order = torch.cat(picks)
+    return x[order], y[order]
 
 
 def _check_sparsity(value: float, name: str = "sparsity") -> None:

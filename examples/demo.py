@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from deepzero_oracle.classify import Recipe, plot_curves, train_classifier
+from deepzero_oracle.apps.classify import Recipe, plot_curves, train_classifier
 
 
 def main():

@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from deepzero_oracle.classify import Recipe, plot_curves, train_classifier
-from deepzero_oracle.data import load_dataset
+from deepzero_oracle.apps.classify import Recipe, plot_curves, train_classifier
+from deepzero_oracle.apps.datasets import load_dataset
 
 
 def main(argv=None):

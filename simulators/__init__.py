@@ -1,4 +1,9 @@
-"""Simulators: PhiFlow PDE solvers usable as black boxes (imported as deepzero_oracle.simulators).
+"""Simulators: PhiFlow PDE solvers usable as black boxes.
+
+This folder sits at the top of the repository but installs as ``deepzero_oracle.simulators``
+(``from deepzero_oracle.simulators import get_scenario``), next to the adapters; the engine
+never imports it. The built-in scenarios are examples and test fixtures: they produce a solver
+and trajectories the same way a user's own code would.
 
 Each scenario pairs a cheap *source* solver with an expensive *reference* solver of the same PDE::
 
@@ -13,7 +18,7 @@ torch in gives torch out (differentiable: the FO baseline back-propagates throug
 See `Scenario` for the full API.
 """
 
-from ._base import Cases, Scenario
+from .base import Cases, Scenario
 
 _SCENARIOS = {
     "burgers": ("deepzero_oracle.simulators.burgers", "BurgersScenario"),

@@ -27,8 +27,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from ._base import Scenario, _torch_or_numpy
-from ._phi import batch, channel, math, phi_context, wrap_bchw
+from .base import Scenario, torch_or_numpy
+from .phiflow import batch, channel, math, phi_context, wrap_bchw
 
 from phi.field import CenteredGrid
 from phi.geom import Box
@@ -99,7 +99,7 @@ class BurgersScenario(Scenario):
     # ------------------------------------------------------------------ public helpers
     def downsample(self, state_hi):
         """Block average ``[N, C, fR, fR] -> [N, C, R, R]`` (ndarray or tensor; differentiable)."""
-        x, back = _torch_or_numpy(state_hi)
+        x, back = torch_or_numpy(state_hi)
         n, c, h, w = x.shape
         f = self.factor
         if h % f or w % f:

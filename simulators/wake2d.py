@@ -38,8 +38,8 @@ import numpy as np
 import scipy.sparse.linalg as spla
 import torch
 
-from ._base import Scenario, _torch_or_numpy
-from ._phi import batch, field, math, phi_context, wrap_b
+from .base import Scenario, torch_or_numpy
+from .phiflow import batch, field, math, phi_context, wrap_b
 
 from phi.field import CenteredGrid, Field, StaggeredGrid
 from phi.geom import Box, Sphere
@@ -144,7 +144,7 @@ class _Grid:
 
 def _mac_downsample(state, f: int):
     """Flux-preserving down-sampling of upper-face MAC states by an integer factor ``f``."""
-    x, back = _torch_or_numpy(state)
+    x, back = torch_or_numpy(state)
     n, c, h, w = x.shape
     if c != 2 or h % f or w % f:
         raise ValueError(f"wake2d.downsample: expected [N, 2, H, W] with H, W divisible by {f}, got {tuple(x.shape)}")
@@ -230,7 +230,7 @@ class Wake2DScenario(Scenario):
 
     def to_centered(self, state):
         """Velocity at cell centres ``[N, 2, H, W]`` (mean of opposite faces, boundary faces included)."""
-        x, back = _torch_or_numpy(state)
+        x, back = torch_or_numpy(state)
         vx, vy = x[:, 0], x[:, 1]
         left = torch.cat([torch.zeros_like(vx[:, :, :1]), vx[:, :, :-1]], dim=2)   # left wall = 0
         below = torch.cat([torch.full_like(vy[:, :1, :], self.inflow), vy[:, :-1, :]], dim=1)  # inflow

@@ -1,6 +1,6 @@
 import json
 
-from deepzero_oracle.cli import main
+from deepzero_oracle.apps.cli import main
 
 
 def test_engine_benchmark_runs_at_tiny_size(tmp_path, capsys):

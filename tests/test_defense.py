@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle import LocalBlackBox, ModuleOracle
+from deepzero_oracle import CGE, LocalBlackBox, ModuleOracle
+from deepzero_oracle.estimators.chain import ChainRule
 from deepzero_oracle.adapters.defense.classifier import (
     frozen_blackbox,
     numpy_classifier_fn,
@@ -27,12 +28,12 @@ from deepzero_oracle.adapters.defense.cli import register
 from deepzero_oracle.adapters.defense.denoiser import Decoder, Denoiser, Encoder
 from deepzero_oracle.adapters.defense.methods import (
     DefenseConfig,
-    LatentCGE,
+    ZOAEOracle,
     certify_front,
     load_front,
     train_defense,
 )
-from deepzero_oracle.data import load_dataset
+from deepzero_oracle.apps.datasets import load_dataset
 
 TINY = dict(dataset="digits", sigma=0.25, epochs=1, pretrain_epochs=1, ae_epochs=1, max_train=64, width=4,
             depth=2, batch_size=32)
@@ -155,8 +156,8 @@ def test_latent_cge_matches_autograd_chain_rule():
     decoder = Decoder(8, 6).double()
     head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
     x, y = torch.rand(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (5,))
-    oracle = ModuleOracle(learner, F.cross_entropy, blackbox=lambda z: head(decoder(z))).bind(x, y)
-    est = LatentCGE(lambda z: decoder(z), lambda im: head(im), mu=1e-5).estimate(oracle, oracle.theta())
+    oracle = ZOAEOracle(learner, lambda z: decoder(z), lambda im: head(im)).bind(x, y)
+    est = ChainRule(CGE(mu=1e-5, difference="central")).estimate(oracle, oracle.theta())
     assert oracle.queries == 2 * 6 * 5  # central differences, per image
     params = list(learner.parameters())
     exact = torch.autograd.grad(F.cross_entropy(head(decoder(learner(x))), y), params)
@@ -221,13 +222,13 @@ def test_cli_train_certify_report_json(clf, tmp_path, capsys):
     log = root / "zo-ds" / "certify.tsv"
     whole = log.read_text()
     log.write_text("".join(whole.splitlines(keepends=True)[:3]))
-    zo_cert = ["defense", "certify", "--method", "zo-ds", *common, *cert, "--out", str(root / "zo-ds"), "--resume"]
+    zo_cert = ["defense", "certify", "--method", "zo-ds", *common, *cert, "--out", str(root / "zo-ds")]
     assert _cli(zo_cert) == 0
     strip_time = lambda text: [line.rsplit("\t", 1)[0] for line in text.splitlines()]  # noqa: E731
     assert strip_time(log.read_text()) == strip_time(whole)
     with pytest.raises(ValueError, match="method: log 'zo-ds' vs now 'none'"):
         _cli(["defense", "certify", "--method", "none", *common, *cert, "--dataset", "digits", "--sigma", "0.25",
-              "--out", str(root / "zo-ds"), "--resume"])
+              "--out", str(root / "zo-ds")])
 
 
 def test_zo_ds_resume_follows_the_same_run(clf, tmp_path):

@@ -21,7 +21,7 @@ import torch
 import deepzero_oracle.adapters.defense as defense_pkg
 from deepzero_oracle.adapters.defense.classifier import open_classifier, train_classifier, whitebox_classifier
 from deepzero_oracle.adapters.defense.methods import DefenseConfig, certify_front, load_front, train_defense
-from deepzero_oracle.data import load_dataset
+from deepzero_oracle.apps.datasets import load_dataset
 from test_kserve import VENV, _free_port, _ready, _stop, ensure_mlserver_venv
 
 MODEL = "defense-classifier"

@@ -14,9 +14,9 @@ from grpcbb_helpers import start_server
 engine = pytest.importorskip("deepzero_oracle", reason="the engine is not available")
 if not all(hasattr(engine, name) for name in ("ModuleOracle", "CGE", "Trainer")):  # pragma: no cover
     pytest.skip("the engine does not export ModuleOracle, CGE and Trainer yet", allow_module_level=True)
-from deepzero_oracle import CGE, ModuleOracle, Trainer  # noqa: E402
-from deepzero_oracle.data import load_dataset  # noqa: E402
-from deepzero_oracle.models import mlp  # noqa: E402
+from deepzero_oracle import CGE, ModuleOracle, TensorBatches, Trainer  # noqa: E402
+from deepzero_oracle.apps.datasets import load_dataset  # noqa: E402
+from deepzero_oracle.apps.models import mlp  # noqa: E402
 
 
 def _train(blackbox, x, y, x_test, y_test):
@@ -31,7 +31,7 @@ def _train(blackbox, x, y, x_test, y_test):
                 "test_accuracy": float((model(x_test).argmax(1) == y_test).float().mean())}
 
     trainer = Trainer(oracle, CGE(mu=5e-3), opt, evaluate=evaluate, seed=0, progress=False)
-    history = trainer.fit(x, y, epochs=2, batch_size=32)
+    history = trainer.fit(TensorBatches(x, y, batch_size=32), epochs=2)
     params = torch.cat([p.detach().reshape(-1) for p in learner.parameters()])
     return params, history, oracle.queries
 

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import RGE, CallableOracle, ModuleOracle
-from deepzero_oracle.classify import Recipe, train_classifier
+from deepzero_oracle.apps.classify import Recipe, train_classifier
 from deepzero_oracle.theta import ParamSlot
 from deepzero_oracle.pruning import (global_sparsity, is_bias_or_norm, load_ratios, random_mask, random_ratios,
                                      ratios_from_scores, save_ratios, uniform_ratios, zo_grasp_scores)

@@ -78,7 +78,7 @@ def test_projection_matches_phiflow_make_incompressible(sc, cases):
     from phi.physics import advect, diffuse, fluid
     from phiml.math import vec
 
-    from deepzero_oracle.simulators._phi import phi_context, wrap_b
+    from deepzero_oracle.simulators.phiflow import phi_context, wrap_b
 
     g = sc._grid("source")
     x = torch.from_numpy(cases.source_states)
@@ -99,7 +99,7 @@ def test_projection_matches_phiflow_make_incompressible(sc, cases):
 def test_boundaries_kept_after_corrections(sc, cases):
     """Corrections are added to the state array (never Field + Field, which would also add the
     boundary values): the inflow stays 1, walls stay 0, whatever the correction."""
-    from deepzero_oracle.simulators._phi import phi_context, wrap_b
+    from deepzero_oracle.simulators.phiflow import phi_context, wrap_b
 
     rng = np.random.default_rng(1)
     corrected = cases.source_states + rng.normal(size=cases.source_states.shape)  # padding column too

@@ -10,25 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from deepzero_oracle import CGE, TrainingDiverged
 from deepzero_oracle.adapters.sol import cli as sol_cli
-from deepzero_oracle.adapters.sol import methods as sol_methods
 from deepzero_oracle.adapters.sol.corrector import make_corrector
 from deepzero_oracle.adapters.sol.serving import serve_source_solver
 from deepzero_oracle.adapters.sol.data import SOLConfig, prepare_data, scenario_for
-from deepzero_oracle.adapters.sol.methods import (
-    METHODS,
-    BatchedCGE,
-    SOLOracle,
-    SolverDiverged,
-    source_solver,
-    train_method,
-    unrolled_loss,
-)
+from deepzero_oracle.adapters.sol.methods import METHODS, source_solver, train_method
+from deepzero_oracle.adapters.sol.oracle import SOLOracle, SolverDiverged, unrolled_loss
 from deepzero_oracle.blackbox import BlackBoxInvalidArgument
 from deepzero_oracle.blackbox.grpc import GrpcBlackBox
 
 TINY = dict(scenario="burgers", size="tiny", n_train=3, n_test=2, train_steps=6, test_steps=6, hidden=4,
-            unroll=2, batch=2, steps=4, sparsity=0.5, checkpoint_every=1, lr=1e-2)
+            unroll=2, batch_size=2, steps=4, sparsity=0.5, checkpoint_every=1, lr=1e-2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,7 +64,7 @@ def test_burgers_all_four_methods_through_the_cli_and_json_report(tiny, capsys):
     flags = ["--out", str(out), "--scenario", "burgers", "--size", "tiny", "--n-train", "3", "--n-test", "2",
              "--train-steps", "8", "--test-steps", "6", "--quiet"]
     assert _cli("sol", "generate", *flags) == 0
-    train_flags = ["--steps", "4", "--unroll", "2", "--batch", "2", "--hidden", "4", "--sparsity", "0.5",
+    train_flags = ["--steps", "4", "--unroll", "2", "--batch-size", "2", "--hidden", "4", "--sparsity", "0.5",
                    "--lr", "1e-2"]
     for m in METHODS:
         assert _cli("sol", "train", *flags, "--method", m, *train_flags) == 0
@@ -109,12 +102,12 @@ def test_zo_oracle_matches_the_autograd_unrolled_loss_and_gradient(tiny):
     args = (start, data.train_cases.params[i], torch.from_numpy(data.train_pf[i]), targets)
     oracle = SOLOracle(corr, source_solver(sc), 2, max_batch=8).bind(*args)
     theta = oracle.theta()
-    loss = unrolled_loss(corr, sc, *args, 2)
+    loss = unrolled_loss(corr, sc.source_step, *args, 2)
     loss.backward()
     fo = torch.cat([p.grad.reshape(-1) for p in corr.parameters()])
     lv = float(loss.detach())
     assert abs(float(oracle.loss(theta)) - lv) < 1e-12 * max(1.0, lv)
-    zo = BatchedCGE(mu=1e-6).estimate(oracle, theta)  # dense: all coordinates, padded solver calls
+    zo = CGE(mu=1e-6, joint=True).estimate(oracle, theta)  # dense: all coordinates, padded solver calls
     cos = float(zo @ fo / (zo.norm() * fo.norm()))
     assert cos > 0.9999, cos
     assert float((zo - fo).norm() / fo.norm()) < 1e-2
@@ -128,8 +121,8 @@ def test_zo_sol_through_grpc_equals_in_process(tiny, served, tmp_path):
         remote = train_method(cfg, "zo-sol", data, tmp_path / "grpc", solver=box, progress=False)
     assert local["queries"] == remote["queries"] > 0
     assert local["history"] == remote["history"]
-    a = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=False)["corrector"]
-    b = torch.load(tmp_path / "grpc" / "checkpoint.pt", weights_only=False)["corrector"]
+    a = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=False)["learner"]
+    b = torch.load(tmp_path / "grpc" / "checkpoint.pt", weights_only=False)["learner"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     init = make_corrector(scenario_for(cfg), data.stats, hidden=4).state_dict()
     assert not torch.equal(a["layers.0.weight"], init["layers.0.weight"])  # it did train
@@ -161,10 +154,10 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
         out = solve(state, params)
         return out * np.nan if calls["n"] > 5 else out
 
-    with pytest.raises(SolverDiverged, match=r"diverged at step 3 .*last good checkpoint \(step 2\)"):
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3 .*last good checkpoint \(step 2\)"):
         train_method(cfg, "zo-sol", data, tmp_path, solver=flaky, progress=False)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["corrector"].values())
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["learner"].values())
     # resuming with a healthy solver continues from step 2 to the end
     done = train_method(cfg, "zo-sol", data, tmp_path, progress=False)
     assert done["step"] == cfg.steps and len(done["history"]) == cfg.steps
@@ -178,19 +171,20 @@ def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny, tmp_path, monk
     ck = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     # interrupt at step 3 (checkpoint at 2), then resume: the schedule comes back with the checkpoint
-    real_loss, calls = sol_methods.unrolled_loss, {"n": 0}
+    real_gradient, calls = SOLOracle.evaluate_gradient, {"n": 0}
 
-    def failing_third(*args, **kwargs):
+    def failing_third(self, theta):
         calls["n"] += 1
         if calls["n"] == 3:
             raise SolverDiverged("interrupted")
-        return real_loss(*args, **kwargs)
+        return real_gradient(self, theta)
 
-    monkeypatch.setattr(sol_methods, "unrolled_loss", failing_third)
-    with pytest.raises(SolverDiverged):
+    monkeypatch.setattr(SOLOracle, "evaluate_gradient", failing_third)
+    with pytest.raises(TrainingDiverged):
         train_method(cosine, "fo-sol", data, tmp_path / "resumed", progress=False)
     ck_half = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert ck_half["step"] == 2 and 0 < ck_half["optimizer"]["param_groups"][0]["lr"] < cfg.lr
+    monkeypatch.undo()
     resumed = train_method(cosine, "fo-sol", data, tmp_path / "resumed", progress=False)
     assert resumed["history"] == straight["history"]
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
@@ -199,7 +193,7 @@ def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny, tmp_path, monk
 
 def _wake_tiny(tmp_path):
     cfg = SOLConfig(scenario="wake2d", size="tiny", n_train=2, n_test=2, train_steps=4, test_steps=4, hidden=4,
-                    unroll=2, batch=2, steps=2, sparsity=0.8, checkpoint_every=1).check()
+                    unroll=2, batch_size=2, steps=2, sparsity=0.8, checkpoint_every=1).check()
     data = prepare_data(cfg, tmp_path)
     table = {}
     for m in METHODS:
@@ -210,7 +204,7 @@ def _wake_tiny(tmp_path):
 def test_wake2d_zo_oracle_matches_autograd_loss_and_zo_sol_trains_tiny(tmp_path):
     # the CI-sized wake2d check (the four-method run below is slow-marked: ~30-65 s on busy cores)
     cfg = SOLConfig(scenario="wake2d", size="tiny", n_train=2, n_test=2, train_steps=3, test_steps=3, hidden=4,
-                    unroll=2, batch=2, steps=2, sparsity=0.9, checkpoint_every=1).check()
+                    unroll=2, batch_size=2, steps=2, sparsity=0.9, checkpoint_every=1).check()
     data = prepare_data(cfg, tmp_path)
     sc = scenario_for(cfg)
     corr = make_corrector(sc, data.stats, hidden=4, seed=1)
@@ -218,7 +212,7 @@ def test_wake2d_zo_oracle_matches_autograd_loss_and_zo_sol_trains_tiny(tmp_path)
     args = (torch.from_numpy(ref[:, 0]), data.train_cases.params, torch.from_numpy(data.train_pf),
             torch.from_numpy(ref[:, 1:3]))
     with torch.no_grad():
-        want = float(unrolled_loss(corr, sc, *args, 2))
+        want = float(unrolled_loss(corr, sc.source_step, *args, 2))
     oracle = SOLOracle(corr, source_solver(sc), 2, max_batch=3).bind(*args)  # padded: 1 of 3 rows real
     got = float(oracle.loss(oracle.theta()))
     assert abs(got - want) <= 1e-9 * want

@@ -5,12 +5,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle import CGE, RGE, Autograd, ModuleOracle
-from deepzero_oracle.classify import Recipe, train_classifier
-from deepzero_oracle.cli import main
-from deepzero_oracle.data import class_balanced_sample, load_dataset
-from deepzero_oracle.pruning import MaskSchedule, uniform_ratios
-from deepzero_oracle.train import Trainer, assign_gradient
+from deepzero_oracle import CGE, RGE, Autograd, ModuleOracle, TensorBatches
+from deepzero_oracle.apps.classify import Recipe, train_classifier
+from deepzero_oracle.apps.cli import main
+from deepzero_oracle.apps.datasets import load_dataset
+from deepzero_oracle.pruning import MaskSchedule, class_balanced_sample, uniform_ratios
+from deepzero_oracle.theta import assign_gradient
+from deepzero_oracle.train import Trainer
 
 
 def tiny_problem(seed=0):
@@ -45,7 +46,7 @@ def test_same_seed_same_trajectory(estimator):
     runs = []
     for _ in range(2):
         learner, x, y = tiny_problem()
-        make_trainer(learner, estimator, sparsity=0.5).fit(x, y, epochs=2, batch_size=32)
+        make_trainer(learner, estimator, sparsity=0.5).fit(TensorBatches(x, y, batch_size=32), epochs=2)
         runs.append(params_of(learner))
     assert torch.equal(runs[0], runs[1])
 
@@ -53,13 +54,13 @@ def test_same_seed_same_trajectory(estimator):
 def test_resume_continues_the_same_trajectory(tmp_path):
     learner, x, y = tiny_problem()
     straight = make_trainer(learner, RGE(q=10), sparsity=0.5)
-    straight.fit(x, y, epochs=3, batch_size=32)
+    straight.fit(TensorBatches(x, y, batch_size=32), epochs=3)
     # interrupted: one epoch, then a fresh process-like trainer resumes from the checkpoint
     learner2, _, _ = tiny_problem()
-    make_trainer(learner2, RGE(q=10), tmp_path, sparsity=0.5).fit(x, y, epochs=1, batch_size=32)
+    make_trainer(learner2, RGE(q=10), tmp_path, sparsity=0.5).fit(TensorBatches(x, y, batch_size=32), epochs=1)
     learner3, _, _ = tiny_problem(seed=123)  # different init: everything must come from disk
     resumed = make_trainer(learner3, RGE(q=10), tmp_path, sparsity=0.5)
-    resumed.fit(x, y, epochs=3, batch_size=32)
+    resumed.fit(TensorBatches(x, y, batch_size=32), epochs=3)
     assert torch.equal(params_of(learner3), params_of(learner))
     assert resumed.oracle.queries == straight.oracle.queries
     assert resumed.history == straight.history[:1] + resumed.history[1:]
@@ -74,7 +75,7 @@ def test_zo_training_lowers_the_loss_and_fills_grads():
     trainer = make_trainer(learner, CGE())
     oracle = trainer.oracle.bind(x, y)
     before = float(oracle.loss(oracle.theta()))
-    trainer.fit(x, y, epochs=3, batch_size=32)
+    trainer.fit(TensorBatches(x, y, batch_size=32), epochs=3)
     oracle.bind(x, y)
     assert float(oracle.loss(oracle.theta())) < before
     assert all(p.grad is not None for p in learner.parameters())
@@ -83,7 +84,7 @@ def test_zo_training_lowers_the_loss_and_fills_grads():
 def test_sparse_cge_queries_only_masked_coordinates():
     learner, x, y = tiny_problem()
     trainer = make_trainer(learner, CGE(), sparsity=0.75)
-    trainer.fit(x, y, epochs=1, batch_size=96)
+    trainer.fit(TensorBatches(x, y, batch_size=96), epochs=1)
     active = int(trainer.mask_schedule.mask.sum())
     assert active < trainer.oracle.dim / 2
     assert trainer.oracle.queries == active + 1
@@ -93,7 +94,7 @@ def test_max_queries_stops_before_exceeding():
     learner, x, y = tiny_problem()
     trainer = make_trainer(learner, CGE())
     per_step = trainer.oracle.dim + 1
-    trainer.fit(x, y, epochs=5, batch_size=32, max_queries=int(per_step * 2.5))
+    trainer.fit(TensorBatches(x, y, batch_size=32), epochs=5, max_queries=int(per_step * 2.5))
     assert trainer.oracle.queries == 2 * per_step
     assert "query budget" in trainer.stopped_reason
 
@@ -101,7 +102,7 @@ def test_max_queries_stops_before_exceeding():
 def test_fo_baseline_matches_autograd_step():
     learner, x, y = tiny_problem()
     reference = tiny_problem()[0]
-    make_trainer(learner, Autograd()).fit(x, y, epochs=1, batch_size=96)
+    make_trainer(learner, Autograd()).fit(TensorBatches(x, y, batch_size=96), epochs=1)
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     F.cross_entropy(reference(x), y).backward()
     opt.step()
@@ -169,3 +170,112 @@ def test_digits_cnn_cge_reaches_90_percent(tmp_path):
     metrics = train_classifier(Recipe(dataset="digits", model="cnn", estimator="cge", epochs=3),
                                tmp_path, progress=False)
     assert metrics["test_accuracy"] >= 0.90
+
+
+def test_any_iterable_of_batches_works_a_dataloader_too():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    learner, x, y = tiny_problem()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    trainer = make_trainer(learner, CGE())
+    trainer.fit(loader, epochs=2)
+    assert trainer.step == 2 * 3 and trainer.epoch == 2
+    listed = make_trainer(tiny_problem()[0], CGE())
+    listed.fit([(x[:48], y[:48]), (x[48:], y[48:])], max_steps=3)  # a plain list, stopped mid-epoch
+    assert listed.step == 3 and listed.epoch == 1
+
+
+@pytest.mark.parametrize("source", ["tensor-batches", "dataloader"])
+def test_resume_mid_epoch_is_bit_identical(tmp_path, source):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def batches(x, y):
+        if source == "tensor-batches":
+            return TensorBatches(x, y, batch_size=16, seed=3)
+        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)  # shuffled by the global RNG
+
+    learner, x, y = tiny_problem()
+    torch.manual_seed(11)
+    straight = make_trainer(learner, RGE(q=6), sparsity=0.5)
+    straight.fit(batches(x, y), epochs=2)
+    learner2, _, _ = tiny_problem()
+    torch.manual_seed(11)
+    first = make_trainer(learner2, RGE(q=6), tmp_path, sparsity=0.5)
+    first.checkpoint_every = 4
+    first.fit(batches(x, y), epochs=2, max_steps=4)  # stops after 4 of 6 steps in epoch 0
+    assert first.step == 4 and first.step_in_epoch == 4
+    learner3, _, _ = tiny_problem(seed=5)
+    torch.manual_seed(999)  # whatever the process did before: the checkpoint restores it
+    resumed = make_trainer(learner3, RGE(q=6), tmp_path, sparsity=0.5)
+    resumed.fit(batches(x, y), epochs=2)
+    assert torch.equal(params_of(learner3), params_of(learner))
+    assert resumed.oracle.queries == straight.oracle.queries and resumed.step == straight.step
+    steps = (tmp_path / "steps.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in steps[1:]] == list(range(1, straight.step + 1))
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path):
+    from deepzero_oracle import SettingsMismatch
+
+    learner, x, y = tiny_problem()
+    oracle = ModuleOracle(learner, F.cross_entropy)
+    opt = torch.optim.SGD(learner.parameters(), lr=0.1)
+    Trainer(oracle, CGE(), opt, out_dir=tmp_path, settings={"lr": 0.1, "model": "mlp"},
+            progress=False).fit(TensorBatches(x, y, batch_size=32), epochs=1)
+    other = Trainer(oracle, CGE(), opt, out_dir=tmp_path, settings={"lr": 0.05, "model": "mlp"}, progress=False)
+    with pytest.raises(SettingsMismatch, match=r"lr: 0\.1 in the run, 0\.05 now"):
+        other.fit(TensorBatches(x, y, batch_size=32), epochs=2)
+    other.fit(TensorBatches(x, y, batch_size=32), epochs=1, resume=False)  # starting over is fine
+    assert other.step == 3
+
+
+def test_divergence_keeps_the_last_checkpoint(tmp_path):
+    from deepzero_oracle import TrainingDiverged
+
+    def blows_up(out, t):  # a loss that turns NaN once the learner's outputs grow large
+        return F.cross_entropy(out, t) if out.abs().max() < 5 else out.sum() * float("nan")
+
+    learner, x, y = tiny_problem()
+    oracle = ModuleOracle(learner, blows_up)
+    trainer = Trainer(oracle, CGE(), torch.optim.SGD(learner.parameters(), lr=50.0), out_dir=tmp_path,
+                      checkpoint_every=1, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step (\d+).*last good checkpoint \(step \d+\)") as err:
+        trainer.fit(TensorBatches(x, y, batch_size=32), epochs=50)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == err.value.checkpoint_step == err.value.step - 1
+    assert all(torch.isfinite(v).all() for v in saved["learner"].values())
+
+
+def test_cli_resume_refuses_a_changed_lr_and_restart_recomputes_ratios(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--out", str(out), "--quiet",
+            "--sparsity", "0.5", "--pruner", "uniform"]
+    assert main(base) == 0
+    assert main(base + ["--lr", "0.05"]) == 2
+    assert "lr: 0.1 in the run, 0.05 now" in capsys.readouterr().err
+    assert main([*base[:-1], "random"]) == 2  # other layer ratios without --restart: refused
+    assert "pruner" in capsys.readouterr().err
+    assert main([*base[:-1], "random", "--restart"]) == 0
+    assert json.loads((out / "ratios.json").read_text())["pruner"] == "random"
+
+
+def test_cli_exit_codes_and_version(tmp_path, capsys):
+    from deepzero_oracle import __version__
+    from deepzero_oracle.apps.cli import exit_code
+    from deepzero_oracle import NonFiniteLossError, QueryBudgetExceeded, TrainingDiverged
+    from deepzero_oracle.blackbox import BlackBoxUnavailable
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and __version__ in capsys.readouterr().out
+    codes = [exit_code(ValueError("bad")), exit_code(TrainingDiverged("x", step=1, checkpoint_step=None)),
+             exit_code(NonFiniteLossError("nan")), exit_code(QueryBudgetExceeded("spent")),
+             exit_code(BlackBoxUnavailable("down")), exit_code(RuntimeError("a bug"))]
+    assert codes == [2, 3, 3, 4, 5, None]
+    wrapped = RuntimeError("chunk failed")
+    wrapped.__cause__ = BlackBoxUnavailable("down")
+    assert exit_code(wrapped) == 5
+    rc = main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--max-queries", "5000",
+               "--out", str(tmp_path / "budget"), "--quiet"])
+    assert rc == 4 and "stopped early: query budget of 5000 reached" in capsys.readouterr().err

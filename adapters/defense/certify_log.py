@@ -25,9 +25,9 @@ from tqdm import tqdm
 from deepzero_oracle.adapters.defense.smoothing import (
     ABSTAIN,
     Smooth,
-    _check_alpha,
-    _check_certify_n,
-    _check_count,
+    check_alpha,
+    check_certify_n,
+    check_count,
 )
 from deepzero_oracle.blackbox.local import as_tensor
 
@@ -168,11 +168,11 @@ def certify_dataset(
         :class:`CertifyRun` with the rows, query count and throughput (noisy samples/s). Resumed
         rows count ``n0 + n`` queries each (what CERTIFY spends) and their logged times.
     """
-    n0 = _check_count("n0", n0)
-    n = _check_count("n", n)
-    alpha = _check_alpha(alpha)
-    batch_size = _check_count("batch_size", batch_size)
-    _check_certify_n(n, alpha)  # fail before a long run, not at its first example
+    n0 = check_count("n0", n0)
+    n = check_count("n", n)
+    alpha = check_alpha(alpha)
+    batch_size = check_count("batch_size", batch_size)
+    check_certify_n(n, alpha)  # fail before a long run, not at its first example
     xs = as_tensor(xs)
     ys = as_tensor(labels).reshape(-1)
     if xs.ndim < 1 or xs.shape[0] != ys.shape[0]:

@@ -1,7 +1,7 @@
 """The frozen classifier the defense robustifies: trained once with FO, then only queried.
 
-- :func:`train_classifier` trains ``deepzero_oracle.models.cnn`` with autograd on the offline
-  data and saves it (a state dict plus its shape metadata, and a NumPy ``.npz`` export that a
+- :func:`train_classifier` trains the model zoo's ``cnn`` with autograd (the engine's Trainer
+  with the ``Autograd`` estimator) on the offline example data and saves it (a state dict plus its shape metadata, and a NumPy ``.npz`` export that a
   model server without torch can load, see :mod:`.npcnn`).
 - :func:`frozen_blackbox` exposes the saved model as a :class:`LocalBlackBox` around a closure
   that receives NumPy arrays and returns NumPy logits: nothing about the model leaks out (no
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -23,11 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tqdm.auto import tqdm
-
-from deepzero_oracle import LocalBlackBox
-from deepzero_oracle.data import load_dataset
-from deepzero_oracle.models import cnn
+from deepzero_oracle import Autograd, LocalBlackBox, ModuleOracle, TensorBatches, Trainer
+from deepzero_oracle.apps.datasets import load_dataset
+from deepzero_oracle.apps.models import cnn
+from deepzero_oracle.atomic import save_torch
 
 __all__ = [
     "default_classifier_path",
@@ -70,27 +68,14 @@ def train_classifier(dataset: str, path: str | Path, *, epochs: int | None = Non
             "channels": list(channels)}
     model = _build(meta)
     epochs = epochs if epochs is not None else (15 if dataset == "digits" else 8)
-    # Plain autograd loop: this is the defender's ordinary FO classifier, not a ZO experiment.
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    steps = epochs * math.ceil(len(x_train) / batch_size)
-    with tqdm(total=steps, disable=not progress, desc=f"classifier ({dataset})", unit="step") as bar:
-        for _ in range(epochs):
-            order = torch.randperm(len(x_train), generator=gen)
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                loss.backward()
-                opt.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    # The defender's ordinary FO classifier (autograd), not a ZO experiment
+    trainer = Trainer(ModuleOracle(model, F.cross_entropy), Autograd(), torch.optim.Adam(model.parameters(), lr=lr),
+                      seed=seed, progress=progress, desc=f"classifier ({dataset})")
+    trainer.fit(TensorBatches(x_train, y_train, batch_size=batch_size, seed=seed), epochs=epochs)
     model.eval()
     with torch.no_grad():
         meta["test_accuracy"] = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    path = save_torch({"state_dict": model.state_dict(), "meta": meta}, path)
     export_npz(model, path.with_suffix(".npz"))
     return meta
 

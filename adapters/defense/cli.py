@@ -1,6 +1,6 @@
 """``deepzero-oracle defense train | certify | report``: the black-box defense from the shell.
 
-Wire it into the main parser with ``register(subparsers)``. A run folder (``--out``) holds one
+``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). A run folder (``--out``) holds one
 method's trained front (``run.json``, ``front.pt``, per-stage Trainer checkpoints) and, after
 ``certify``, its per-example log ``certify.tsv`` and ``certify.json``; ``report`` reads the
 run folders under ``--root``.
@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
+
+from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
+from deepzero_oracle.atomic import write_json, write_text
 
 __all__ = ["register", "report", "CERTIFY_METHODS"]
 
@@ -42,12 +46,18 @@ def _train(args) -> int:
             raise ValueError("fo-ds back-propagates through the classifier, so it needs --classifier local")
         whitebox = whitebox_classifier(ensure_classifier(args.dataset, args.classifier_path, progress=not args.quiet))
     out = Path(args.out)
-    if args.restart:
-        for ckpt in out.glob("*/checkpoint.pt"):  # only our own stage checkpoints
-            ckpt.unlink()
+    if args.restart:  # only what `defense train` wrote: the stage folders and the trained front
+        for stage in ("ae", "mse", "stab"):
+            shutil.rmtree(out / stage, ignore_errors=True)
+        for name in ("run.json", "front.pt"):
+            (out / name).unlink(missing_ok=True)
     info = train_defense(config, _classifier(args, args.dataset), out, whitebox=whitebox, progress=not args.quiet)
-    print(json.dumps({k: info[k] for k in ("method", "queries", "blackbox_images", "seconds",
-                                           "pipeline_clean_accuracy", "denoiser_parameters")}, indent=2))
+    summary = {k: info[k] for k in ("method", "queries", "blackbox_images", "seconds",
+                                    "pipeline_clean_accuracy", "denoiser_parameters")}
+    print(json.dumps(summary) if args.json else
+          f"defense train: {info['method']}: clean accuracy through the front "
+          f"{info['pipeline_clean_accuracy']:.3f}, {info['queries']:,} queries, "
+          f"{info['blackbox_images']:,} black-box images, {info['seconds']:.1f} s")
     print(f"wrote {out}/run.json, front.pt and stage checkpoints", file=sys.stderr)
     return 0
 
@@ -80,13 +90,13 @@ def _certify(args) -> int:
              "front_sha256": hashlib.sha256((out / "front.pt").read_bytes()).hexdigest() if front else None}
     run = certify_front(front, _classifier(args, dataset), dataset, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                         max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
-                        log_path=out / "certify.tsv", progress=not args.quiet, resume=args.resume,
+                        log_path=out / "certify.tsv", progress=not args.quiet, resume=not args.restart,
                         settings=model)
     summary = {"method": args.method, "dataset": dataset, **run.summary(),
                "training_queries": int(training["queries"]),
                "training_blackbox_images": int(training["blackbox_images"])}
-    (out / "certify.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    write_json(out / "certify.json", summary)
+    print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
     return 0
 
 
@@ -140,9 +150,7 @@ def _report(args) -> int:
 
     root = Path(args.root)
     table, md, logs = report(_runs(root, args.runs))
-    out_md = Path(args.markdown) if args.markdown else root / "report.md"
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(md)
+    out_md = write_text(Path(args.markdown) if args.markdown else root / "report.md", md)
     plot = plot_certified_curve(logs, Path(args.plot) if args.plot else root / "certified_accuracy.png",
                                 title="certified accuracy vs L2 radius")
     if args.json:
@@ -159,7 +167,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "or kserve://host:port/model")
     p.add_argument("--classifier-path", default=None,
                    help="saved local classifier (default runs/defense/classifier-<dataset>.pt, trained on first use)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_json(p)
+    add_quiet(p)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -168,57 +177,59 @@ def register(subparsers) -> argparse.ArgumentParser:
     Returns the ``defense`` parser. Each leaf sets ``func(args) -> exit code``.
     """
     from deepzero_oracle.adapters.defense.methods import METHODS, OBJECTIVES, DefenseConfig
-    from deepzero_oracle.data import DATASETS
+    from deepzero_oracle.apps.datasets import DATASETS
 
     d = DefenseConfig()
-    defense = subparsers.add_parser(
-        "defense", help="robustify a black-box classifier: ZO-trained denoiser + certification")
-    sub = defense.add_subparsers(dest="defense_command", required=True)
+    defense = add_command(subparsers, "defense",
+                          "robustify a black-box classifier: ZO-trained denoiser + certification")
+    sub = defense.add_subparsers(dest="defense_command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a denoiser in front of the black-box classifier")
-    train.add_argument("--method", choices=METHODS, required=True)
+    train = add_command(sub, "train", "train a denoiser in front of the black-box classifier")
+    train.add_argument("--method", choices=METHODS, required=True, help="how the stability gradient is found")
     _common(train)
-    train.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    train.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="example images (offline)")
     train.add_argument("--sigma", type=float, default=d.sigma, help="noise level (0.12, 0.25, 0.5)")
-    train.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    train.add_argument("--objective", choices=OBJECTIVES, default=d.objective, help="denoiser objective")
     train.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the main objective")
-    train.add_argument("--pretrain-epochs", type=int, default=None, help="MSE epochs before stab (mse+stab)")
+    train.add_argument("--pretrain-epochs", type=int, default=None,
+                       help="MSE epochs before stab with mse+stab (default: --epochs)")
     train.add_argument("--ae-epochs", type=int, default=d.ae_epochs, help="zo-ae-ds autoencoder pre-training")
-    train.add_argument("--batch-size", type=int, default=d.batch_size)
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     train.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     train.add_argument("--width", type=int, default=d.width, help="denoiser channels")
     train.add_argument("--depth", type=int, default=d.depth, help="denoiser conv layers")
     train.add_argument("--latent", type=int, default=None, help="zo-ae-ds latent size (default ~pixels/16)")
     train.add_argument("--sparsity", type=float, default=d.sparsity, help="zo-ds gradient sparsity")
-    train.add_argument("--pruner", choices=("zo-grasp", "uniform"), default=d.pruner)
-    train.add_argument("--redraw-every", type=int, default=d.redraw_every)
+    train.add_argument("--pruner", choices=("zo-grasp", "uniform"), default=d.pruner, help="zo-ds layer ratios")
+    train.add_argument("--redraw-every", type=int, default=d.redraw_every,
+                       help="epochs between redraws of zo-ds's sparse coordinates")
     train.add_argument("--mu", type=float, default=d.mu, help="CGE finite-difference step")
     train.add_argument("--max-train", type=int, default=None, help="use only this many training images")
-    train.add_argument("--seed", type=int, default=d.seed)
-    train.add_argument("--out", required=True, help="run folder (resumes from its checkpoints)")
-    train.add_argument("--restart", action="store_true", help="ignore existing checkpoints in --out")
+    train.add_argument("--seed", type=int, default=d.seed, help="seeds init, noise, masks and batches")
+    add_run_folder(train)
     train.set_defaults(func=_train)
 
-    cert = sub.add_parser("certify", help="randomized-smoothing CERTIFY of a trained run (or of no denoiser)")
-    cert.add_argument("--method", choices=CERTIFY_METHODS, required=True)
+    cert = add_command(sub, "certify", "randomized-smoothing CERTIFY of a trained run (or of no denoiser)")
+    cert.add_argument("--method", choices=CERTIFY_METHODS, required=True, help="the run's method, or none")
     _common(cert)
     cert.add_argument("--dataset", choices=DATASETS, default=None, help="required for --method none")
     cert.add_argument("--sigma", type=float, default=None, help="default: the run's training sigma")
-    cert.add_argument("--n0", type=int, default=100)
-    cert.add_argument("--n", type=int, default=100_000)
-    cert.add_argument("--alpha", type=float, default=0.001)
+    cert.add_argument("--n0", type=int, default=100, help="noisy samples that choose the top class")
+    cert.add_argument("--n", type=int, default=100_000, help="noisy samples that bound its probability")
+    cert.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
     cert.add_argument("--max-examples", type=int, default=100, help="first test images certified")
     cert.add_argument("--batch-size", type=int, default=1000, help="noisy samples per black-box call")
-    cert.add_argument("--seed", type=int, default=0)
-    cert.add_argument("--out", required=True, help="run folder: writes certify.tsv and certify.json")
-    cert.add_argument("--resume", action="store_true",
-                      help="continue an interrupted certify.tsv in --out (same settings) instead of starting over")
+    cert.add_argument("--seed", type=int, default=0, help="seeds the per-image noise")
+    cert.add_argument("--out", required=True,
+                      help="run folder: writes certify.tsv and certify.json; an interrupted certify.tsv "
+                           "there is continued (same settings)")
+    cert.add_argument("--restart", action="store_true", help="certify from the first image again")
     cert.set_defaults(func=_certify)
 
-    rep = sub.add_parser("report", help="certified accuracy at r = 0, 0.25, 0.5, 0.75 per method, plus plots")
+    rep = add_command(sub, "report", "certified accuracy at r = 0, 0.25, 0.5, 0.75 per method, plus plots")
     rep.add_argument("--root", default="runs/defense", help="folder whose */certify.json runs are reported")
     rep.add_argument("--runs", nargs="*", default=None, help="explicit run folders instead of --root/*")
-    rep.add_argument("--json", action="store_true", help='print {method: {"0.0": acc, ..., "queries": n}}')
+    add_json(rep)
     rep.add_argument("--markdown", default=None, help="markdown output (default <root>/report.md)")
     rep.add_argument("--plot", default=None, help="plot output (default <root>/certified_accuracy.png)")
     rep.set_defaults(func=_report)

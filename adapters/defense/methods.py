@@ -13,8 +13,12 @@ How the ``stab`` gradient is obtained is what distinguishes the methods:
 - ``zo-ds`` (DeepZero): sparse CGE over the denoiser's weights, through the black box only;
   layer-wise sparsity ratios from ZO-GraSP, random coordinates redrawn every few epochs;
 - ``zo-ae-ds``: denoiser ``D`` + encoder ``E`` -> latent ``z`` -> frozen pre-trained decoder
-  ``Dec`` -> black box. CGE with central differences estimates ``dL/dz`` (2 x latent queries per
-  image), autograd carries it back through ``E`` and ``D`` (chain rule, :class:`LatentCGE`).
+  ``Dec`` -> black box. Plain CGE with central differences on :class:`LatentOracle` estimates
+  ``dL/dz`` (2 x latent queries per image), autograd carries it back through ``E`` and ``D``
+  (the engine's ``ChainRule`` estimator on a :class:`ZOAEOracle`).
+
+Every stage (autoencoder pre-training, MSE pre-training, the stability objective) is one run
+of the engine's ``Trainer`` in its own folder, with fresh noise every epoch.
 
 Costs are reported as oracle ``queries`` (the engine's unit: one loss at one theta) and as
 ``blackbox_images`` (rows sent to the black box), which compares methods with different thetas.
@@ -23,9 +27,9 @@ Costs are reported as oracle ``queries`` (the engine's unit: one loss at one the
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,11 +38,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle import (CGE, RGE, Autograd, Callback, Estimator, LocalBlackBox, MaskSchedule, ModuleOracle,
-                            Oracle, Trainer)
+from deepzero_oracle import (CGE, RGE, Autograd, Callback, LearnerOracle, LocalBlackBox, MaskSchedule, ModuleOracle,
+                            Oracle, TensorBatches, Trainer)
+from deepzero_oracle.atomic import save_torch, write_json
 from deepzero_oracle.blackbox import as_tensor
-from deepzero_oracle.data import class_balanced_sample, load_dataset
-from deepzero_oracle.pruning import ratios_from_scores, uniform_ratios, zo_grasp_scores
+from deepzero_oracle.estimators.chain import ChainRule
+from deepzero_oracle.pruning import (class_balanced_sample, load_ratios, ratios_from_scores, save_ratios,
+                                     uniform_ratios, zo_grasp_scores)
+from deepzero_oracle.theta import unflatten
 
 from deepzero_oracle.adapters.defense.certify_log import CertifyRun, certify_dataset
 from deepzero_oracle.adapters.defense.denoiser import Decoder, Denoiser, Encoder, default_latent
@@ -50,7 +57,7 @@ __all__ = [
     "DefenseConfig",
     "CountingBlackBox",
     "LatentOracle",
-    "LatentCGE",
+    "ZOAEOracle",
     "build_front",
     "load_front",
     "clean_labels",
@@ -159,6 +166,7 @@ class LatentOracle(Oracle):
         blackbox: ``images [N, ...] -> scores [N, classes]``.
         per_sample_loss: ``(scores [N, classes], targets [N]) -> [N]``.
         z: latents ``[B, latent]`` of the bound batch; targets ``y [B]``.
+        **kw: as for ``Oracle`` (e.g. ``ledger=`` to count on another oracle's ledger).
     """
 
     def __init__(self, decoder: Callable, blackbox: Callable, per_sample_loss: Callable, z: torch.Tensor,
@@ -201,47 +209,66 @@ class LatentOracle(Oracle):
         return (base.sum() - base[sample] + moved) / self.B
 
 
-class LatentCGE(Estimator):
-    """ZO-AE-DS's gradient: CGE (central differences) in the latent, chain rule for the rest.
+class ZOAEOracle(LearnerOracle):
+    """ZO-AE-DS: ``theta`` (the white-box front ``x -> z``: denoiser and encoder) ->
+    ``mean_i CE(blackbox(decoder(z_i)), y_i)``, with the decoder frozen and the classifier
+    only queried.
 
-    For a ``ModuleOracle`` whose learner is the white-box front ``x -> z`` (denoiser + encoder)
-    and whose black box is ``z -> f(Dec(z))`` with a frozen decoder ``Dec``:
-    ``dL/dtheta = (dz/dtheta)^T g_z`` with ``g_z`` from :class:`LatentOracle` (2 x latent queries
-    per image) and the vector-Jacobian product by autograd through the learner only.
-    The queries are added to ``oracle.queries`` so the Trainer's counts and checkpoints see them.
+    Its gradient is found through the latent (the engine's ``ChainRule`` estimator):
+    ``latent(theta)`` is a :class:`LatentOracle` at ``z = learner(x)`` that counts on this
+    oracle's ledger, and ``pullback(g_z)`` is ``(dz/dtheta)^T g_z`` by autograd through the
+    learner only.
 
     Args:
-        decoder: the frozen decoder ``z [N, latent] -> images``.
-        blackbox: the classifier black box ``images -> scores``.
-        mu: CGE step in the latent.
+        learner: the front ``[B, C, H, W] -> z [B, latent]``.
+        decoder: frozen ``z [N, latent] -> images [N, C, H, W]``.
+        blackbox: ``images -> scores [N, classes]``.
         per_sample_loss: ``(scores [N, C], y [N]) -> [N]``; default per-image cross-entropy.
     """
 
-    name = "latent-cge"
-
-    def __init__(self, decoder: Callable, blackbox: Callable, mu: float = 5e-3,
-                 per_sample_loss: Callable | None = None):
+    def __init__(self, learner: nn.Module, decoder: Callable, blackbox: Callable,
+                 per_sample_loss: Callable | None = None, **kw):
+        super().__init__(learner, **kw)
         self.decoder, self.blackbox = decoder, blackbox
-        self.cge = CGE(mu=mu, difference="central")
         self.per_sample_loss = per_sample_loss or (lambda s, y: F.cross_entropy(s, y, reduction="none"))
+        self.x = self.y = None
+        self._latent = None  # (theta, z with its autograd graph, LatentOracle), per theta and batch
 
-    def estimate(self, oracle, theta, mask=None, generator=None):
-        """Gradient estimate ``[dim]`` for the learner's theta ``[dim]`` (mask zeroes coordinates)."""
-        params = oracle.parameters()
-        oracle.set_theta(theta)
-        with torch.enable_grad():
-            z = oracle.learner(oracle.x)  # [B, latent], with the graph through the white-box part
-            latent = LatentOracle(self.decoder, self.blackbox, self.per_sample_loss, z, oracle.y)
-            g_z = self.cge.estimate(latent, latent.theta())
-            grads = torch.autograd.grad(z, params, grad_outputs=g_z.reshape(z.shape).to(z.dtype))
-        oracle.queries += latent.queries
-        grad = torch.cat([g.reshape(-1) for g in grads]).to(theta.dtype)
-        if mask is not None:
-            grad = grad * torch.as_tensor(mask, dtype=grad.dtype)
-        return grad
+    def bind(self, x: torch.Tensor, y: torch.Tensor) -> "ZOAEOracle":
+        """Use images ``x [B, C, H, W]`` with targets ``y [B]``."""
+        if len(x) != len(y):
+            raise ValueError(f"x and y must hold the same number of rows, got {len(x)} and {len(y)}")
+        self.x, self.y, self._latent = as_tensor(x), as_tensor(y), None
+        return self
 
-    def queries_per_estimate(self, oracle, mask=None) -> int:
-        raise NotImplementedError("LatentCGE costs 2 x latent x batch queries; use epochs, not max_queries")
+    def latent(self, theta: torch.Tensor) -> LatentOracle:
+        """The latent oracle at ``z = learner(x; theta)`` (made once per theta and batch; the
+        forward runs in the learner's mode and keeps its graph for ``pullback``)."""
+        if self.x is None:
+            raise RuntimeError("no data bound: call oracle.bind(x, y) before querying")
+        if self._latent is None or not torch.equal(self._latent[0], theta):
+            self.set_theta(theta)
+            with torch.enable_grad():
+                z = self.learner(self.x)
+            oracle = LatentOracle(self.decoder, self.blackbox, self.per_sample_loss, z, self.y, ledger=self.ledger)
+            self._latent = (theta.clone(), z, oracle)
+        return self._latent[2]
+
+    def pullback(self, g_z: torch.Tensor) -> torch.Tensor:
+        """``(dz/dtheta)^T g_z`` for the last ``latent``: ``g_z [B * latent] -> [dim]``."""
+        _, z, _ = self._latent
+        grads = torch.autograd.grad(z, self.parameters(), grad_outputs=g_z.reshape(z.shape).to(z.dtype),
+                                    retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    def evaluate_losses(self, thetas):
+        with torch.no_grad():
+            out = []
+            for theta in thetas:
+                z = torch.func.functional_call(self.learner, unflatten(theta, self.slots), (self.x,))
+                scores = as_tensor(self.blackbox(self.decoder(z))).to(z.dtype)
+                out.append(self.per_sample_loss(scores, self.y).mean())
+            return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,24 +320,36 @@ def _noisy(x: torch.Tensor, sigma: float, seed: int, epoch: int) -> torch.Tensor
     return x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)
 
 
-def _fit_noisy(trainer: Trainer, x, y, config: DefenseConfig, epochs: int, salt: int) -> None:
-    """Run ``trainer`` to ``epochs`` epochs, each on ``x + fresh noise`` with targets ``y``."""
-    if trainer.checkpoint_path is not None and trainer.checkpoint_path.exists():
-        trainer.load_checkpoint(trainer.checkpoint_path)
-    while trainer.epoch < epochs:
-        xn = _noisy(x, config.sigma, config.seed + 7919 * salt, trainer.epoch)
-        trainer.fit(xn, y, epochs=trainer.epoch + 1, batch_size=config.batch_size, resume=False)
+class NoisyBatches(TensorBatches):
+    """Minibatches ``(x + delta, target)`` of ``x [N, C, H, W]`` and ``targets [N, ...]``, with
+    ``delta ~ N(0, sigma^2 I)`` drawn afresh for the whole set every epoch from ``(seed, epoch)``
+    (so a resumed run sees the same noise)."""
+
+    def __init__(self, x: torch.Tensor, targets: torch.Tensor, *, sigma: float, seed: int, batch_size: int):
+        super().__init__(x, targets, torch.arange(len(x)), batch_size=batch_size, seed=seed,
+                         transform=self._noise)
+        self.sigma, self.noise_seed, self._cached = sigma, seed, (None, None)
+
+    def _noise(self, batch, epoch):
+        xb, tb, idx = batch
+        if self._cached[0] != epoch:
+            x = self.tensors[0]
+            self._cached = (epoch, _noisy(x, self.sigma, self.noise_seed, epoch) - x)
+        return xb + self._cached[1][idx], tb
 
 
-def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
+def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *, data=None,
                   whitebox: nn.Module | None = None, progress: bool = True) -> dict:
     """Train the front for ``config.method`` against ``blackbox`` and save it under ``out``.
 
     Args:
         config: the run's :class:`DefenseConfig`.
         blackbox: the classifier, only queried: ``images [N, C, H, W] -> scores [N, classes]``.
-        out: run folder: ``front.pt``, ``run.json`` and one checkpointed Trainer folder per stage
-            (``ae/``, ``mse/``, ``stab/``); rerunning resumes every stage from its checkpoint.
+        out: run folder: ``front.pt``, ``run.json`` and one Trainer folder per stage (``ae/``,
+            ``mse/``, ``stab/``); rerunning resumes every stage from its checkpoint (more epochs
+            continue the same run; other settings are refused).
+        data: images with ``x_train [N, C, H, W]`` in [0, 1], ``x_test``, ``y_test`` (e.g. a
+            ``Dataset`` of the example apps); None loads ``config.dataset``.
         whitebox: the same classifier as an ``nn.Module``; required by ``fo-ds`` only.
     Returns:
         the ``run.json`` dict: config, ``queries`` (oracle queries of the black-box stage plus
@@ -322,22 +361,34 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         raise ValueError("fo-ds is the white-box reference: it needs the classifier module (use --classifier local)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(config.dataset)
+    if data is None:
+        from deepzero_oracle.apps.datasets import load_dataset
+
+        data = load_dataset(config.dataset)
     x = data.x_train if config.max_train is None else data.x_train[: config.max_train]
+    image_shape = tuple(x.shape[1:])
     box = CountingBlackBox(blackbox)
     started = time.perf_counter()
-    front = build_front(config, data.image_shape)
+    front = build_front(config, image_shape)
     denoiser = front.denoiser if config.method == "zo-ae-ds" else front
-    adam = lambda params: torch.optim.Adam(params, lr=config.lr)  # noqa: E731
-    extra_queries = 0
+    # epochs may grow on resume (the recipe has no schedule tied to them); all else must match
+    settings = {k: v for k, v in asdict(config).items() if k not in ("epochs", "pretrain_epochs", "ae_epochs")}
+
+    def stage(name, oracle, estimator, learner, targets, epochs, salt, *, noise=True, masks=None, callbacks=()):
+        trainer = Trainer(oracle, estimator, torch.optim.Adam(learner.parameters(), lr=config.lr),
+                          mask_schedule=masks, callbacks=callbacks, out_dir=out / name,
+                          settings={"stage": name, **settings}, seed=config.seed, progress=progress,
+                          desc=f"{config.method} {name}")
+        batches = (NoisyBatches(x, targets, sigma=config.sigma, seed=config.seed + 7919 * salt,
+                                batch_size=config.batch_size) if noise
+                   else TensorBatches(x, targets, batch_size=config.batch_size, seed=config.seed))
+        trainer.fit(batches, epochs=epochs)
+        return trainer
 
     if config.method == "zo-ae-ds":
         # Autoencoder pre-training on clean images (white box, FO); the decoder is then frozen.
         ae = nn.Sequential(front.encoder, front.decoder)
-        oracle = ModuleOracle(ae, F.mse_loss)
-        trainer = Trainer(oracle, Autograd(), adam(ae.parameters()), out_dir=out / "ae",
-                          seed=config.seed, progress=progress)
-        trainer.fit(x, x, epochs=config.ae_epochs, batch_size=config.batch_size)
+        stage("ae", ModuleOracle(ae, F.mse_loss), Autograd(), ae, x, config.ae_epochs, 0, noise=False)
         for p in front.decoder.parameters():
             p.requires_grad_(False)
         front.decoder.eval()
@@ -353,15 +404,13 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         else:
             learner = denoiser
             oracle = ModuleOracle(learner, F.mse_loss)
-        trainer = Trainer(oracle, Autograd(), adam(learner.parameters()), out_dir=out / "mse",
-                          seed=config.seed, progress=progress)
-        _fit_noisy(trainer, x, x, config, mse_epochs, salt=1)
+        stage("mse", oracle, Autograd(), learner, x, mse_epochs, 1)
 
-    stab_queries, prior_images = 0, 0
+    stab_queries, extra_queries, prior_images = 0, 0, 0
     if config.objective in ("stab", "mse+stab") and config.epochs:
         stab_dir = out / "stab"
-        # A resumed run reuses the targets and the ZO-GraSP mask (restored from the checkpoint)
-        # and the ledger of what was spent before, so totals do not depend on interruptions.
+        # A resumed run reuses the targets, the ratios and the ledger of what was spent before,
+        # so totals do not depend on interruptions.
         resuming = (stab_dir / "checkpoint.pt").exists() and (stab_dir / "ledger.json").exists()
         if resuming:
             ledger = json.loads((stab_dir / "ledger.json").read_text())
@@ -370,40 +419,31 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         else:
             y = clean_labels(box, x)
             extra_queries += len(x)  # one query per clean image for the targets
-            stab_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(y, stab_dir / "labels.pt")
+            save_torch(y, stab_dir / "labels.pt")
+        masks = None
         if config.method == "fo-ds":
             learner = denoiser
-            oracle = ModuleOracle(learner, F.cross_entropy, blackbox=whitebox)
-            estimator, masks = Autograd(), None
+            oracle, estimator = ModuleOracle(learner, F.cross_entropy, blackbox=whitebox), Autograd()
         elif config.method == "zo-ds":
             learner = denoiser
-            oracle = ModuleOracle(learner, F.cross_entropy, blackbox=box)
-            estimator = CGE(mu=config.mu)
-            if resuming:  # placeholder ratios; the checkpoint restores the real schedule
-                masks = None if config.sparsity == 0 else MaskSchedule(
-                    oracle.slots, uniform_ratios(oracle.slots, config.sparsity), redraw_every=config.redraw_every)
-            else:
-                masks, grasp_queries = _zo_ds_masks(oracle, x, y, config)
-                extra_queries += grasp_queries
+            oracle, estimator = ModuleOracle(learner, F.cross_entropy, blackbox=box), CGE(mu=config.mu)
+            masks, grasp_queries = _zo_ds_masks(oracle, x, y, config, stab_dir / "ratios.json", reuse=resuming)
+            extra_queries += grasp_queries
         else:
             learner = nn.Sequential(front.denoiser, front.encoder)
-            decoder = front.decoder
-            oracle = ModuleOracle(learner, F.cross_entropy, blackbox=lambda z: box(decoder(z)))
-            estimator, masks = LatentCGE(decoder, box, mu=config.mu), None
+            oracle = ZOAEOracle(learner, front.decoder, box)
+            estimator = ChainRule(CGE(mu=config.mu, difference="central"))
         ledger_cb = _Ledger(stab_dir / "ledger.json", box, extra_queries, prior_images)
-        trainer = Trainer(oracle, estimator, adam(learner.parameters()), mask_schedule=masks,
-                          callbacks=[ledger_cb], out_dir=stab_dir, seed=config.seed, progress=progress)
-        _fit_noisy(trainer, x, y, config, config.epochs, salt=2)
+        stage("stab", oracle, estimator, learner, y, config.epochs, 2, masks=masks, callbacks=[ledger_cb])
         stab_queries = oracle.queries
 
     front.eval()
-    torch.save(front.state_dict(), out / "front.pt")
+    save_torch(front.state_dict(), out / "front.pt")
     acc = _clean_accuracy(front, blackbox, data.x_test[:500], data.y_test[:500])
     info = {
         "method": config.method,
         "config": asdict(config),
-        "image_shape": list(data.image_shape),
+        "image_shape": list(image_shape),
         "front_parameters": sum(p.numel() for p in front.parameters()),
         "denoiser_parameters": sum(p.numel() for p in denoiser.parameters()),
         "queries": int(stab_queries + extra_queries),
@@ -411,7 +451,7 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         "seconds": round(time.perf_counter() - started, 2),
         "pipeline_clean_accuracy": acc,
     }
-    (out / "run.json").write_text(json.dumps(info, indent=2))
+    write_json(out / "run.json", info)
     return info
 
 
@@ -422,26 +462,31 @@ class _Ledger(Callback):
         self.path, self.box, self.extra, self.prior = path, box, extra_queries, prior_images
 
     def on_epoch_end(self, trainer, metrics):
-        self.path.write_text(json.dumps({"extra_queries": self.extra,
-                                         "blackbox_images": self.prior + self.box.rows}))
+        write_json(self.path, {"extra_queries": self.extra, "blackbox_images": self.prior + self.box.rows})
 
 
-def _zo_ds_masks(oracle: ModuleOracle, x, y, config: DefenseConfig) -> tuple[MaskSchedule | None, int]:
-    """Layer-wise ratios (ZO-GraSP on 25 noisy images per class, or uniform) -> a MaskSchedule."""
+def _zo_ds_masks(oracle: ModuleOracle, x, y, config: DefenseConfig, path: Path,
+                 reuse: bool) -> tuple[MaskSchedule | None, int]:
+    """Layer-wise ratios (ZO-GraSP on 25 noisy images per class, or uniform) -> a MaskSchedule,
+    and the queries ZO-GraSP spent; ratios are kept in ``path`` and, with ``reuse``, read back
+    (their queries are already in the resumed ledger)."""
     if config.sparsity == 0:
         return None, 0
-    if config.pruner == "uniform":
-        ratios = uniform_ratios(oracle.slots, config.sparsity)
-        return MaskSchedule(oracle.slots, ratios, redraw_every=config.redraw_every), 0
-    per_class = max(1, min(25, int(torch.bincount(y).min())))
-    xs, ys = class_balanced_sample(x, y, per_class, generator=torch.Generator().manual_seed(config.seed))
-    before = oracle.queries
-    oracle.bind(_noisy(xs, config.sigma, config.seed, -1), ys)
-    scores = zo_grasp_scores(oracle, oracle.theta(), RGE(q=192, mu=config.mu),
-                             generator=torch.Generator().manual_seed(config.seed))
-    spent = oracle.queries - before
-    oracle.queries = before  # reported separately from the training queries
-    ratios = ratios_from_scores(oracle.slots, scores, config.sparsity)
+    if reuse and path.exists():
+        ratios, spent = load_ratios(path), 0  # spent before, already in the ledger
+    elif config.pruner == "uniform":
+        ratios, spent = uniform_ratios(oracle.slots, config.sparsity), 0
+    else:
+        per_class = max(1, min(25, int(torch.bincount(y).min())))
+        xs, ys = class_balanced_sample(x, y, per_class, generator=torch.Generator().manual_seed(config.seed))
+        before = oracle.queries
+        oracle.bind(_noisy(xs, config.sigma, config.seed, -1), ys)
+        scores = zo_grasp_scores(oracle, oracle.theta(), RGE(q=192, mu=config.mu),
+                                 generator=torch.Generator().manual_seed(config.seed))
+        spent = oracle.queries - before
+        oracle.queries = before  # reported separately from the training queries
+        ratios = ratios_from_scores(oracle.slots, scores, config.sparsity)
+    save_ratios(path, ratios, pruner=config.pruner, sparsity=config.sparsity)
     return MaskSchedule(oracle.slots, ratios, redraw_every=config.redraw_every), spent
 
 
@@ -469,17 +514,23 @@ def smoothed_pipeline(front: nn.Module | None, blackbox: Callable) -> LocalBlack
     return LocalBlackBox(pipeline)
 
 
-def certify_front(front: nn.Module | None, blackbox: Callable, dataset: str, sigma: float, *, n0: int = 100,
+def certify_front(front: nn.Module | None, blackbox: Callable, data, sigma: float, *, n0: int = 100,
                   n: int = 100_000, alpha: float = 0.001, max_examples: int = 100, batch_size: int = 1000,
                   seed: int = 0, log_path: str | Path | None = None, progress: bool = True,
                   resume: bool = False, settings: dict | None = None) -> CertifyRun:
-    """CERTIFY the first ``max_examples`` test images of ``dataset`` through ``f(front(x + noise))``.
+    """CERTIFY the first ``max_examples`` test images through ``f(front(x + noise))``.
 
-    Returns the :class:`CertifyRun` (rows, queries = noisy samples, samples/s); the per-example
-    log goes to ``log_path``. ``resume`` and ``settings`` are :func:`certify_dataset`'s.
+    ``data``: images with ``x_test [N, C, H, W]``, ``y_test [N]`` and ``classes``, or the name of
+    an example dataset. Returns the :class:`CertifyRun` (rows, queries = noisy samples,
+    samples/s); the per-example log goes to ``log_path``. ``resume`` and ``settings`` are
+    :func:`certify_dataset`'s.
     """
-    data = load_dataset(dataset)
+    name = data if isinstance(data, str) else getattr(data, "name", "custom")
+    if isinstance(data, str):
+        from deepzero_oracle.apps.datasets import load_dataset
+
+        data = load_dataset(data)
     xs, ys = data.x_test[:max_examples], data.y_test[:max_examples]
     smooth = Smooth(smoothed_pipeline(front, blackbox), data.classes, sigma)
     return certify_dataset(smooth, xs, ys, n0, n, alpha, batch_size, seed=seed, log_path=log_path,
-                           progress=progress, resume=resume, settings={"dataset": dataset, **(settings or {})})
+                           progress=progress, resume=resume, settings={"dataset": name, **(settings or {})})

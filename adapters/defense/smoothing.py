@@ -94,7 +94,7 @@ def min_certify_n(alpha: float) -> int:
     ``pA_lower = alpha ** (1/n)``, so ``n >= log(alpha) / log(0.5)``: 10 for alpha = 0.001.
     Returns the exact integer as judged by the same ``beta.ppf`` CERTIFY uses.
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     m = max(1, math.ceil(math.log(alpha) / math.log(0.5)))
     # The closed form can be off by one at float boundaries; settle it with the real test.
     while m > 1 and clopper_pearson_lower(m - 1, m - 1, alpha) >= 0.5:
@@ -110,7 +110,7 @@ def min_predict_n(alpha: float) -> int:
     The two-sided binomial test then has p-value ``2 * 0.5 ** n``, so ``n >= 1 + log2(1/alpha)``:
     11 for alpha = 0.001. Returns the exact integer as judged by ``scipy.stats.binomtest``.
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     m = max(1, math.ceil(1 + math.log2(1 / alpha)))
     while m > 1 and binomtest(m - 1, m - 1, 0.5).pvalue <= alpha:
         m -= 1
@@ -139,13 +139,15 @@ def make_generator(generator: torch.Generator | int | None) -> torch.Generator |
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_alpha(alpha) -> float:
+def check_alpha(alpha) -> float:
+    """``alpha`` as a float in (0, 1), else a ValueError saying what it is for."""
     if not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha is a failure probability and must be in (0, 1), e.g. 0.001; got {alpha!r}")
     return float(alpha)
 
 
-def _check_count(name: str, value, minimum: int = 1) -> int:
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (a float like 1e5 is refused), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} (write 100000, not 1e5)")
     if value < minimum:
@@ -153,7 +155,8 @@ def _check_count(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_certify_n(n: int, alpha: float) -> None:
+def check_certify_n(n: int, alpha: float) -> None:
+    """Refuse an ``n`` with which CERTIFY could only abstain at this ``alpha``."""
     need = min_certify_n(alpha)
     if n < need:
         best = clopper_pearson_lower(n, n, alpha)
@@ -164,7 +167,8 @@ def _check_certify_n(n: int, alpha: float) -> None:
         )
 
 
-def _check_predict_n(n: int, alpha: float) -> None:
+def check_predict_n(n: int, alpha: float) -> None:
+    """Refuse an ``n`` with which PREDICT could only abstain at this ``alpha``."""
     need = min_predict_n(alpha)
     if n < need:
         best = binomtest(n, n, 0.5).pvalue
@@ -205,7 +209,7 @@ class Smooth:
     def __init__(self, classifier: Callable, num_classes: int, sigma: float, *, numpy: bool = False):
         if not callable(classifier):
             raise TypeError(f"classifier must be callable (a black box), got {type(classifier).__name__}")
-        self.num_classes = _check_count("num_classes", num_classes, minimum=2)
+        self.num_classes = check_count("num_classes", num_classes, minimum=2)
         if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
             raise ValueError(
                 f"sigma is the noise standard deviation and must be a finite number > 0 "
@@ -249,11 +253,11 @@ class Smooth:
             :class:`Certificate` ``(prediction, radius)``; ``(ABSTAIN, 0.0)`` when abstaining.
             Exactly ``n0 + n`` queries are spent.
         """
-        n0 = _check_count("n0", n0)
-        n = _check_count("n", n)
-        alpha = _check_alpha(alpha)
-        batch_size = _check_count("batch_size", batch_size)
-        _check_certify_n(n, alpha)
+        n0 = check_count("n0", n0)
+        n = check_count("n", n)
+        alpha = check_alpha(alpha)
+        batch_size = check_count("batch_size", batch_size)
+        check_certify_n(n, alpha)
         gen = make_generator(generator)
         x = self._as_input(x)
 
@@ -287,10 +291,10 @@ class Smooth:
         Returns:
             the class index (int), or ``ABSTAIN``. Exactly ``n`` queries are spent.
         """
-        n = _check_count("n", n)
-        alpha = _check_alpha(alpha)
-        batch_size = _check_count("batch_size", batch_size)
-        _check_predict_n(n, alpha)
+        n = check_count("n", n)
+        alpha = check_alpha(alpha)
+        batch_size = check_count("batch_size", batch_size)
+        check_predict_n(n, alpha)
         gen = make_generator(generator)
         x = self._as_input(x)
 

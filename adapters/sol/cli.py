@@ -1,6 +1,7 @@
 """``deepzero-oracle sol generate | train | eval | report``: solver-in-the-loop correctors from the shell.
 
-Wire into the main parser with ``register(subparsers)``. Layout of ``--out DIR`` (one comparison):
+``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). Layout of
+``--out DIR`` (one comparison):
 ``config.json`` (the `SOLConfig`), ``data/`` (cached cases, reference trajectories, NON pairs),
 ``<method>/checkpoint.pt``, ``<method>/train.json``, ``<method>/eval.json``, and after ``report``:
 ``report.md``, ``report.json``, ``error_over_time.png``, ``snapshot.png``.
@@ -13,6 +14,9 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+
+from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
+from deepzero_oracle.atomic import write_json, write_text
 
 __all__ = ["register", "report", "open_solver", "run_method"]
 
@@ -37,7 +41,7 @@ def _config(args):
         if changed & {"scenario", "size", "n_train", "n_test", "train_steps", "test_steps", "seed"}:
             raise ValueError(f"{out} holds a comparison with different data settings ({sorted(changed)}); "
                              "use another --out")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    write_json(out / "config.json", cfg.to_dict(), indent=1)
     return cfg
 
 
@@ -86,36 +90,52 @@ def _evaluate(cfg, method, data, run, summary):
               "queries": int(summary["queries"]), "solver_calls": int(summary["solver_calls"]),
               "seconds": float(summary["seconds"]), "steps": int(summary["step"]),
               "mae_per_sim": ev["mae_per_sim"], "mae_over_time": ev["mae_over_time"], "diverged": ev["diverged"]}
-    (Path(run) / "eval.json").write_text(json.dumps(result, indent=1))
+    write_json(Path(run) / "eval.json", result, indent=1)
     np.savez_compressed(Path(run) / "snapshot.npz", **ev["snapshot"])
     return result
 
 
 def _generate(args) -> int:
+    import shutil
+
     from deepzero_oracle.adapters.sol.data import prepare_data
 
+    from deepzero_oracle.adapters.sol.methods import METHODS
+
+    out = Path(args.out)
+    if args.restart:  # a new comparison: remove only what `sol` itself wrote there
+        for name in ("data", *METHODS):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("config.json", "report.md", "report.json", "error_over_time.png", "snapshot.png"):
+            (out / name).unlink(missing_ok=True)
     cfg = _config(args)
     data = prepare_data(cfg, args.out, progress=not args.quiet)
-    print(f"sol generate: {cfg.scenario} ({cfg.size}): train {data.train_ref.shape}, test {data.test_ref.shape} "
-          f"in {Path(args.out) / 'data'}")
+    info = {"scenario": cfg.scenario, "size": cfg.size, "train_states": list(data.train_ref.shape),
+            "test_states": list(data.test_ref.shape), "data": str(Path(args.out) / "data")}
+    print(json.dumps(info) if args.json else
+          f"sol generate: {cfg.scenario} ({cfg.size}): train {data.train_ref.shape}, test {data.test_ref.shape} "
+          f"in {info['data']}")
     return 0
 
 
-def _train(args) -> int:
-    from deepzero_oracle.adapters.sol.methods import SolverDiverged
+def _summary_line(cfg, r) -> str:
+    return (f"{cfg.scenario} {r['method']}: test MAE {r['mae_mean']:.5f} +- {r['mae_std']:.5f}, "
+            f"{r['queries']} queries, {r['seconds']:.1f} s")
 
+
+def _print_result(args, cfg, r, command: str) -> None:
+    keys = ("method", "mae_mean", "mae_std", "queries", "solver_calls", "seconds", "steps", "diverged")
+    print(json.dumps({k: r[k] for k in keys}) if args.json else f"sol {command}: {_summary_line(cfg, r)}")
+
+
+def _train(args) -> int:
     cfg = _config(args)
-    try:
-        with open_solver(args.solver) as box:
-            if box is not None and args.method != "zo-sol":
-                print("sol train: --solver only applies to zo-sol (the others need no solver queries or "
-                      "need the differentiable in-process solver)", file=sys.stderr)
-            r = run_method(cfg, args.method, args.out, solver=box, progress=not args.quiet, restart=args.restart)
-    except SolverDiverged as e:
-        print(f"deepzero-oracle sol train: error: {e}", file=sys.stderr)
-        return 3
-    print(f"sol train: {cfg.scenario} {args.method}: test MAE {r['mae_mean']:.5f} +- {r['mae_std']:.5f}, "
-          f"{r['queries']} queries, {r['seconds']:.1f} s")
+    with open_solver(args.solver) as box:
+        if box is not None and args.method != "zo-sol":
+            print("sol train: --solver only applies to zo-sol (the others need no solver queries or "
+                  "need the differentiable in-process solver)", file=sys.stderr)
+        r = run_method(cfg, args.method, args.out, solver=box, progress=not args.quiet, restart=args.restart)
+    _print_result(args, cfg, r, "train")
     return 0
 
 
@@ -124,13 +144,11 @@ def _eval(args) -> int:
 
     cfg = _config(args)
     run = Path(args.out) / args.method
-    if not (run / "checkpoint.pt").exists():
-        raise FileNotFoundError(f"no checkpoint in {run}; run `sol train --method {args.method}` first")
-    import torch
-
-    summary = torch.load(run / "checkpoint.pt", weights_only=False)
+    if not (run / "train.json").exists():
+        raise FileNotFoundError(f"no trained {args.method} in {run}; run `sol train --method {args.method}` first")
+    summary = json.loads((run / "train.json").read_text())
     r = _evaluate(cfg, args.method, prepare_data(cfg, args.out), run, summary)
-    print(f"sol eval: {cfg.scenario} {args.method}: test MAE {r['mae_mean']:.5f} +- {r['mae_std']:.5f}")
+    _print_result(args, cfg, r, "eval")
     return 0
 
 
@@ -160,21 +178,19 @@ def report(out, *, plots: bool = True) -> dict:
     lines += ["", "MAE: mean |corrected source - down-sampled reference| over cells, channels and all test "
               "time steps. Queries: loss evaluations at one theta (ZO-SOL only; each is a batch of unrolled "
               "solver rollouts). Wall time: training only.", f"Config: `{json.dumps(cfg)}`"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps(table, indent=1))
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    write_json(out / "report.json", table, indent=1)
     if plots:
         _plots(out, evals)
     return table
 
 
 def _plots(out: Path, evals: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for m, e in evals.items():
         ax.plot(np.arange(1, len(e["mae_over_time"]) + 1), e["mae_over_time"], label=m.upper())
     ax.set_xlabel("time step")
@@ -182,14 +198,14 @@ def _plots(out: Path, evals: dict) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "error_over_time.png", dpi=100)
-    plt.close(fig)
     best = next((m for m in ("zo-sol", "fo-sol", "non") if (out / m / "snapshot.npz").exists()), None)
     if best is None:
         return
     with np.load(out / best / "snapshot.npz") as z:
         snap = {k: z[k] for k in z.files}
     names = ["reference", "source", "corrected"]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 3)
     vmax = float(np.abs(snap["reference"][0]).max())
     for ax, k in zip(axes, names):
         im = ax.imshow(snap[k][0], origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
@@ -198,11 +214,10 @@ def _plots(out: Path, evals: dict) -> None:
         ax.set_yticks([])
     fig.colorbar(im, ax=axes, shrink=0.8, label="channel 0, last test step")
     fig.savefig(out / "snapshot.png", dpi=100)
-    plt.close(fig)
 
 
 def _report(args) -> int:
-    table = report(args.out, plots=not args.json)
+    table = report(args.out, plots=True)
     if args.json:
         print(json.dumps(table))
     else:
@@ -210,22 +225,31 @@ def _report(args) -> int:
     return 0
 
 
-def _common(p, *, method: bool = False):
-    from deepzero_oracle.adapters.sol.data import SIZES
+def _common(p, *, method: bool = False, restart: bool = True):
+    from deepzero_oracle.adapters.sol.data import SIZES, SOLConfig
     from deepzero_oracle.adapters.sol.methods import METHODS
 
-    p.add_argument("--out", required=True, help="comparison folder (config, data, one subfolder per method)")
-    p.add_argument("--scenario", choices=tuple(SIZES), default=None, help="default: burgers (or the folder's)")
+    d = SOLConfig()
+    if restart:
+        add_run_folder(p, "comparison")
+    else:
+        p.add_argument("--out", required=True, help="comparison folder (config, data, one subfolder per method)")
+    p.add_argument("--scenario", choices=tuple(SIZES), default=None,
+                   help=f"built-in scenario (default {d.scenario}, or the folder's)")
     p.add_argument("--size", choices=("tiny", "small", "full"), default=None,
-                   help="scenario size preset (default small: burgers 16^2, wake2d 16x32)")
-    p.add_argument("--n-train", dest="n_train", type=int, default=None)
-    p.add_argument("--n-test", dest="n_test", type=int, default=None)
-    p.add_argument("--train-steps", dest="train_steps", type=int, default=None, help="reference steps per train sim")
-    p.add_argument("--test-steps", dest="test_steps", type=int, default=None, help="rollout steps per test sim")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+                   help=f"scenario size preset (default {d.size}: burgers 16^2, wake2d 16x32; or the folder's)")
+    p.add_argument("--n-train", dest="n_train", type=int, default=None,
+                   help=f"training simulations (default {d.n_train})")
+    p.add_argument("--n-test", dest="n_test", type=int, default=None, help=f"test simulations (default {d.n_test})")
+    p.add_argument("--train-steps", dest="train_steps", type=int, default=None,
+                   help=f"reference steps per training simulation (default {d.train_steps})")
+    p.add_argument("--test-steps", dest="test_steps", type=int, default=None,
+                   help=f"rollout steps per test simulation (default {d.test_steps})")
+    p.add_argument("--seed", type=int, default=None, help=f"seeds data, corrector init and windows (default {d.seed})")
+    add_json(p)
+    add_quiet(p)
     if method:
-        p.add_argument("--method", choices=METHODS, required=True)
+        p.add_argument("--method", choices=METHODS, required=True, help="which corrector")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -233,38 +257,43 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     Returns the ``sol`` parser; each leaf sets ``func(args) -> exit code``.
     """
-    sol = subparsers.add_parser("sol", help="solver-in-the-loop correctors: SRC / NON / FO-SOL / ZO-SOL")
-    sub = sol.add_subparsers(dest="sol_command", required=True)
+    from deepzero_oracle.adapters.sol.data import LR_SCHEDULES, SOLConfig
 
-    gen = sub.add_parser("generate", help="cases and reference trajectories (cached in OUT/data)")
+    d = SOLConfig()
+    sol = add_command(subparsers, "sol", "solver-in-the-loop correctors: SRC / NON / FO-SOL / ZO-SOL")
+    sub = sol.add_subparsers(dest="sol_command", required=True, metavar="COMMAND")
+
+    gen = add_command(sub, "generate", "cases and reference trajectories (cached in OUT/data)")
     _common(gen)
     gen.set_defaults(func=_generate)
 
-    train = sub.add_parser("train", help="train one method's corrector (resumes from OUT/METHOD/checkpoint.pt), then evaluate")
+    train = add_command(sub, "train", "train one method's corrector (continues OUT/METHOD), then evaluate it")
     _common(train, method=True)
     train.add_argument("--solver", default=None, help="zo-sol's solver: local (default) or grpc://host:port")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    train.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    train.add_argument("--lr-schedule", dest="lr_schedule", choices=("constant", "cosine"), default=None,
-                       help="cosine: decay to 0 over --steps (default: constant, or the folder's)")
-    train.add_argument("--unroll", type=int, default=None, help="n of SOL-n")
-    train.add_argument("--batch", type=int, default=None, help="windows per step")
-    train.add_argument("--hidden", type=int, default=None, help="corrector channels")
-    train.add_argument("--depth", type=int, default=None, help="corrector conv layers")
-    train.add_argument("--kernel", type=int, default=None)
-    train.add_argument("--sparsity", type=float, default=None, help="zo-sol gradient sparsity")
-    train.add_argument("--redraw-every", dest="redraw_every", type=int, default=None)
-    train.add_argument("--mu", type=float, default=None, help="CGE step")
-    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
-    train.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    train.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
+    train.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr:g})")
+    train.add_argument("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=None,
+                       help=f"cosine: decay to 0 over --steps (default {d.lr_schedule})")
+    train.add_argument("--unroll", type=int, default=None, help=f"n of SOL-n, solver steps per window (default {d.unroll})")
+    train.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                       help=f"training windows per step (default {d.batch_size})")
+    train.add_argument("--hidden", type=int, default=None, help=f"corrector channels (default {d.hidden})")
+    train.add_argument("--depth", type=int, default=None, help=f"corrector conv layers (default {d.depth})")
+    train.add_argument("--kernel", type=int, default=None, help=f"corrector kernel size (default {d.kernel})")
+    train.add_argument("--sparsity", type=float, default=None, help=f"zo-sol gradient sparsity (default {d.sparsity})")
+    train.add_argument("--redraw-every", dest="redraw_every", type=int, default=None,
+                       help=f"steps between redraws of the sparse coordinates (default {d.redraw_every})")
+    train.add_argument("--mu", type=float, default=None, help=f"CGE finite-difference step (default {d.mu:g})")
+    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None,
+                       help=f"steps between checkpoints (default {d.checkpoint_every})")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="re-evaluate a trained method on the test cases")
-    _common(ev, method=True)
+    ev = add_command(sub, "eval", "re-evaluate a trained method on the test cases")
+    _common(ev, method=True, restart=False)
     ev.set_defaults(func=_eval)
 
-    rep = sub.add_parser("report", help="markdown table + plots of all evaluated methods in OUT")
-    rep.add_argument("--out", required=True)
-    rep.add_argument("--json", action="store_true", help="print {method: {mae_mean, mae_std, queries, seconds}}")
+    rep = add_command(sub, "report", "markdown table + plots of all evaluated methods in OUT")
+    rep.add_argument("--out", required=True, help="comparison folder")
+    add_json(rep)
     rep.set_defaults(func=_report)
     return sol

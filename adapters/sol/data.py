@@ -13,7 +13,7 @@ import numpy as np
 
 from deepzero_oracle.simulators import Cases, get_scenario
 
-__all__ = ["SOLConfig", "SIZES", "SOLData", "prepare_data", "scenario_for", "corrector_stats"]
+__all__ = ["LR_SCHEDULES", "SIZES", "SOLConfig", "SOLData", "prepare_data", "scenario_for"]
 
 # Scenario options per size preset: "tiny" for tests, "small" for the demo / this machine, "full" = defaults.
 SIZES = {
@@ -42,7 +42,8 @@ class SOLConfig:
         n_train / n_test: simulations; train_steps / test_steps: trajectory lengths (steps).
         hidden, depth, kernel: corrector architecture.
         unroll: n of SOL-n (solver steps per training window).
-        batch: windows per optimizer step (NON uses ``batch * unroll`` pairs, the same data volume).
+        batch_size: windows per optimizer step (NON uses ``batch_size * unroll`` pairs, the same data
+            volume).
         steps: optimizer steps; lr: Adam learning rate.
         lr_schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over ``steps``: with a few windows
             per step the last updates are noisy, and decay keeps that noise out of the final corrector).
@@ -63,7 +64,7 @@ class SOLConfig:
     depth: int = 2
     kernel: int = 3
     unroll: int = 8
-    batch: int = 4
+    batch_size: int = 4
     steps: int = 200
     lr: float = 3e-3
     lr_schedule: str = "constant"
@@ -85,7 +86,7 @@ class SOLConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        for k in ("n_train", "n_test", "test_steps", "batch", "steps", "checkpoint_every", "redraw_every"):
+        for k in ("n_train", "n_test", "test_steps", "batch_size", "steps", "checkpoint_every", "redraw_every"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         return self

@@ -1,44 +1,43 @@
-"""The four SOL methods (SRC, NON, FO-SOL, ZO-SOL), the unrolled loss and the test metric.
+"""The four SOL methods, each trained by the engine's one ``Trainer``, and the test metric.
 
-- SRC: the source solver alone.
-- NON: corrector trained supervised (autograd) on pre-computed pairs (source_step(ref_t), ref_{t+1}).
+- SRC: the source solver alone (nothing to train).
+- NON: the corrector trained supervised on precomputed pairs ``(P_s(ref_t), ref_{t+1})``: the
+  one-step SOL loss with the solver's step looked up, back-propagated through the corrector.
 - FO-SOL: the n-step unrolled loss, back-propagated through the differentiable torch solver.
-- ZO-SOL: the same loss, estimated by sparse forward-difference CGE from solver queries only
-  (`SOLOracle`); the solver runs in-process or behind `GrpcBlackBox`.
+- ZO-SOL: the same loss, estimated by sparse forward-difference CGE from queries of the black-box
+  solver only (``SOLOracle``); the solver runs in-process or behind a gRPC server.
 
-Unrolled loss of one window (case i, start t0):  s_0 = ref[i, t0];  s_k = P_s(s_{k-1}) + c(P_s(s_{k-1}));
-``loss = mean_k mean |s_k - ref[i, t0 + k]|^2`` (k = 1..n), averaged over the windows.
-Test metric: mean |s_t - ref_t| over cells and channels, for t = 1..T, of a corrected rollout from the
-test cases' initial source states; per simulation averaged over time, then mean +- std over simulations.
+Each method is an (oracle, estimator) pair handed to ``Trainer`` with random training windows
+(``SampledBatches``), Adam and an optional cosine schedule; checkpoints, resume, progress and the
+per-step log (``steps.csv``) are the Trainer's.
+
+Test metric: mean |s_t - ref_t| over cells and channels, for t = 1..T, of a corrected rollout from
+the test cases' initial source states; per simulation averaged over time, then mean +- std over
+simulations.
 """
 
 from __future__ import annotations
 
-import json
+import csv
 import math
-import os
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from deepzero_oracle import CGE, MaskSchedule, NonFiniteLossError, Oracle, assign_gradient
-from deepzero_oracle.theta import parameter_slots
+from deepzero_oracle import CGE, Autograd, MaskSchedule, SampledBatches, Trainer
+from deepzero_oracle.atomic import write_json
 from deepzero_oracle.pruning import uniform_ratios
+from deepzero_oracle.theta import parameter_slots
 
 from .corrector import Corrector, make_corrector
 from .data import SOLConfig, SOLData, scenario_for
+from .oracle import SOLOracle
 
-__all__ = ["METHODS", "SolverDiverged", "SOLOracle", "BatchedCGE", "train_method", "evaluate_method",
-           "unrolled_loss", "source_solver", "load_corrector"]
+__all__ = ["METHODS", "train_method", "evaluate_method", "source_solver", "load_corrector", "method_trainer"]
 
 METHODS = ("src", "non", "fo-sol", "zo-sol")
-
-
-class SolverDiverged(RuntimeError):
-    """The solver produced (or was about to receive) non-finite states during training."""
 
 
 def source_solver(scenario) -> Callable:
@@ -48,270 +47,115 @@ def source_solver(scenario) -> Callable:
     return solve
 
 
-def _solve_checked(solver: Callable, state: torch.Tensor, params: np.ndarray, where: str) -> torch.Tensor:
-    """Call the black-box solver on float64 arrays; non-finite in or out -> SolverDiverged."""
-    s = state.detach().numpy()
-    if not np.isfinite(s).all():
-        raise SolverDiverged(f"{where}: the corrected state became NaN/Inf before the solver call")
-    res = solver(s, params)
-    # Always a fresh torch allocation: numpy buffers and wire buffers have other alignments, and torch's
-    # vectorized reductions then sum in another order (last-bit differences between in-process and gRPC).
-    out = torch.as_tensor(np.asarray(res) if not isinstance(res, torch.Tensor) else res.detach())
-    out = out.to(torch.float64).clone(memory_format=torch.contiguous_format)
-    if not torch.isfinite(out).all():
-        raise SolverDiverged(f"{where}: the solver returned NaN/Inf")
-    return out
+def _window_draw(cfg: SOLConfig, data: SOLData, method: str) -> Callable[[torch.Generator], tuple]:
+    """``draw(generator) -> SOLOracle.bind arguments`` for one step's random windows.
+
+    SOL methods: ``batch_size`` windows of ``unroll`` steps. NON: the same data volume as
+    ``batch_size * unroll`` one-step pairs, each with its precomputed solver step.
+    """
+    ref, pf, params = data.train_ref, data.train_pf, data.train_cases.params
+
+    def sol_windows(gen):
+        i = torch.randint(cfg.n_train, (cfg.batch_size,), generator=gen).numpy()
+        t0 = torch.randint(ref.shape[1] - cfg.unroll, (cfg.batch_size,), generator=gen).numpy()
+        targets = np.stack([ref[i, t0 + k + 1] for k in range(cfg.unroll)], axis=1)
+        return torch.from_numpy(ref[i, t0]), params[i], torch.from_numpy(pf[i]), torch.from_numpy(targets)
+
+    def non_pairs(gen):
+        n = cfg.batch_size * cfg.unroll
+        j = torch.randint(cfg.n_train, (n,), generator=gen).numpy()
+        t = torch.randint(data.train_src_next.shape[1], (n,), generator=gen).numpy()
+        return (torch.from_numpy(ref[j, t]), params[j], torch.from_numpy(pf[j]),
+                torch.from_numpy(ref[j, t + 1])[:, None], torch.from_numpy(data.train_src_next[j, t]))
+
+    return non_pairs if method == "non" else sol_windows
 
 
-class SOLOracle(Oracle):
-    """theta -> n-step unrolled SOL loss, using only queries of the source solver.
-
-    All P thetas of one call are rolled out together: per time step, the P x B states go to the
-    solver in *one* call (padded to a fixed ``rows`` so a JIT-compiled solver sees one shape).
+def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver: Callable | None = None,
+                   progress: bool = True) -> tuple[Trainer, SampledBatches]:
+    """The ``Trainer`` and the window source of one trained method (``non``, ``fo-sol``, ``zo-sol``).
 
     Args:
-        corrector: the `Corrector` (its parameters define theta's layout; never back-propagated).
-        solver: ``f(state [N, C, H, W], params [N, K]) -> [N, C, H, W]`` (in-process or GrpcBlackBox).
-        unroll: n.
-        max_batch: thetas per solver call (the base class splits larger requests).
-        budget: optional query budget.
+        cfg, data: the comparison's config and data (`prepare_data`).
+        run_dir: the method's folder (checkpoint, logs).
+        solver: ZO-SOL's black box ``f(state, params)`` (default: the in-process source step).
     """
-
-    def __init__(self, corrector: Corrector, solver: Callable, unroll: int, *, max_batch: int = 64,
-                 budget: int | None = None):
-        self.corrector = corrector
-        self.slots = parameter_slots(corrector)
-        super().__init__(sum(s.numel for s in self.slots), budget=budget, max_batch=max_batch)
-        self.solver, self.unroll = solver, int(unroll)
-        self.solver_calls = 0
-        self._bound = None
-
-    def bind(self, start: torch.Tensor, params: np.ndarray, param_fields: torch.Tensor,
-             targets: torch.Tensor) -> "SOLOracle":
-        """Set the training windows.
-
-        Args:
-            start: ``[B, C, H, W]`` initial states (reference at t0).
-            params: ``[B, K]`` physics parameters.
-            param_fields: ``[B, P_f, H, W]``.
-            targets: ``[B, n, C, H, W]`` reference states at t0+1..t0+n.
-        Returns:
-            self.
-        """
-        self._bound = (start, np.asarray(params, np.float64), param_fields, targets)
-        return self
-
-    def theta(self) -> torch.Tensor:
-        """Current flat parameters ``[dim]`` (float64)."""
-        return torch.cat([p.detach().reshape(-1) for p in self.corrector.parameters()])
-
-    def evaluate_losses(self, thetas: torch.Tensor) -> torch.Tensor:
-        if self._bound is None:
-            raise RuntimeError("SOLOracle: call bind(...) before querying")
-        start, params, pf, targets = self._bound
-        P, B = thetas.shape[0], start.shape[0]
-        rows = self.max_batch * B
-        pdict = {s.name: thetas[:, s.offset:s.offset + s.numel].reshape(P, *s.shape).to(torch.float64)
-                 for s in self.slots}
-        p_rep = np.tile(params, (self.max_batch, 1))  # fixed shape: padded rows repeat real cases
-        state = start.expand(P, *start.shape)
-        loss = torch.zeros(P, dtype=torch.float64)
-        with torch.no_grad():
-            for k in range(self.unroll):
-                flat = state.reshape(P * B, *state.shape[2:])
-                if P * B < rows:
-                    flat = torch.cat([flat, flat[:B].repeat(rows // B - P, 1, 1, 1)])
-                nxt = _solve_checked(self.solver, flat, p_rep, f"ZO-SOL query, unroll step {k + 1}")
-                self.solver_calls += 1
-                nxt = nxt[:P * B].reshape(P, B, *start.shape[1:])
-                state = nxt + self.corrector.batched(nxt, pf, pdict)
-                loss += ((state - targets[:, k]) ** 2).mean(dim=(1, 2, 3, 4))
-        return loss / self.unroll
-
-
-class BatchedCGE(CGE):
-    """Sparse forward-difference CGE that asks for f(theta) and all perturbations in ONE request.
-
-    Same estimate as ``CGE(mu, "forward")`` (``g_i = (l(theta + mu e_i) - l(theta)) / mu``, C + 1
-    queries) but f(theta) rides in the same solver calls as its perturbations, so a solver whose batch
-    members interact (iterative solves) cannot bias the differences.
-    """
-
-    def estimate(self, oracle, theta, mask=None, generator=None):
-        """``theta [dim]``, optional bool ``mask [dim]`` -> estimate ``[dim]`` (zeros off the mask)."""
-        coords = torch.arange(oracle.dim) if mask is None else torch.nonzero(mask).flatten()
-        thetas = theta.repeat(len(coords) + 1, 1)
-        thetas[torch.arange(1, len(coords) + 1), coords] += self.mu
-        values = oracle.losses(thetas)
-        self.last_base = values[0]  # the loss at theta itself, for logging
-        grad = torch.zeros_like(theta)
-        grad[coords] = (values[1:] - values[0]) / self.mu
-        return grad
-
-
-def unrolled_loss(corrector: Corrector, scenario, start, params, param_fields, targets, unroll: int) -> torch.Tensor:
-    """The SOL-n loss with autograd through the torch solver (FO-SOL; also the reference for tests).
-
-    Args: as `SOLOracle.bind` (torch float64 tensors; params ``[B, K]`` ndarray/tensor).
-    Returns: 0-d tensor.
-    """
-    p = torch.as_tensor(np.asarray(params), dtype=torch.float64)
-    state, loss = start, 0.0
-    for k in range(unroll):
-        if not torch.isfinite(state).all():
-            raise SolverDiverged(f"FO-SOL: the corrected state became NaN/Inf at unroll step {k + 1}")
-        nxt = scenario.source_step(state, p)
-        state = nxt + corrector(nxt, param_fields)
-        loss = loss + ((state - targets[:, k]) ** 2).mean()
-    return loss / unroll
-
-
-def _windows(cfg: SOLConfig, data: SOLData, gen: torch.Generator):
-    """Random windows: (case index [B], start time [B])."""
-    i = torch.randint(cfg.n_train, (cfg.batch,), generator=gen)
-    t0 = torch.randint(data.train_ref.shape[1] - cfg.unroll, (cfg.batch,), generator=gen)
-    return i.numpy(), t0.numpy()
-
-
-def _window_tensors(cfg, data, i, t0):
-    ref = data.train_ref
-    start = torch.from_numpy(ref[i, t0])
-    targets = torch.from_numpy(np.stack([ref[i, t0 + k + 1] for k in range(cfg.unroll)], axis=1))
-    return start, data.train_cases.params[i], torch.from_numpy(data.train_pf[i]), targets
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_corrector(cfg: SOLConfig, data: SOLData, run_dir) -> Corrector:
-    """The corrector saved by `train_method` in ``run_dir/checkpoint.pt``."""
-    corr = make_corrector(scenario_for(cfg), data.stats, hidden=cfg.hidden, depth=cfg.depth, kernel=cfg.kernel,
-                          seed=cfg.seed)
-    ck = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)
-    corr.load_state_dict(ck["corrector"])
-    return corr
+    sc = scenario_for(cfg)
+    corr = make_corrector(sc, data.stats, hidden=cfg.hidden, depth=cfg.depth, kernel=cfg.kernel, seed=cfg.seed)
+    masks = None
+    if method == "non":
+        oracle, estimator = SOLOracle(corr, None, 1), Autograd()
+    elif method == "fo-sol":
+        oracle, estimator = SOLOracle(corr, None, cfg.unroll, differentiable_solver=sc.source_step), Autograd()
+    elif method == "zo-sol":
+        slots = parameter_slots(corr)
+        masks = MaskSchedule(slots, uniform_ratios(slots, cfg.sparsity), redraw_every=cfg.redraw_every, unit="step")
+        # f(theta) rides in the same solver calls as its perturbations (CGE joint=True), so a
+        # solver whose batch members interact cannot bias the differences
+        oracle = SOLOracle(corr, solver or source_solver(sc), cfg.unroll, max_batch=masks.active + 1)
+        estimator = CGE(mu=cfg.mu, joint=True)
+    else:
+        raise ValueError(f"method must be one of {METHODS[1:]} to train, got {method!r}")
+    opt = torch.optim.Adam(corr.parameters(), lr=cfg.lr)
+    # a closed-form factor of the step index: a resumed run follows the schedule of its --steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda t: 0.5 * (1 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps)))
+        if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
+    settings = {"method": method, **{k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}}
+    trainer = Trainer(oracle, estimator, opt, scheduler=schedule, scheduler_interval="step", mask_schedule=masks,
+                      out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings, seed=cfg.seed,
+                      progress=progress, desc=f"{cfg.scenario} {method}")
+    return trainer, SampledBatches(_window_draw(cfg, data, method), seed=cfg.seed)
 
 
 def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver: Callable | None = None,
                  progress: bool = True, restart: bool = False) -> dict:
-    """Train one method's corrector; resumes from ``run_dir/checkpoint.pt``.
+    """Train one method's corrector (``src`` trains nothing); resumes from ``run_dir``.
 
-    Args:
-        cfg: config; method: one of ``non``, ``fo-sol``, ``zo-sol`` (``src`` trains nothing).
-        data: from `prepare_data`.
-        run_dir: where ``checkpoint.pt`` and ``train.json`` go.
-        solver: ZO-SOL's black box ``f(state, params)`` (default: the in-process source step).
-        progress: tqdm bar.
-        restart: ignore an existing checkpoint.
     Returns:
-        ``{"method", "steps", "queries", "solver_calls", "seconds", "history": [loss per step]}``.
+        ``{"method", "step", "queries" (of the black-box solver: ZO-SOL only), "solver_calls",
+        "seconds", "history": [loss per step]}``.
     Raises:
-        SolverDiverged: the rollout became non-finite; the last good checkpoint stays in run_dir.
+        TrainingDiverged: the rollout became non-finite; the last good checkpoint stays in run_dir.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.set_num_threads(1)  # the solver is slower with 2 threads on a shared machine
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    sc = scenario_for(cfg)
-    corr = make_corrector(sc, data.stats, hidden=cfg.hidden, depth=cfg.depth, kernel=cfg.kernel, seed=cfg.seed)
-    state = {"step": 0, "queries": 0, "solver_calls": 0, "seconds": 0.0, "history": []}
     if method == "src":
-        _save_atomic({"corrector": corr.state_dict(), "config": cfg.to_dict(), **state}, run_dir / "checkpoint.pt")
-        return {"method": method, **state}
-    opt = torch.optim.Adam(corr.parameters(), lr=cfg.lr)
-    # Closed-form factor of the step index, so a resumed run follows the schedule of its --steps.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda t: 0.5 * (1 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps)))
-        if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    oracle = masks = None
-    if method == "zo-sol":
-        solver = solver or source_solver(sc)
-        masks = MaskSchedule(parameter_slots(corr), uniform_ratios(parameter_slots(corr), cfg.sparsity),
-                             redraw_every=cfg.redraw_every)
-        dim = sum(p.numel() for p in corr.parameters())
-        active = int(masks.mask_for(0, torch.Generator().manual_seed(0)).sum())
-        masks = MaskSchedule(masks.slots, masks.ratios, redraw_every=cfg.redraw_every)  # fresh, unseeded draw
-        oracle = SOLOracle(corr, solver, cfg.unroll, max_batch=active + 1)
-        estimator = BatchedCGE(mu=cfg.mu)
-    ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists() and not restart:
-        ck = torch.load(ckpt, weights_only=False)
-        if ck.get("method") == method:
-            corr.load_state_dict(ck["corrector"])
-            opt.load_state_dict(ck["optimizer"])
-            if ck.get("schedule"):
-                schedule.load_state_dict(ck["schedule"])
-            gen.set_state(ck["generator"])
-            if masks is not None and ck.get("masks"):
-                masks.load_state_dict(ck["masks"])
-            state = {k: ck[k] for k in state}
-            if oracle is not None:
-                oracle.queries, oracle.solver_calls = state["queries"], state["solver_calls"]
-
-    def save():
-        _save_atomic({"method": method, "corrector": corr.state_dict(), "optimizer": opt.state_dict(),
-                      "schedule": schedule.state_dict(),
-                      "generator": gen.get_state(), "masks": masks.state_dict() if masks else None,
-                      "config": cfg.to_dict(), **state}, ckpt)
-
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.scenario} {method}", disable=not progress)
-    last_good = state["step"]
-    while state["step"] < cfg.steps:
-        t_start = time.perf_counter()
-        i, t0 = _windows(cfg, data, gen)
-        try:
-            if method == "non":
-                # NON: the same data volume as SOL (batch * unroll pairs), one solver step each, precomputed
-                j = torch.randint(cfg.n_train, (cfg.batch * cfg.unroll,), generator=gen).numpy()
-                t = torch.randint(data.train_src_next.shape[1], (cfg.batch * cfg.unroll,), generator=gen).numpy()
-                x = torch.from_numpy(data.train_src_next[j, t])
-                y = torch.from_numpy(data.train_ref[j, t + 1])
-                opt.zero_grad()
-                loss = ((x + corr(x, torch.from_numpy(data.train_pf[j])) - y) ** 2).mean()
-                loss.backward()
-            elif method == "fo-sol":
-                opt.zero_grad()
-                loss = unrolled_loss(corr, sc, *_window_tensors(cfg, data, i, t0), cfg.unroll)
-                loss.backward()
-                state["solver_calls"] += cfg.unroll
-            else:
-                oracle.bind(*_window_tensors(cfg, data, i, t0))
-                mask = masks.mask_for(state["step"], gen)
-                theta = oracle.theta()
-                grad = estimator.estimate(oracle, theta, mask)
-                assign_gradient(corr.parameters(), grad)
-                state["queries"], state["solver_calls"] = oracle.queries, oracle.solver_calls
-                loss = estimator.last_base  # l(theta) came with the perturbations
-            if not torch.isfinite(loss):
-                raise SolverDiverged(f"{method}: loss became NaN/Inf")
-            opt.step()
-            schedule.step()
-        except (SolverDiverged, NonFiniteLossError) as e:
-            bar.close()
-            raise SolverDiverged(
-                f"{cfg.scenario} {method}: training diverged at step {state['step'] + 1} ({e}). Stopped; the last "
-                f"good checkpoint (step {last_good}) is kept at {ckpt}. Lower --lr or --mu, or shorten --unroll."
-            ) from e
-        state["step"] += 1
-        state["seconds"] += time.perf_counter() - t_start
-        state["history"].append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
-        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
-            save()
-            last_good = state["step"]
-    bar.close()
-    if not ckpt.exists():
-        save()
-    summary = {"method": method, **state}
-    (run_dir / "train.json").write_text(json.dumps(summary, indent=1))
+        summary = {"method": method, "step": 0, "queries": 0, "solver_calls": 0, "seconds": 0.0, "history": []}
+    else:
+        trainer, windows = method_trainer(cfg, method, data, run_dir, solver=solver, progress=progress)
+        trainer.fit(windows, max_steps=cfg.steps, resume=not restart)
+        # queries of the black-box solver: NON and FO-SOL evaluate their loss in process (by
+        # autograd, one engine query per step) and never query the black box
+        black_box = trainer.oracle.solver is not None
+        summary = {"method": method, "step": trainer.step, "queries": trainer.oracle.queries if black_box else 0,
+                   "solver_calls": trainer.oracle.solver_calls, "seconds": trainer.seconds,
+                   "history": step_losses(run_dir)}
+    write_json(run_dir / "train.json", summary, indent=1)
     return summary
+
+
+def step_losses(run_dir) -> list[float]:
+    """The training loss of every step, from the Trainer's ``steps.csv`` in ``run_dir``."""
+    path = Path(run_dir) / "steps.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def load_corrector(cfg: SOLConfig, data: SOLData, run_dir) -> Corrector:
+    """The corrector trained by `train_method` (from ``run_dir/checkpoint.pt``); for ``src``
+    (no checkpoint) the untrained one, which `evaluate_method` does not use."""
+    corr = make_corrector(scenario_for(cfg), data.stats, hidden=cfg.hidden, depth=cfg.depth, kernel=cfg.kernel,
+                          seed=cfg.seed)
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no trained corrector in {run_dir}: run `sol train` for this method first")
+    corr.load_state_dict(torch.load(path, weights_only=True)["learner"])
+    return corr
 
 
 def evaluate_method(cfg: SOLConfig, method: str, data: SOLData, run_dir=None, *, corrector: Corrector | None = None) -> dict:

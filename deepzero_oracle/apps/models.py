@@ -1,4 +1,4 @@
-"""Small learners sized for coordinate-wise estimates on a CPU."""
+"""The model zoo: small learners sized for coordinate-wise estimates on a CPU."""
 
 from __future__ import annotations
 
@@ -43,3 +43,6 @@ def build_model(name: str, in_shape: tuple[int, ...], classes: int) -> nn.Module
     if name == "cnn":
         return cnn(in_shape, classes)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+__all__ = ["MODELS", "build_model", "cnn", "mlp"]

@@ -304,7 +304,7 @@ def _like(out: torch.Tensor, template):
     return out.detach().numpy().astype(dtype if dtype.kind == "f" else np.float64, copy=False)
 
 
-def _torch_or_numpy(a):
+def torch_or_numpy(a):
     """(array as torch tensor, converter back to the input's type) for pure array helpers."""
     if isinstance(a, torch.Tensor):
         return a, (lambda t: t)

@@ -23,9 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from deepzero_oracle.data import load_dataset
-from deepzero_oracle.models import cnn, mlp
+from deepzero_oracle.atomic import write_json, write_text
 from deepzero_oracle.module_oracle import ModuleOracle
+
+from deepzero_oracle.apps.datasets import load_dataset
+from deepzero_oracle.apps.models import cnn, mlp
+from deepzero_oracle.apps.options import add_command, add_json
 
 ABLATIONS = {
     "engine": {},
@@ -208,7 +211,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablation_coords: int = 128,
-        tiny: bool = False, out_dir="benchmarks/results", seed: int = 0) -> dict:
+        tiny: bool = False, out_dir="runs/bench", seed: int = 0) -> dict:
     """Benchmark the MNIST-5k CNN and MLP; writes JSON and markdown under ``out_dir``."""
     torch.manual_seed(seed)
     data = load_dataset("mnist5k", seed=seed)
@@ -225,17 +228,34 @@ def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablatio
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "engine.json").write_text(json.dumps(report, indent=2))
-        (out / "engine.md").write_text(markdown(results) + "\n")
+        write_json(out / "engine.json", report)
+        write_text(out / "engine.md", markdown(results) + "\n")
     return report
 
 
-def main(argv=None):
-    """``python -m deepzero_oracle.bench``: the same as ``deepzero-oracle bench``."""
-    from deepzero_oracle.cli import main as cli_main
+def _bench(args) -> int:
+    report = run(batch=args.batch_size, loop_coords=args.loop_coords, engine_coords=args.engine_coords,
+                 ablation_coords=args.ablation_coords, tiny=args.tiny, out_dir=args.out)
+    print(json.dumps(report, indent=2) if args.json else markdown(report["results"]))
+    print(f"wrote {args.out}/engine.json, engine.md", file=sys.stderr)
+    return 0
 
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+def register(subparsers):
+    """Add the ``bench`` subcommand."""
+    p = add_command(subparsers, "bench", "coordinate-estimate throughput: engine vs the per-coordinate loop")
+    p.add_argument("--batch-size", type=int, default=256, help="images per query")
+    p.add_argument("--loop-coords", type=int, default=24,
+                   help="coordinates per parameter tensor timed for the loop (0: all)")
+    p.add_argument("--engine-coords", type=int, default=0,
+                   help="coordinates per parameter tensor timed for the engine's per-tensor rates (0: all)")
+    p.add_argument("--ablation-coords", type=int, default=128,
+                   help="coordinates per parameter tensor timed for every ablation configuration (0: all)")
+    p.add_argument("--tiny", action="store_true", help="small inputs (what the test suite runs)")
+    p.add_argument("--out", default="runs/bench", help="where engine.json and engine.md go")
+    add_json(p)
+    p.set_defaults(func=_bench)
+    return p
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["ABLATIONS", "ReferenceLoop", "bench_model", "markdown", "register", "run"]

@@ -1,4 +1,5 @@
-"""Offline image-classification data: everything ships inside PyPI wheels, nothing downloads."""
+"""Image-classification data for the example apps and tests: everything ships inside PyPI
+wheels, nothing downloads."""
 
 from __future__ import annotations
 
@@ -64,14 +65,4 @@ def load_dataset(name: str, *, test_fraction: float = 0.2, seed: int = 0,
                    tensor(x_te), torch.as_tensor(y_te, dtype=torch.long), int(labels.max()) + 1)
 
 
-def class_balanced_sample(x: torch.Tensor, y: torch.Tensor, per_class: int,
-                          generator: torch.Generator | None = None):
-    """``per_class`` random examples of each class: ``(x [K*per_class, ...], y [K*per_class])``."""
-    picks = []
-    for c in y.unique():
-        idx = (y == c).nonzero().reshape(-1)
-        if len(idx) < per_class:
-            raise ValueError(f"class {int(c)} has {len(idx)} examples, fewer than per_class={per_class}")
-        picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
-    order = torch.cat(picks)
-    return x[order], y[order]
+__all__ = ["DATASETS", "Dataset", "load_dataset"]

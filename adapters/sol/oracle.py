@@ -1,0 +1,186 @@
+"""The SOL oracle: corrector parameters -> the n-step unrolled loss, from solver calls only.
+
+One training window (simulation i, start t0), for a corrector c with parameters theta::
+
+    s_0 = ref[i, t0];   s_k = P_s(s_{k-1}) + c(P_s(s_{k-1}); theta)   (k = 1..n)
+    loss = mean_k mean |s_k - ref[i, t0 + k]|^2
+
+averaged over the bound windows. ZO-SOL queries the black-box source solver P_s;
+FO-SOL back-propagates the same arithmetic through a differentiable torch solver; NON is the
+one-step loss with P_s(s_0) looked up from precomputed pairs (no solver call at all).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from deepzero_oracle import LearnerOracle, NonFiniteLossError
+from deepzero_oracle.theta import unflatten
+
+from .corrector import Corrector
+
+__all__ = ["SOLOracle", "SolverDiverged", "unrolled_loss"]
+
+
+class SolverDiverged(NonFiniteLossError):
+    """The solver produced (or was about to receive) non-finite states."""
+
+
+def solve_checked(solver: Callable, state: torch.Tensor, params: np.ndarray, where: str) -> torch.Tensor:
+    """Call a black-box solver on float64 arrays ``state [N, C, H, W]``, ``params [N, K]``;
+    non-finite in or out raises ``SolverDiverged``. Returns a fresh float64 tensor."""
+    s = state.detach().numpy()
+    if not np.isfinite(s).all():
+        raise SolverDiverged(f"{where}: the corrected state became NaN/Inf before the solver call")
+    res = solver(s, params)
+    # Always a fresh torch allocation: numpy buffers and wire buffers have other alignments, and torch's
+    # vectorized reductions then sum in another order (last-bit differences between in-process and gRPC).
+    out = torch.as_tensor(np.asarray(res) if not isinstance(res, torch.Tensor) else res.detach())
+    out = out.to(torch.float64).clone(memory_format=torch.contiguous_format)
+    if not torch.isfinite(out).all():
+        raise SolverDiverged(f"{where}: the solver returned NaN/Inf")
+    return out
+
+
+def unroll(step: Callable, correct: Callable, start: torch.Tensor, targets: torch.Tensor,
+           first_step: torch.Tensor | None = None) -> torch.Tensor:
+    """The unrolled loss of P corrector copies at once.
+
+    Args:
+        step: ``step(states [P, B, C, H, W], k) -> next [P, B, C, H, W]`` (the source solver).
+        correct: ``correct(states [P, B, C, H, W]) -> corrections`` of the same shape.
+        start: ``[P, B, C, H, W]`` (or broadcastable) initial states.
+        targets: ``[B, n, C, H, W]`` reference states after each step.
+        first_step: optional precomputed ``P_s(start)`` ``[B, C, H, W]`` (then no first solver call).
+    Returns:
+        ``[P]`` losses.
+    """
+    state, loss = start, 0.0
+    for k in range(targets.shape[1]):
+        nxt = first_step.expand_as(state) if k == 0 and first_step is not None else step(state, k)
+        state = nxt + correct(nxt)
+        loss = loss + ((state - targets[:, k]) ** 2).mean(dim=(1, 2, 3, 4))
+    return loss / targets.shape[1]
+
+
+class SOLOracle(LearnerOracle):
+    """theta (the corrector's parameters) -> SOL-n loss on the bound windows.
+
+    All P thetas of one request are rolled out together: per unroll step, the P x B states go to
+    the black-box solver in *one* call, padded to ``max_batch * B`` rows so a JIT-compiled solver
+    sees one shape. ``autograd_gradient`` back-propagates the same loss through
+    ``differentiable_solver`` (FO-SOL), or through the corrector alone when the bound windows
+    carry their first solver step (NON).
+
+    Args:
+        corrector: the `Corrector` (theta = its trainable parameters).
+        solver: the black box ``f(state [N, C, H, W], params [N, K]) -> [N, C, H, W]`` (float64
+            arrays); None when only precomputed steps are used (NON).
+        unroll: n, the solver steps per window.
+        differentiable_solver: ``g(state tensor, params tensor) -> next state``, differentiable
+            by torch (an in-process solver); needed for ``autograd_gradient`` with n > 1.
+        max_batch: thetas per solver call (the base class splits larger requests).
+        budget: optional query budget.
+    """
+
+    def __init__(self, corrector: Corrector, solver: Callable | None = None, unroll: int = 1, *,
+                 differentiable_solver: Callable | None = None, max_batch: int = 64, budget: int | None = None):
+        super().__init__(corrector, budget=budget, max_batch=max_batch)
+        if int(unroll) < 1:
+            raise ValueError(f"unroll must be at least 1 solver step, got {unroll}")
+        self.solver, self.unroll = solver, int(unroll)
+        self.differentiable_solver = differentiable_solver
+        self.solver_calls = 0
+        self._bound = None
+
+    def bind(self, start, params, param_fields, targets, first_step=None) -> "SOLOracle":
+        """Set the training windows.
+
+        Args:
+            start: ``[B, C, H, W]`` initial states (reference at t0).
+            params: ``[B, K]`` physics parameters.
+            param_fields: ``[B, P_f, H, W]`` (the corrector's extra inputs).
+            targets: ``[B, n, C, H, W]`` reference states at t0+1..t0+n.
+            first_step: optional ``[B, C, H, W]``, the solver's step from ``start``, precomputed.
+        Returns:
+            self.
+        """
+        targets = torch.as_tensor(targets)
+        if targets.dim() != 5 or targets.shape[1] != self.unroll:
+            raise ValueError(f"targets must be [B, {self.unroll}, C, H, W] (one reference state per unroll "
+                             f"step), got {tuple(targets.shape)}")
+        self._bound = (torch.as_tensor(start), np.asarray(params, np.float64), torch.as_tensor(param_fields),
+                       targets, None if first_step is None else torch.as_tensor(first_step))
+        return self
+
+    def _windows(self):
+        if self._bound is None:
+            raise RuntimeError("SOLOracle: call bind(...) before querying")
+        return self._bound
+
+    def evaluate_losses(self, thetas: torch.Tensor) -> torch.Tensor:
+        start, params, pf, targets, first = self._windows()
+        P, B = thetas.shape[0], start.shape[0]
+        rows = self.max_batch * B
+        p_rep = np.tile(params, (self.max_batch, 1))  # fixed shape: padded rows repeat real cases
+        weights = unflatten(thetas.to(torch.float64), self.slots)
+
+        def step(state, k):
+            if self.solver is None:
+                raise ValueError("this SOLOracle has no solver: every window needs its first step "
+                                 "precomputed and unroll = 1")
+            flat = state.reshape(P * B, *state.shape[2:])
+            if P * B < rows:
+                flat = torch.cat([flat, flat[:B].repeat(rows // B - P, 1, 1, 1)])
+            nxt = solve_checked(self.solver, flat, p_rep, f"SOL query, unroll step {k + 1}")
+            self.solver_calls += 1
+            return nxt[: P * B].reshape(P, B, *start.shape[1:])
+
+        with torch.no_grad():
+            return unroll(step, lambda s: self.learner.batched(s, pf, weights), start.expand(P, *start.shape),
+                          targets, first)
+
+    def evaluate_gradient(self, theta: torch.Tensor):
+        start, params, pf, targets, first = self._windows()
+        theta = theta.clone().requires_grad_(True)
+        p = torch.as_tensor(params)
+        needs_solver = first is None or self.unroll > 1
+        if needs_solver and self.differentiable_solver is None:
+            raise NotImplementedError(
+                "back-propagating the SOL loss needs a differentiable in-process solver "
+                "(differentiable_solver=); a black-box solver is only queried: use a ZO estimator")
+
+        def step(state, k):
+            if not torch.isfinite(state).all():
+                raise SolverDiverged(f"FO-SOL: the corrected state became NaN/Inf at unroll step {k + 1}")
+            self.solver_calls += 1
+            return self.differentiable_solver(state[0], p)[None]
+
+        weights = unflatten(theta[None], self.slots)
+        loss = unroll(step, lambda s: self.learner.batched(s, pf, weights), start[None], targets, first)[0]
+        return torch.autograd.grad(loss, theta)[0], loss
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "solver_calls": self.solver_calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.solver_calls = int(state.get("solver_calls", 0))
+
+
+def unrolled_loss(corrector: Corrector, solver: Callable, start, params, param_fields, targets,
+                  unroll_steps: int) -> torch.Tensor:
+    """The SOL-n loss with autograd through a differentiable torch ``solver(state, params)``
+    (FO-SOL's loss, and the reference the tests hold the ZO oracle to). Returns a 0-d tensor."""
+    p = torch.as_tensor(np.asarray(params), dtype=torch.float64)
+    targets = torch.as_tensor(targets)[:, :unroll_steps]
+
+    def step(state, k):
+        if not torch.isfinite(state).all():
+            raise SolverDiverged(f"FO-SOL: the corrected state became NaN/Inf at unroll step {k + 1}")
+        return solver(state[0], p)[None]
+
+    return unroll(step, lambda s: corrector(s[0], param_fields)[None], torch.as_tensor(start)[None], targets)[0]
