@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     bench.set_defaults(func=_bench)
 
-    from deepzero_oracle import serve
+    from deepzero_oracle import server
 
-    serve.register(sub)
+    server.register(sub)
 
     from deepzero_oracle.adapters.sol import cli as sol_cli
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepzero_oracle.blackbox._codec import (
+from deepzero_oracle.blackbox.protocol import (
     DATATYPES,
     WireError,
     datatype_of,
@@ -207,7 +207,7 @@ OLDEST = ("grpcio==1.66.2", "protobuf==5.27.2", "grpcio-health-checking==1.66.2"
 _ON_OLDEST = r"""
 import grpc, google.protobuf, torch
 assert (grpc.__version__, google.protobuf.__version__) == ("1.66.2", "5.27.2"), grpc.__version__
-from deepzero_oracle.serve import serve_blackbox
+from deepzero_oracle.server import serve_blackbox
 from deepzero_oracle.blackbox import GrpcBlackBox, KServeBlackBox, BlackBoxInvalidArgument
 with serve_blackbox(lambda x: x * 2, model_name="m", token="t") as s:
     b = GrpcBlackBox(s.address, token="t", timeout=30)
