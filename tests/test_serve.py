@@ -22,7 +22,7 @@ from deepzero_oracle.blackbox import (
 )
 from deepzero_oracle.blackbox.grpc import request_for
 from deepzero_oracle.server import TensorSpec, load_callable, register, serve_blackbox
-from deepzero_oracle.server.cli import run_serve
+from deepzero_oracle.server.cli import run_serve, serving_address
 from deepzero_oracle.wire import oracle_pb2 as pb
 from grpcbb_helpers import raw_unary, self_signed_cert, start_server
 
@@ -375,6 +375,13 @@ def test_cli_register_and_spec_parsing():
     assert isinstance(load_callable("grpcbb_functions:MODELS"), dict)
     with pytest.raises(ValueError, match="MODULE:CALLABLE"):
         load_callable("grpcbb_functions")
+
+
+def test_serving_line_address():
+    line = "deepzero-oracle: serving 'affine', 'pair' at 127.0.0.1:50051 (insecure, token on)\n"
+    assert serving_address(line) == "127.0.0.1:50051"
+    assert serving_address("deepzero-oracle: serving 'm' at [::1]:7 (tls, token off)") == "[::1]:7"
+    assert serving_address("deepzero-oracle: stopped\n") is None
 
 
 def test_server_never_unpickles():
