@@ -3,7 +3,7 @@
     python benchmarks/bench_grpc.py            # full run (~1 min), prints a table
     python benchmarks/bench_grpc.py --quick    # seconds; what tests/test_bench_grpc.py runs
 
-The server runs in a child process (`python -m deepzero_oracle.serve bench_grpc:MODELS`), as it
+The server runs in a child process (`python -m deepzero_oracle.server bench_grpc:MODELS`), as it
 would on another machine; the client is this process. One query = one row here.
 
 * unary:    one query per call (``box(x[1, D])``), sequential.
@@ -14,15 +14,19 @@ would on another machine; the client is this process. One query = one row here.
   served vs the same function in-process (LocalBlackBox), for the same queries:
   ``overhead = t_served / t_local - 1``, per mode (unary calls one by one; streamed; batched
   in one call against one local call of the same rows).
-Targets (issue 4): batched >= 50,000 trivial queries/s; overhead <= 5% for the 1 ms black box.
+Targets: batched >= 50,000 trivial queries/s; overhead <= 5% for the 1 ms black box.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,10 +64,40 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def child_server(target: str, *args: str, startup_timeout: float = 60.0):
+    """``python -m deepzero_oracle.server TARGET --port 0 ARGS`` started here; yields
+    ``(address, pid)`` once it prints its address, and stops it (SIGTERM) on exit."""
+    from deepzero_oracle.server.cli import serving_address
+
+    cmd = [sys.executable, "-m", "deepzero_oracle.server", target, "--port", "0", *args]
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=stderr,
+                                stdin=subprocess.DEVNULL, text=True)
+        # A child that never prints its address is killed, which ends the read below.
+        watchdog = threading.Timer(startup_timeout, proc.kill)
+        watchdog.start()
+        try:
+            address = next(filter(None, map(serving_address, proc.stdout)), None)
+            watchdog.cancel()
+            if address is None:
+                stderr.seek(0)
+                raise RuntimeError(f"server {target} ended (exit code {proc.wait()}) without printing "
+                                   f"its address: {stderr.read()[-2000:].decode('utf-8', 'replace')}")
+            yield address, proc.pid
+        finally:
+            watchdog.cancel()
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; print a table and return the figures as a dict."""
     from deepzero_oracle.blackbox import GrpcBlackBox, LocalBlackBox
-    from deepzero_oracle.serve import ServerProcess
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (checks that it runs)")
@@ -80,9 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
     results["config"]["dim"] = DIM
-    with ServerProcess("bench_grpc:MODELS", "--max-concurrency", "1", cwd=HERE) as server:
-        results["config"]["server_pid"] = server.pid
-        box = GrpcBlackBox(server.address, model="trivial", timeout=120)
+    with child_server("bench_grpc:MODELS", "--max-concurrency", "1") as (address, pid):
+        results["config"]["server_pid"] = pid
+        box = GrpcBlackBox(address, model="trivial", timeout=120)
         one = torch.randn(1, DIM)
         xs = torch.randn(args.batch, DIM)
         queries = list(xs.split(1))
@@ -103,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # The ~1 ms black box: served vs in-process, same queries.
         q = args.overhead_queries
-        served = GrpcBlackBox(server.address, model="one_ms", timeout=120)
+        served = GrpcBlackBox(address, model="one_ms", timeout=120)
         local = LocalBlackBox(one_ms)
         rows = list(torch.randn(q, DIM).split(1))
         stacked = torch.cat(rows)

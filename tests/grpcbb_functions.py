@@ -1,4 +1,4 @@
-"""Black boxes the gRPC tests serve from a child process (`python -m deepzero_oracle.serve
+"""Black boxes the gRPC tests serve from a child process (`python -m deepzero_oracle.server
 grpcbb_functions:MODELS`, started in tests/). Keep them deterministic and cheap."""
 
 import os

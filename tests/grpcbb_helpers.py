@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deepzero_oracle.serve import ServerProcess
+from server_process import ServerProcess
 
 TESTS = Path(__file__).resolve().parent
 

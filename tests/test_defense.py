@@ -167,7 +167,7 @@ def test_latent_cge_matches_autograd_chain_rule():
 
 def test_zo_ds_local_equals_grpc(clf, tmp_path):
     from deepzero_oracle.blackbox import GrpcBlackBox
-    from deepzero_oracle.serve import serve_blackbox
+    from deepzero_oracle.server import serve_blackbox
 
     fn = numpy_classifier_fn(clf)
     cfg = dict(TINY, objective="stab")

@@ -21,7 +21,8 @@ from deepzero_oracle.blackbox import (
     GrpcBlackBox,
 )
 from deepzero_oracle.blackbox.grpc import request_for
-from deepzero_oracle.serve import TensorSpec, load_callable, register, run_serve, serve_blackbox
+from deepzero_oracle.server import TensorSpec, load_callable, register, serve_blackbox
+from deepzero_oracle.server.cli import run_serve, serving_address
 from deepzero_oracle.wire import oracle_pb2 as pb
 from grpcbb_helpers import raw_unary, self_signed_cert, start_server
 
@@ -376,15 +377,23 @@ def test_cli_register_and_spec_parsing():
         load_callable("grpcbb_functions")
 
 
+def test_serving_line_address():
+    line = "deepzero-oracle: serving 'affine', 'pair' at 127.0.0.1:50051 (insecure, token on)\n"
+    assert serving_address(line) == "127.0.0.1:50051"
+    assert serving_address("deepzero-oracle: serving 'm' at [::1]:7 (tls, token off)") == "[::1]:7"
+    assert serving_address("deepzero-oracle: stopped\n") is None
+
+
 def test_server_never_unpickles():
-    """The server module has no pickle path at all (the wire carries only numbers)."""
-    import inspect
+    """The server modules have no pickle path at all (the wire carries only numbers)."""
+    from pathlib import Path
 
-    import deepzero_oracle.blackbox._codec as codec
-    import deepzero_oracle.serve as serve
+    import deepzero_oracle.blackbox.protocol as protocol
+    import deepzero_oracle.server as server
 
-    for module in (serve, codec):
-        source = inspect.getsource(module)
-        assert "pickle" not in source.replace("unpickle", "").replace("Never pickle", "")
-        assert "allow_pickle=True" not in source
-
+    files = sorted(Path(server.__file__).parent.glob("*.py")) + [Path(protocol.__file__)]
+    assert len(files) >= 7  # __init__, __main__, specs, servicer, lifecycle, cli + protocol
+    for path in files:
+        source = path.read_text()
+        assert "pickle" not in source.replace("unpickle", "").replace("Never pickle", ""), path
+        assert "allow_pickle=True" not in source, path

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepzero_oracle.blackbox._codec import (
+from deepzero_oracle.blackbox.protocol import (
     DATATYPES,
+    TOKEN_ENV,
     WireError,
     datatype_of,
     decode_raw,
@@ -21,6 +22,10 @@ from deepzero_oracle.blackbox._codec import (
     encode_raw,
     fill_typed,
     nonfinite_rows,
+    read_pem,
+    resolve_token,
+    status_name,
+    status_number,
 )
 from deepzero_oracle.wire import oracle_pb2 as pb
 
@@ -191,6 +196,35 @@ def test_nonfinite_rows():
     assert nonfinite_rows(np.zeros((2, 2), np.int32)) is None
 
 
+def test_status_codes_by_name_and_number():
+    import grpc
+
+    for code in grpc.StatusCode:
+        assert status_name(status_number(code.name)) == code.name
+    assert status_number("INVALID_ARGUMENT") == 3 and status_name(16) == "UNAUTHENTICATED"
+    assert status_name(999) == "UNKNOWN"
+
+
+def test_token_and_pem_reading(monkeypatch, tmp_path):
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert resolve_token(None) == "from-env" and resolve_token("given") == "given"
+    monkeypatch.setenv(TOKEN_ENV, "")
+    assert resolve_token(None) is None
+    monkeypatch.delenv(TOKEN_ENV)
+    assert resolve_token(None) is None
+    pem = tmp_path / "cert.pem"
+    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    assert read_pem(pem) == read_pem(str(pem)) == read_pem(b"-----BEGIN CERTIFICATE-----\n")
+
+
+def test_protocol_and_rest_client_import_without_grpc():
+    """The REST client stays light: neither it nor the codec loads grpc or the generated code."""
+    code = ("import sys, deepzero_oracle.blackbox.protocol, deepzero_oracle.blackbox.kserve; "
+            "print(sorted(m for m in sys.modules if m == 'grpc' or m.endswith('oracle_pb2')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
 def test_generator_cli_without_tools_fails_clearly(tmp_path, capsys):
     gen = _generator()
     try:
@@ -207,7 +241,7 @@ OLDEST = ("grpcio==1.66.2", "protobuf==5.27.2", "grpcio-health-checking==1.66.2"
 _ON_OLDEST = r"""
 import grpc, google.protobuf, torch
 assert (grpc.__version__, google.protobuf.__version__) == ("1.66.2", "5.27.2"), grpc.__version__
-from deepzero_oracle.serve import serve_blackbox
+from deepzero_oracle.server import serve_blackbox
 from deepzero_oracle.blackbox import GrpcBlackBox, KServeBlackBox, BlackBoxInvalidArgument
 with serve_blackbox(lambda x: x * 2, model_name="m", token="t") as s:
     b = GrpcBlackBox(s.address, token="t", timeout=30)

@@ -22,7 +22,7 @@ def serve_source_solver(scenario, *, host: str = "127.0.0.1", port: int = 0, thr
         ``state [N, C, H, W]`` and ``params [N, K]`` (float64); a ValueError of the solver (wrong shape,
         NaN) reaches the client as INVALID_ARGUMENT.
     """
-    from deepzero_oracle.serve import serve_blackbox
+    from deepzero_oracle.server import serve_blackbox
 
     def source_step(state, params):
         if threads:

@@ -4,6 +4,10 @@ A black box is any callable ``f(inputs) -> outputs`` on a batch: ``inputs`` is a
 shaped ``[N, *in_shape]`` (a ``torch.Tensor`` or ``numpy.ndarray``) and ``outputs`` an array
 shaped ``[N, *out_shape]`` of either kind. Rows are independent. Local callables, gRPC
 servers and remote model APIs all follow the same contract and raise the same errors.
+
+What the remote clients share with the server (:mod:`deepzero_oracle.server`) is in
+:mod:`deepzero_oracle.blackbox.protocol`; their common base is
+:mod:`deepzero_oracle.blackbox.remote`.
 """
 
 from deepzero_oracle.blackbox.errors import (

@@ -8,6 +8,7 @@ also for REST, where HTTP statuses are mapped to the matching gRPC code.
 from __future__ import annotations
 
 from deepzero_oracle.blackbox.local import BlackBoxError
+from deepzero_oracle.blackbox.protocol import TOKEN_ENV
 
 
 class BlackBoxRemoteError(BlackBoxError):
@@ -82,7 +83,7 @@ _HINTS = {
                            "on both ends (max_message_mb= here, --max-message-mb on the server); "
                            "if the server is at its concurrency limit, retry later"),
     "UNAUTHENTICATED": (BlackBoxUnauthenticated,
-                        "pass token= (or set DEEPZERO_ORACLE_TOKEN) to the server's --token"),
+                        f"pass token= (or set {TOKEN_ENV}) to the server's --token"),
     "PERMISSION_DENIED": (BlackBoxUnauthenticated, "check the token"),
     "NOT_FOUND": (BlackBoxNotFound, "check model= (and version=) against the server's models"),
 }

@@ -1,4 +1,4 @@
-"""A black box served over gRPC by ``deepzero-oracle serve`` (or ``serve_blackbox``).
+"""A black box served over gRPC by ``deepzero-oracle serve`` (or :func:`deepzero_oracle.server.serve_blackbox`).
 
     box = GrpcBlackBox("127.0.0.1:50051", timeout=10)
     y = box(x)                         # x [N, ...] -> y [N, ...], like LocalBlackBox
@@ -15,7 +15,6 @@ gRPC itself through a service-config retry policy; streams are not retried. Fail
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -23,17 +22,25 @@ import grpc
 import numpy as np
 import torch
 
-from deepzero_oracle.blackbox._codec import WireError, decode_raw, encode_raw, datatype_of
-from deepzero_oracle.blackbox._remote import RemoteBlackBox, check_rows
 from deepzero_oracle.blackbox.errors import BlackBoxInvalidArgument, BlackBoxRemoteError, remote_error
 from deepzero_oracle.blackbox.local import BlackBoxError
+from deepzero_oracle.blackbox.protocol import (
+    KSERVE_SERVICE,
+    MIRROR_SERVICE,
+    ORACLE_SERVICE,
+    WireError,
+    bearer,
+    datatype_of,
+    decode_raw,
+    decode_typed,
+    encode_raw,
+    message_limit_options,
+    read_pem,
+    resolve_token,
+    status_name,
+)
+from deepzero_oracle.blackbox.remote import RemoteBlackBox, check_rows
 from deepzero_oracle.wire import oracle_pb2 as pb
-
-TOKEN_ENV = "DEEPZERO_ORACLE_TOKEN"
-KSERVE_SERVICE = "inference.GRPCInferenceService"
-MIRROR_SERVICE = "deepzero_oracle.v1.GRPCInferenceService"
-ORACLE_SERVICE = "deepzero_oracle.v1.Oracle"
-_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _service_config(retries: int) -> str:
@@ -53,13 +60,6 @@ def _service_config(retries: int) -> str:
             "retryableStatusCodes": ["UNAVAILABLE"],
         },
     }]})
-
-
-def _read_pem(value) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    with open(value, "rb") as f:
-        return f.read()
 
 
 class GrpcTransport:
@@ -86,12 +86,11 @@ class GrpcTransport:
                     tls = True
         self.target = target
         self.wait_for_ready = wait_for_ready
-        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        token = resolve_token(token)
+        self.metadata = (("authorization", bearer(token)),) if token else ()
         max_bytes = int(max_message_mb * 2**20)
         options = [
-            ("grpc.max_receive_message_length", max_bytes),
-            ("grpc.max_send_message_length", max_bytes),
+            *message_limit_options(max_bytes),
             ("grpc.enable_retries", 1),
             ("grpc.service_config", _service_config(retries)),
             # Reconnect to a restarted server within seconds (gRPC's default backoff grows to
@@ -102,7 +101,7 @@ class GrpcTransport:
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if tls:
-            roots = None if tls is True else _read_pem(tls)
+            roots = None if tls is True else read_pem(tls)
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
@@ -144,8 +143,6 @@ def _concat(parts: list):
 
 def decode_response(resp: pb.ModelInferResponse, target: str) -> dict[str, np.ndarray]:
     """Outputs of a ModelInferResponse (raw or typed contents) by name, in order."""
-    from deepzero_oracle.blackbox._codec import decode_typed
-
     out: dict[str, np.ndarray] = {}
     raws = resp.raw_output_contents
     try:
@@ -301,13 +298,13 @@ class GrpcBlackBox(RemoteBlackBox):
         failed = {}
         for err in resp.errors:
             if err.index < 0:  # the whole request was rejected (stream only)
-                e = remote_error(_CODE_NAMES.get(err.code, "UNKNOWN"), err.message, self.target,
+                e = remote_error(status_name(err.code), err.message, self.target,
                                  context="QueryStream")
                 return [e] * len(rows)
             if err.index >= len(rows):
                 raise BlackBoxError(f"black box at {self.target} reported an error for query "
                                     f"{err.index} of {len(rows)}")
-            failed[int(err.index)] = remote_error(_CODE_NAMES.get(err.code, "UNKNOWN"), err.message,
+            failed[int(err.index)] = remote_error(status_name(err.code), err.message,
                                                   self.target, context="query")
         ok_rows = [r for i, r in enumerate(rows) if i not in failed]
         if not ok_rows:

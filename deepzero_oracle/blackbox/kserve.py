@@ -13,7 +13,6 @@ Input names come from the model's metadata unless given.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import time
@@ -23,12 +22,18 @@ import urllib.request
 
 import numpy as np
 
-from deepzero_oracle.blackbox._codec import DATATYPES, WireError, check_shape, datatype_of
-from deepzero_oracle.blackbox._remote import RemoteBlackBox
 from deepzero_oracle.blackbox.errors import remote_error
 from deepzero_oracle.blackbox.local import BlackBoxError
-
-TOKEN_ENV = "DEEPZERO_ORACLE_TOKEN"
+from deepzero_oracle.blackbox.protocol import (
+    DATATYPES,
+    KSERVE_SERVICE,
+    WireError,
+    bearer,
+    check_shape,
+    datatype_of,
+    resolve_token,
+)
+from deepzero_oracle.blackbox.remote import RemoteBlackBox
 
 # HTTP status -> the gRPC status it means (so REST and gRPC raise the same errors).
 _HTTP_CODES = {
@@ -81,19 +86,19 @@ class KServeBlackBox(RemoteBlackBox):
             self.transport = _g.GrpcTransport(url, token=token, tls=tls, max_message_mb=max_message_mb,
                                               retries=retries, wait_for_ready=wait_for_ready)
             self.target = self.transport.target
-            svc = _g.KSERVE_SERVICE
-            self._infer = self.transport.unary(svc, "ModelInfer", pb.ModelInferResponse)
-            self._model_metadata = self.transport.unary(svc, "ModelMetadata", pb.ModelMetadataResponse)
-            self._model_ready = self.transport.unary(svc, "ModelReady", pb.ModelReadyResponse)
+            unary = self.transport.unary
+            self._infer = unary(KSERVE_SERVICE, "ModelInfer", pb.ModelInferResponse)
+            self._model_metadata = unary(KSERVE_SERVICE, "ModelMetadata", pb.ModelMetadataResponse)
+            self._model_ready = unary(KSERVE_SERVICE, "ModelReady", pb.ModelReadyResponse)
         else:
             if "://" not in url:
                 url = "http://" + url
             self.base = url.rstrip("/")
             self.target = self.base
-            token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+            token = resolve_token(token)
             self._headers = {"Content-Type": "application/json"}
             if token:
-                self._headers["Authorization"] = f"Bearer {token}"
+                self._headers["Authorization"] = bearer(token)
             self._ssl = ssl.create_default_context(cafile=tls) if isinstance(tls, str) else None
 
     # -- metadata --------------------------------------------------------------------------

@@ -1,15 +1,74 @@
-"""Arrays <-> KServe v2 tensors (datatype string + int64 shape + raw little-endian bytes).
+"""What the gRPC server and the remote clients share: names, credentials and the tensor codec.
 
-Shared by the server and both remote clients. Imports neither grpc nor the generated code, so
-the REST client stays light. Decoding never unpickles: raw bytes become a NumPy view of an
-explicit numeric dtype, after the byte count has been checked against the shape.
+* Service names: KServe v2 ``inference.GRPCInferenceService`` (:data:`KSERVE_SERVICE`), our
+  mirror of it (:data:`MIRROR_SERVICE`) and ``deepzero_oracle.v1.Oracle``
+  (:data:`ORACLE_SERVICE`); :data:`DEFAULT_PORT`.
+* Credentials: the shared-token environment variable (:data:`TOKEN_ENV`, read by
+  :func:`resolve_token`), the ``authorization: Bearer <token>`` value (:func:`bearer`), PEM
+  files or bytes (:func:`read_pem`).
+* gRPC message size limits (:func:`message_limit_options`) and status codes by name and by
+  number (:func:`status_number`, :func:`status_name`).
+* Arrays <-> KServe v2 tensors (datatype string + int64 shape + raw little-endian bytes, or
+  typed contents). Decoding never unpickles: raw bytes become a NumPy view of an explicit
+  numeric dtype, after the byte count has been checked against the shape.
+
+Imports neither grpc (only the status helpers load it, when called) nor the generated code, so
+the REST client stays light. The server lives in :mod:`deepzero_oracle.server`, the clients in
+:mod:`deepzero_oracle.blackbox.grpc` and :mod:`deepzero_oracle.blackbox.kserve`.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
+KSERVE_SERVICE = "inference.GRPCInferenceService"
+MIRROR_SERVICE = "deepzero_oracle.v1.GRPCInferenceService"
+ORACLE_SERVICE = "deepzero_oracle.v1.Oracle"
+DEFAULT_PORT = 50051
+TOKEN_ENV = "DEEPZERO_ORACLE_TOKEN"
+
+
+def resolve_token(token: str | None) -> str | None:
+    """``token`` if given, else ``$DEEPZERO_ORACLE_TOKEN``; None when neither is set (or empty)."""
+    return token if token is not None else os.environ.get(TOKEN_ENV) or None
+
+
+def bearer(token: str) -> str:
+    """The ``authorization`` metadata/header value that carries ``token``."""
+    return f"Bearer {token}"
+
+
+def read_pem(value: str | bytes | os.PathLike) -> bytes:
+    """PEM contents: ``value`` itself if bytes, else the file at that path."""
+    if isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel/server options that cap received and sent messages at ``max_bytes``."""
+    return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+
+
+def status_number(name: str) -> int:
+    """The number of the gRPC status called ``name`` (``"INVALID_ARGUMENT" -> 3``)."""
+    import grpc  # here, not at the top: the REST client must not need grpc
+
+    return grpc.StatusCode[name].value[0]
+
+
+def status_name(number: int) -> str:
+    """The name of gRPC status ``number`` (``3 -> "INVALID_ARGUMENT"``); "UNKNOWN" if none."""
+    import grpc
+
+    return next((c.name for c in grpc.StatusCode if c.value[0] == number), "UNKNOWN")
+
+
+# -- tensor codec -------------------------------------------------------------------------------
 # KServe datatype -> NumPy dtype, fixed little-endian as the protocol requires.
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),

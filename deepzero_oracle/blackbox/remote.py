@@ -1,11 +1,15 @@
-"""What every remote black box shares: argument checks, row chunking, answer checks, counters."""
+"""What every remote black box shares: argument checks, row chunking, answer checks, counters.
+
+The base of :class:`~deepzero_oracle.blackbox.grpc.GrpcBlackBox` and
+:class:`~deepzero_oracle.blackbox.kserve.KServeBlackBox`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from deepzero_oracle.blackbox._codec import WireError, datatype_of, to_numpy
+from deepzero_oracle.blackbox.protocol import WireError, datatype_of, to_numpy
 from deepzero_oracle.blackbox.errors import BlackBoxInvalidArgument, BlackBoxResourceExhausted
 from deepzero_oracle.blackbox.local import BlackBoxError
 

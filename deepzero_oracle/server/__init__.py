@@ -1,0 +1,37 @@
+"""Serve any black box over gRPC (KServe v2 layout, plus batched and streamed oracle queries).
+
+    deepzero-oracle serve MODULE:CALLABLE --port 50051
+    python -m deepzero_oracle.server MODULE:CALLABLE --port 50051      (same, without the CLI)
+
+or, in Python::
+
+    with serve_blackbox(fn, port=0) as server:       # fn(x [N, ...]) -> y [N, ...]
+        box = GrpcBlackBox(server.address)
+        y = box(x)
+
+The callable follows the black-box contract: ``f(*inputs) -> outputs``, each input an array
+``[N, ...]`` (a torch.Tensor, or a numpy.ndarray with ``numpy=True``), returning one array
+``[N, ...]`` or a tuple of them. The server answers
+
+* ``inference.GRPCInferenceService`` (KServe v2: ServerLive/Ready, ModelReady, ModelMetadata,
+  ModelInfer), under the standard name and under ``deepzero_oracle.v1.GRPCInferenceService``;
+* ``deepzero_oracle.v1.Oracle`` (Describe, QueryBatch, QueryStream): many queries per call,
+  in-band per-query errors;
+* ``grpc.health.v1.Health`` and server reflection.
+
+Bad requests get precise statuses and never take the server down: INVALID_ARGUMENT for a
+malformed protobuf, datatype, shape, byte count or NaN/Inf input; RESOURCE_EXHAUSTED for
+messages over the size limit (on both ends) or when the server is full; UNAUTHENTICATED for a
+missing or wrong token; NOT_FOUND for an unknown model. Nothing from the wire is unpickled.
+
+Modules: ``deepzero_oracle.server.specs`` (what is served), ``.servicer`` (the service methods
+and their handlers), ``.lifecycle`` (starting and stopping a server), ``.cli`` (the ``serve``
+subcommand). What the clients share with the server (service
+names, token variable, tensor codec) is in :mod:`deepzero_oracle.blackbox.protocol`.
+"""
+
+from deepzero_oracle.server.cli import register
+from deepzero_oracle.server.lifecycle import OracleServer, load_callable, serve_blackbox
+from deepzero_oracle.server.specs import ServedModel, TensorSpec
+
+__all__ = ["OracleServer", "ServedModel", "TensorSpec", "load_callable", "register", "serve_blackbox"]

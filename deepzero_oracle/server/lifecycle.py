@@ -1,0 +1,214 @@
+"""Start and stop the server: :func:`serve_blackbox`, :class:`OracleServer`, :func:`load_callable`.
+
+    with serve_blackbox(fn, port=0) as server:       # fn(x [N, ...]) -> y [N, ...]
+        box = GrpcBlackBox(server.address)
+        y = box(x)
+
+Besides the services of :mod:`deepzero_oracle.server.servicer`, a server answers
+``grpc.health.v1.Health`` and server reflection, checks the shared token
+(``authorization: Bearer <token>``, UNAUTHENTICATED otherwise; health checks are exempt),
+serves TLS when given a certificate and key, and answers RESOURCE_EXHAUSTED when full.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import os
+import re
+import sys
+from concurrent import futures
+from typing import Callable, Mapping
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deepzero_oracle.blackbox.protocol import (
+    KSERVE_SERVICE,
+    MIRROR_SERVICE,
+    ORACLE_SERVICE,
+    bearer,
+    message_limit_options,
+    read_pem,
+)
+from deepzero_oracle.server.servicer import OracleServicer, generic_handlers
+from deepzero_oracle.server.specs import ServedModel
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Shared-token auth: ``authorization: Bearer <token>`` metadata on every call except
+    health checks (load balancers probe without credentials)."""
+
+    def __init__(self, token: str):
+        self._expected = bearer(token).encode()
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(details)
+        got = ""
+        for item in details.invocation_metadata or ():
+            if item.key == "authorization":
+                got = item.value if isinstance(item.value, str) else item.value.decode("latin-1")
+        if hmac.compare_digest(got.encode("utf-8", "replace"), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        message = ("missing token: send metadata 'authorization: Bearer <token>'" if not got
+                   else "wrong token")
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        # Same RPC kind as the real handler; requests are not even parsed.
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class OracleServer:
+    """A running server. ``port``/``address`` say where; ``stop()`` ends it gracefully.
+
+    Use as a context manager to stop it on exit.
+    """
+
+    def __init__(self, server: grpc.Server, servicer: OracleServicer, health_servicer, host: str, port: int,
+                 tls: bool):
+        self._server, self._servicer, self._health = server, servicer, health_servicer
+        self.host, self.port, self.tls = host, port, tls
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for clients (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """The served models by name."""
+        return self._servicer.models
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Report NOT_SERVING, refuse new calls, let running ones finish for ``grace`` s."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._servicer.ready = False
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout`` s); True if it stopped."""
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> "OracleServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.0.1", port: int = 0,
+                   model_name: str | None = None, inputs=None, outputs=None, numpy: bool = False,
+                   token: str | None = None, tls_cert: str | bytes | None = None,
+                   tls_key: str | bytes | None = None, max_message_mb: float = 64,
+                   max_concurrency: int = 1, max_pending: int = 64, allow_nonfinite: bool = False,
+                   cost_hint: float | None = None) -> OracleServer:
+    """Start a gRPC server for a black box; returns once it listens.
+
+    Args:
+        fn: ``fn(*inputs [N, ...]) -> [N, ...]`` (or a tuple of arrays), or a dict
+            ``{model_name: fn}`` to serve several models.
+        host: interface to bind; 127.0.0.1 unless you mean to expose it.
+        port: TCP port; 0 picks a free one (read it from ``.port``).
+        model_name: name on the wire (default: the function's name, else "model").
+        inputs / outputs: tensor specs (``TensorSpec``, ``"x:FP32:-1,64"`` or tuples) used for
+            metadata and request checks; inputs default to ``fn``'s parameter names.
+        numpy: give ``fn`` numpy arrays instead of torch tensors.
+        token: shared secret; clients must send ``authorization: Bearer <token>``.
+        tls_cert / tls_key: PEM paths or bytes; both or neither.
+        max_message_mb: largest message received or sent, both directions.
+        max_concurrency: black-box calls running at once (1: the callable need not be thread-safe).
+        max_pending: RPCs admitted at once (running or waiting); more get RESOURCE_EXHAUSTED.
+        allow_nonfinite: accept NaN/Inf inputs (default: INVALID_ARGUMENT).
+        cost_hint: seconds per row, reported in the metadata for schedulers.
+    Returns:
+        An :class:`OracleServer` (context manager) with ``.port``, ``.address``, ``.stop()``.
+    """
+    if isinstance(fn, Mapping):
+        items = dict(fn)
+    else:
+        items = {model_name or _default_name(fn): fn}
+    if not items:
+        raise ValueError("serve_blackbox needs at least one callable")
+    models = {name: ServedModel(name, f, inputs=inputs, outputs=outputs, numpy=numpy,
+                                allow_nonfinite=allow_nonfinite, cost_hint=cost_hint)
+              for name, f in items.items()}
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    if max_concurrency < 1 or max_pending < 1:
+        raise ValueError("max_concurrency and max_pending must be >= 1")
+    max_bytes = int(max_message_mb * 2**20)
+    servicer = OracleServicer(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency)
+    options = [
+        *message_limit_options(max_bytes),
+        # Fail loudly if the port is taken instead of sharing it with another process.
+        ("grpc.so_reuseport", 0),
+    ]
+    interceptors = [_TokenInterceptor(token)] if token else []
+    # One thread per admitted RPC, so a long stream never starves health checks.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_pending + 2,
+                                                    thread_name_prefix="oracle-rpc"),
+                         options=options, interceptors=interceptors,
+                         maximum_concurrent_rpcs=max_pending)
+    server.add_generic_rpc_handlers(generic_handlers(servicer))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", MIRROR_SERVICE, KSERVE_SERVICE, ORACLE_SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (MIRROR_SERVICE, ORACLE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls_cert is not None:
+        creds = grpc.ssl_server_credentials([(read_pem(tls_key), read_pem(tls_cert))])
+        bound = server.add_secure_port(bind, creds)
+    else:
+        bound = server.add_insecure_port(bind)
+    if not bound:
+        raise OSError(f"could not bind {bind} (port in use?)")
+    server.start()
+    return OracleServer(server, servicer, health_servicer, host, bound, tls=tls_cert is not None)
+
+
+def _default_name(fn: Callable) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return name if re.fullmatch(r"[A-Za-z0-9_.\-]+", name) else "model"
+
+
+def load_callable(spec: str) -> Callable | Mapping[str, Callable]:
+    """Import ``MODULE:ATTR[.ATTR...]`` (the current directory is importable) and return it.
+
+    The attribute may also be a dict ``{model_name: callable}``: then every entry is served.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r}: expected MODULE:CALLABLE, e.g. mypkg.sim:step")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, Mapping):
+        bad = [k for k, v in obj.items() if not callable(v)]
+        if bad or not obj:
+            raise TypeError(f"{spec!r} is a mapping, but not of names to callables (bad: {bad})")
+        return obj
+    if not callable(obj):
+        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a callable")
+    return obj
