@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import CGE, RGE, CallableOracle
+from deepzero_oracle.estimators import Directions
 from deepzero_oracle.diagnostics import compare_to_autograd
 
 
@@ -74,6 +75,22 @@ def test_rge_respects_mask_and_shared_directions():
     g1 = rge.estimate(oracle, theta, mask=mask, directions=dirs)
     g2 = rge.estimate(oracle, theta, mask=mask, directions=dirs)
     assert torch.equal(g1, g2) and torch.all(g1[~mask] == 0)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "sphere"])
+def test_directions_make_any_row_range_without_the_rows_before_it(distribution):
+    coords = torch.tensor([0, 3, 4, 9])
+    recipe = Directions(seed=11, q=37, dim=10, dtype=torch.float64, distribution=distribution,
+                        coords=coords)
+    full = recipe.matrix()
+    assert full.shape == (37, 10) and full.dtype == torch.float64
+    assert torch.all(full[:, [1, 2, 5, 6, 7, 8]] == 0) and torch.all(full[:, coords] != 0)
+    if distribution == "sphere":
+        assert torch.allclose(full.norm(dim=1), torch.ones(37, dtype=torch.float64))
+    for start, stop in [(0, 0), (0, 5), (5, 16), (15, 17), (20, 37), (36, 37)]:
+        assert torch.equal(recipe.rows(start, stop), full[start:stop])
+    with pytest.raises(IndexError):
+        recipe.rows(30, 38)
 
 
 def test_estimator_arguments_are_checked():
