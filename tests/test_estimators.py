@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import CGE, RGE, CallableOracle
+from deepzero_oracle.estimators import Directions
 from deepzero_oracle.diagnostics import compare_to_autograd
 
 
@@ -68,12 +69,41 @@ def test_rge_respects_mask_and_shared_directions():
     theta = torch.ones(4, dtype=torch.float64)
     mask = torch.tensor([True, True, False, False])
     rge = RGE(q=8, mu=1e-3, distribution="sphere")
-    dirs = rge.directions(theta, mask, torch.Generator().manual_seed(0))
+    dirs = rge.directions(theta, mask, torch.Generator().manual_seed(0)).matrix()
     assert torch.all(dirs[:, ~mask] == 0)
     assert torch.allclose(dirs.norm(dim=1), torch.ones(8, dtype=torch.float64))
     g1 = rge.estimate(oracle, theta, mask=mask, directions=dirs)
     g2 = rge.estimate(oracle, theta, mask=mask, directions=dirs)
     assert torch.equal(g1, g2) and torch.all(g1[~mask] == 0)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "sphere"])
+def test_directions_make_any_row_range_without_the_rows_before_it(distribution):
+    coords = torch.tensor([0, 3, 4, 9])
+    recipe = Directions(seed=11, q=37, dim=10, dtype=torch.float64, distribution=distribution,
+                        coords=coords)
+    full = recipe.matrix()
+    assert full.shape == (37, 10) and full.dtype == torch.float64
+    assert torch.all(full[:, [1, 2, 5, 6, 7, 8]] == 0) and torch.all(full[:, coords] != 0)
+    if distribution == "sphere":
+        assert torch.allclose(full.norm(dim=1), torch.ones(37, dtype=torch.float64))
+    for start, stop in [(0, 0), (0, 5), (5, 16), (15, 17), (20, 37), (36, 37)]:
+        assert torch.equal(recipe.rows(start, stop), full[start:stop])
+    with pytest.raises(IndexError):
+        recipe.rows(30, 38)
+
+
+def test_rge_directions_come_from_the_generator():
+    theta = torch.zeros(50)
+    rge = RGE(q=20)
+    first = rge.directions(theta, None, torch.Generator().manual_seed(0))
+    again = rge.directions(theta, None, torch.Generator().manual_seed(0))
+    other = rge.directions(theta, None, torch.Generator().manual_seed(1))
+    assert torch.equal(first.matrix(), again.matrix())
+    assert not torch.equal(first.matrix(), other.matrix())
+    # rows are N(0, 1): mean and variance of 1,000 draws
+    values = first.matrix()
+    assert abs(float(values.mean())) < 0.15 and abs(float(values.var()) - 1) < 0.15
 
 
 def test_estimator_arguments_are_checked():

@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle import CGE, RGE, CallableOracle, ModuleOracle, QueryBudgetExceeded, Trainer
+from deepzero_oracle import (CGE, RGE, CallableOracle, ModuleOracle, NonFiniteLossError,
+                             QueryBudgetExceeded, Trainer)
 from deepzero_oracle.parallel import ChunkError, InlineExecutor, ParallelOracle
+from deepzero_oracle.theta import assign_gradient
 
 # One process start method per run, to keep the file's run time down (each pool start imports
 # torch). forkserver (torch preloaded) by default; DEEPZERO_TEST_MP_CONTEXT=spawn checks spawn.
@@ -59,6 +61,16 @@ class FailsAt:
         if theta[self.where] != 0:
             raise ValueError(f"boom at coordinate {self.where}")
         return theta.sum()
+
+
+class NanAt:
+    """NaN when coordinate ``where`` of theta is moved off zero, else the sum of theta."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def __call__(self, theta):
+        return theta.sum() * (float("nan") if theta[self.where] != 0 else 1.0)
 
 
 class Recording(cf.Executor):
@@ -170,13 +182,13 @@ def test_rge_on_a_callable_is_bitwise_the_same_on_every_executor(executor):
     rge = RGE(q=q, mu=1e-2, antithetic=True)
     # reference: inline, one chunk, directions as a matrix
     reference = ParallelOracle(CallableOracle(fn, dim), chunk_size=10**9)
-    dirs = reference.seeded_directions(q, seed=5)
-    want = rge.estimate(reference, theta, directions=dirs.clone())  # a copy: shipped as a matrix
+    dirs = reference.seeded_directions(q, seed=5).matrix()
+    want = rge.estimate(reference, theta, directions=dirs.clone())  # a matrix: shipped as one
     assert torch.equal(want, rge.estimate(CallableOracle(fn, dim), theta, directions=dirs))
 
     oracle = ParallelOracle(CallableOracle(fn, dim), executor, chunk_size=8, block=4)
     seeded = oracle.seeded_directions(q, seed=5)
-    assert torch.equal(seeded, dirs)
+    assert torch.equal(seeded.matrix(), dirs)
     shipped = oracle.stats["payload_bytes"]
     got = rge.estimate(oracle, theta, directions=seeded)  # shipped as (seed, q) only
     assert torch.equal(got, want)
@@ -186,6 +198,42 @@ def test_rge_on_a_callable_is_bitwise_the_same_on_every_executor(executor):
     assert torch.equal(got, want)
     assert oracle.queries == 2 * (2 * q)
     oracle.close()
+
+
+def seeded_rge_run(oracle, x, y, mask, steps=3, batch=16):
+    """A short seeded RGE training loop (no Trainer): final theta [dim] and queries spent."""
+    rge, generator = RGE(q=24, mu=1e-2), torch.Generator().manual_seed(7)
+    opt = torch.optim.SGD(oracle.parameters(), lr=0.5)
+    for step in range(steps):
+        oracle.bind(x[step * batch : (step + 1) * batch], y[step * batch : (step + 1) * batch])
+        grad = rge.estimate(oracle, oracle.theta(), mask=mask, generator=generator)
+        assign_gradient(oracle.parameters(), grad)
+        opt.step()
+    return oracle.theta(), oracle.queries
+
+
+@pytest.mark.parametrize("executor", ["threads", PROCESSES], indirect=True)
+def test_a_seeded_rge_training_run_is_bitwise_the_same_inline_and_on_an_executor(executor):
+    name, executor = executor
+    torch.manual_seed(0)
+    learner = small_cnn().eval()
+    x, y = torch.rand(48, 1, 8, 8), torch.randint(0, 10, (48,))
+
+    def plain():  # evaluates 8 directions per call, as the ParallelOracle's blocks do
+        return ModuleOracle(copy.deepcopy(learner), F.cross_entropy, max_batch=8)
+
+    start = plain().theta()
+    mask = torch.rand(start.numel(), generator=torch.Generator().manual_seed(4)) < 0.5
+    for keep in (None, mask):
+        want, want_queries = seeded_rge_run(plain(), x, y, keep)
+        assert not torch.equal(want, start)  # it trained
+        oracle = ParallelOracle(plain(), executor, chunk_size=8)
+        got, got_queries = seeded_rge_run(oracle, x, y, keep)
+        assert len(oracle.last_chunks) == 3  # the directions really were split
+        assert torch.equal(got, want)
+        assert got_queries == want_queries == 3 * (24 + 1)
+        assert oracle.oracle.queries == 0  # counted on the wrapper only
+        oracle.close()
 
 
 # -- what travels, and how often ----------------------------------------------------------------
@@ -243,6 +291,15 @@ def test_a_worker_error_names_its_chunk_and_only_finished_chunks_count():
     assert (info.value.chunk, info.value.start, info.value.stop) == (1, 8, 16)
     assert isinstance(info.value.__cause__, ValueError)
     assert oracle.queries == 32  # the inline executor ran the other four chunks
+
+
+def test_a_non_finite_answer_is_refused_and_every_chunk_that_ran_counts():
+    oracle = ParallelOracle(CallableOracle(NanAt(13), 40), chunk_size=8, block=4)
+    coords = torch.arange(40).flip(0)  # positions are in the sorted request
+    expected = r"1 of 8 losses were NaN or Inf \(first at query 13 of"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        oracle.coordinate_losses(torch.zeros(40), coords, 1.0)
+    assert oracle.queries == 40  # the inline executor ran all five chunks: all were spent
 
 
 @pytest.mark.parametrize("executor", [PROCESSES, "dask-executor"], indirect=True)

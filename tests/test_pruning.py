@@ -72,7 +72,7 @@ def test_zo_grasp_uses_the_same_directions_for_both_estimates():
     theta = torch.randn(d, dtype=torch.float64)
     rge = RGE(q=q, mu=1e-2)
     scores = zo_grasp_scores(oracle, theta, rge, torch.Generator().manual_seed(3))
-    U = rge.directions(theta, None, torch.Generator().manual_seed(3))
+    U = rge.directions(theta, None, torch.Generator().manual_seed(3)).matrix()
     g0 = rge.estimate(oracle, theta, directions=U)
     assert torch.allclose(scores, -theta * ((U.T @ U / q) @ (A @ g0)), atol=1e-8)
     assert oracle.queries == 2 * (q + 1) + (q + 1)

@@ -2,11 +2,13 @@
 
 ``CGE(mu)`` and ``RGE(q, mu)`` estimate a gradient from oracle queries; ``Autograd()`` is the
 first-order baseline. Each has ``estimate(oracle, theta [dim], mask=None) -> [dim]``; a boolean
-``mask [dim]`` restricts the estimate to those coordinates (the rest are zero).
+``mask [dim]`` restricts the estimate to those coordinates (the rest are zero). RGE's random
+directions are ``Directions`` recipes (a seed and a shape) that any worker can make into rows.
 """
 
 from deepzero_oracle.estimators.base import Autograd, Estimator, mask_coordinates
 from deepzero_oracle.estimators.cge import CGE
+from deepzero_oracle.estimators.directions import Directions
 from deepzero_oracle.estimators.rge import RGE
 
-__all__ = ["Autograd", "CGE", "Estimator", "RGE", "mask_coordinates"]
+__all__ = ["Autograd", "CGE", "Directions", "Estimator", "RGE", "mask_coordinates"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepzero_oracle.estimators.base import Estimator, mask_coordinates
+from deepzero_oracle.estimators.directions import Directions, check_distribution, direction_matrix
 
 
 class RGE(Estimator):
@@ -29,28 +30,25 @@ class RGE(Estimator):
             raise ValueError(f"q must be at least 1, got {q}")
         if not mu > 0:
             raise ValueError(f"mu must be positive, got {mu}")
-        if distribution not in ("gaussian", "sphere"):
-            raise ValueError(f"distribution must be 'gaussian' or 'sphere', got {distribution!r}")
+        check_distribution(distribution)
         self.q, self.mu, self.distribution, self.antithetic = int(q), float(mu), distribution, antithetic
 
-    def directions(self, theta, mask=None, generator=None) -> torch.Tensor:
-        """``[q, dim]`` random directions, zero outside the mask."""
-        coords = mask_coordinates(mask, theta.numel())
-        u = torch.randn(self.q, len(coords), generator=generator, dtype=theta.dtype)
-        if self.distribution == "sphere":
-            u = u / u.norm(dim=1, keepdim=True)
-        dirs = torch.zeros(self.q, theta.numel(), dtype=theta.dtype)
-        dirs[:, coords] = u
-        return dirs
+    def directions(self, theta, mask=None, generator=None) -> Directions:
+        """A recipe for ``q`` random directions ``[q, dim]`` (``.matrix()``), zero outside the
+        mask; its seed is drawn from ``generator`` (None: torch's global RNG)."""
+        return Directions.draw(self.q, theta.numel(), generator, mask, dtype=theta.dtype,
+                               distribution=self.distribution)
 
     def estimate(self, oracle, theta, mask=None, generator=None, directions=None):
-        """Returns the estimate ``[dim]``. Pass ``directions [q, dim]`` to reuse directions
-        (e.g. two estimates that must share them); otherwise they are drawn from ``generator``
-        (or torch's global RNG)."""
+        """Returns the estimate ``[dim]``. Pass ``directions`` (a ``Directions`` recipe or a
+        tensor ``[q, dim]``) to reuse directions (e.g. two estimates that must share them);
+        otherwise they are drawn from ``generator`` (or torch's global RNG)."""
         return self.estimate_and_loss(oracle, theta, mask, generator, directions)[0]
 
     def estimate_and_loss(self, oracle, theta, mask=None, generator=None, directions=None):
-        """``(estimate [dim], l(theta) or None)``; ``directions`` as for ``estimate``."""
+        """``(estimate [dim], l(theta) or None)``; ``directions`` as for ``estimate``. The
+        oracle gets the directions as they are (a recipe travels as one), the estimate is
+        computed with their matrix."""
         dirs = self.directions(theta, mask, generator) if directions is None else directions
         d = len(mask_coordinates(mask, oracle.dim))
         base = None
@@ -62,7 +60,8 @@ class RGE(Estimator):
             base = oracle.loss(theta)
             slopes = (oracle.direction_losses(theta, dirs, self.mu) - base) / self.mu
         phi = d if self.distribution == "sphere" else 1
-        return phi / len(dirs) * (slopes.to(dirs.dtype) @ dirs), base
+        matrix = direction_matrix(dirs)
+        return phi / len(matrix) * (slopes.to(matrix.dtype) @ matrix), base
 
     def queries_per_estimate(self, oracle, mask=None):
         return 2 * self.q if self.antithetic else self.q + 1

@@ -1,0 +1,60 @@
+"""Run an oracle's query batches on any executor: inline, threads, processes, a Dask cluster.
+
+Queries are independent, so one request (C coordinate losses, Q direction losses, P thetas)
+splits into chunks that can run anywhere offering ``submit(fn, *args, **kwargs) -> Future``:
+``InlineExecutor`` (the default), ``concurrent.futures.ThreadPoolExecutor`` /
+``ProcessPoolExecutor``, or ``dask.distributed`` (a ``Client`` or its
+``get_executor(pure=False)``; Dask is imported by nobody here, it is recognised by type name).
+
+Rooms: ``oracle`` (``ParallelOracle``: plan, submit, gather; ``ChunkError``), ``payloads``
+(what travels and how, the worker side), ``executors`` (``InlineExecutor``, executor sniffing).
+
+What travels
+------------
+Payloads, each deserialised once per worker (thread or process) and shipped once per worker
+(except with the "bytes" transport below), identified by a content hash (token):
+
+- the *state*: the wrapped oracle, pickled (a bound ``ModuleOracle`` with its learner, data
+  batch, loss and black box; a ``CallableOracle`` with its function). About the size of the data
+  batch plus the learner. Re-shipped only when its bytes change (a new ``bind``, a BatchNorm
+  running-statistics update), so in training: once per step.
+- the *request*: theta ``[dim]`` plus the sorted coordinates ``[C]`` (CGE), or theta plus the
+  directions: a ``Directions`` recipe (seed, q, the mask's coordinates; what ``RGE`` draws),
+  from which workers make their rows, or a plain matrix ``[Q, dim]``. Once per theta: the plus
+  and minus requests of central CGE or antithetic RGE share it, since mu travels in the task.
+
+Per task (~0.5 KB pickled): a ``Job`` (kind, chunk number, ``start``/``stop`` positions in
+the sorted request, mu, block; ~175 bytes) and two handles naming the state and the request
+(~175 bytes each); for ``losses(thetas)`` also that chunk's rows ``[stop - start, dim]``
+(they *are* the request; each row travels once). Never a perturbed theta.
+Per result: the chunk's losses ``[stop - start]``, its run time and how many payloads it loaded.
+
+How a handle reaches a worker (``transport``, picked from the executor):
+
+- ``"live"`` (``InlineExecutor``): the objects themselves, same thread, nothing pickled.
+- ``"scatter"`` (Dask): each payload is ``client.scatter(..., broadcast=True)`` once; tasks
+  carry the Dask future, which the worker resolves to its local replica.
+- ``"spool"`` (``ProcessPoolExecutor``, same machine): each payload is written once to a private
+  temporary file (mode 0600); tasks carry ``(token, path)``, a worker reads it on a cache miss.
+- ``"bytes"`` (anything else, e.g. a thread pool): the payload bytes ride along with each task
+  (free in a thread pool: a reference, no copy); still deserialised once per worker thread.
+
+Workers keep the last few payloads in a thread-local cache keyed by a content hash (token), so
+a worker deserialises the state once per step and its copy of a ``ModuleOracle`` keeps its base
+forward (feature reuse) across all chunks of the step.
+
+Determinism: a request is sorted (coordinates) and cut into fixed *blocks* of ``block`` queries;
+each block is one call of the wrapped oracle's evaluation hook, and a task is a run of whole
+blocks. So every loss is computed by the same block composition whatever the executor and
+whatever the chunking, and the result is bitwise identical across them (given the same torch
+build; the tests check inline vs threads vs spawn/forkserver processes vs Dask, whose workers run
+torch with one thread while the parent uses two). Directions made from a recipe are bitwise the
+rows of its matrix, so a seeded RGE run is the same with and without an executor.
+"""
+
+from deepzero_oracle.estimators.directions import Directions
+from deepzero_oracle.parallel.executors import InlineExecutor
+from deepzero_oracle.parallel.oracle import ChunkError, ParallelOracle
+from deepzero_oracle.parallel.payloads import TRANSPORTS
+
+__all__ = ["ChunkError", "Directions", "InlineExecutor", "ParallelOracle", "TRANSPORTS"]
