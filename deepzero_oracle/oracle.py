@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from deepzero_oracle.blackbox.local import BlackBoxError, as_tensor
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
+from deepzero_oracle.estimators.directions import direction_matrix
 from deepzero_oracle.theta import flatten, load_theta, parameter_slots, trainable_parameters
 
 
@@ -118,7 +119,7 @@ class Oracle:
         (``deepzero_oracle.estimators.directions``), which is made into its rows here.
         """
         theta = self._as_vector(theta)
-        dirs = self._as_vector(dirs.matrix() if hasattr(dirs, "matrix") else dirs, rows=True)
+        dirs = self._as_vector(direction_matrix(dirs), rows=True)
         return self._chunked(len(dirs), lambda s: self.evaluate_directions(theta, dirs[s], float(mu)),
                              self.dense_chunk(theta))
 

@@ -90,3 +90,12 @@ def test_app_layer_modules_import_each_other_without_cycles():
 
     cycles = [m for m in graph if reaches(m, m)]
     assert not cycles, f"import cycles through {cycles}"
+
+
+def test_no_library_code_selects_a_matplotlib_backend():
+    """Plots use matplotlib's object API (Figure + savefig), so importing or calling our code
+    never changes the backend of the user's process."""
+    sources = [p for folder in ("deepzero_oracle", "adapters", "simulators") for p in (ROOT / folder).rglob("*.py")]
+    offenders = [str(p.relative_to(ROOT)) for p in sources if "matplotlib.use(" in p.read_text()
+                 or "import matplotlib.pyplot" in p.read_text()]
+    assert not offenders, offenders

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import (CGE, RGE, CallableOracle, ModuleOracle, NonFiniteLossError,
-                             QueryBudgetExceeded, Trainer)
+                             QueryBudgetExceeded, TensorBatches, Trainer)
 from deepzero_oracle.parallel import ChunkError, InlineExecutor, ParallelOracle
 from deepzero_oracle.theta import assign_gradient
 
@@ -365,7 +365,7 @@ def test_trainer_takes_a_parallel_oracle_unchanged(pools):
             oracle = ParallelOracle(oracle, pools("threads"), chunk_size=200)
             assert oracle.bind(x, y) is oracle and oracle.dim == oracle.oracle.dim
         opt = torch.optim.SGD(oracle.parameters(), lr=0.1)
-        Trainer(oracle, CGE(mu=1e-2), opt, progress=False).fit(x, y, epochs=1, batch_size=16)
+        Trainer(oracle, CGE(mu=1e-2), opt, progress=False).fit(TensorBatches(x, y, batch_size=16), epochs=1)
         results.append((oracle.theta(), oracle.queries))
     # same float32 math (up to chunk composition): equal to rounding after two SGD steps
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)

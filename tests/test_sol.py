@@ -194,7 +194,7 @@ def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny, tmp_path, monk
 def _wake_tiny(tmp_path):
     cfg = SOLConfig(scenario="wake2d", size="tiny", n_train=2, n_test=2, train_steps=4, test_steps=4, hidden=4,
                     unroll=2, batch_size=2, steps=2, sparsity=0.8, checkpoint_every=1).check()
-    data = prepare_data(cfg, tmp_path)
+    prepare_data(cfg, tmp_path)
     table = {}
     for m in METHODS:
         table[m] = sol_cli.run_method(cfg, m, tmp_path, progress=False)

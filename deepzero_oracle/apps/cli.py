@@ -24,6 +24,14 @@ COMMANDS_GROUP = "deepzero_oracle.commands"
 _ORDER = ("train", "serve", "sol", "defense", "bench")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose help shows defaults (``HelpFormatter``) unless told otherwise."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def registered_commands() -> list:
     """The ``deepzero_oracle.commands`` entry points, in help order."""
     found = {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP)}
@@ -39,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 done, 2 usage or bad input, 3 training diverged, 4 query budget "
                "exhausted, 5 black box unreachable")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # every command's parser (and its own subcommands') shows defaults, whoever registers it
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     commands = registered_commands()
     if not commands:
         parser.error("no subcommands are registered: reinstall the package (pip install -e .)")

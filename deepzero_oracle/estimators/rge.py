@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from deepzero_oracle.estimators.base import Estimator, mask_coordinates
 from deepzero_oracle.estimators.directions import Directions, check_distribution, direction_matrix
 

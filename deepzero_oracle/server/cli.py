@@ -39,18 +39,18 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "inference protocol plus batched/streamed oracle queries, health, reflection).")
     p.add_argument("target", metavar="MODULE:CALLABLE",
                    help="e.g. mypkg.sim:step (a dict {name: callable} serves several models)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 = any free")
-    p.add_argument("--model-name", default=None, help="name on the wire (default: the callable's)")
-    p.add_argument("--max-message-mb", type=float, default=64, help="message size limit, both ways")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes the black box to the network")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port; 0 picks a free one")
+    p.add_argument("--model-name", default=None, help="name on the wire (default: the callable's name)")
+    p.add_argument("--max-message-mb", type=float, default=64, help="message size limit in MiB, both ways")
     p.add_argument("--token", default=None,
                    help=f"shared token clients must send (default: ${TOKEN_ENV}; prefer the "
                         "environment variable, command lines are visible to other users)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
-    p.add_argument("--max-concurrency", type=int, default=1, help="black-box calls at once (default 1)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="black-box calls at once (1: the callable need not be thread-safe)")
     p.add_argument("--max-pending", type=int, default=64,
-                   help="RPCs admitted at once; more get RESOURCE_EXHAUSTED (default 64)")
+                   help="RPCs admitted at once; more get RESOURCE_EXHAUSTED")
     p.add_argument("--numpy", action="store_true", help="pass numpy arrays instead of torch tensors")
     p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN/Inf inputs")
     p.add_argument("--cost-hint", type=float, default=None, help="declared seconds per row")
