@@ -238,9 +238,12 @@ class Trainer:
         if resumed:
             torch.set_rng_state(rng_now)
         ran = self.step_in_epoch
-        for batch in iterator:
+        while True:
             if max_steps is not None and self.step >= max_steps:
-                return False
+                return False  # checked before drawing a batch, so the source is not advanced
+            batch = next(iterator, None)
+            if batch is None:
+                break
             metrics = self._step(batch if isinstance(batch, (tuple, list)) else (batch,), max_queries)
             if metrics is None:
                 return False
