@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import LocalBlackBox, ModuleOracle, NonFiniteLossError
-from deepzero_oracle.delta import conv_patches
+from deepzero_oracle.fastpath.delta import conv_patches
 
 
 class Residual(nn.Module):
@@ -105,7 +105,7 @@ def test_fast_path_equals_naive_loop(name, mode, ablation):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the self-check must not have disabled the fast path
         fast = oracle.coordinate_losses(theta, coords, 1e-3)
-    assert oracle.graph is not None
+    assert oracle.fastpath.graph is not None
     naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
     assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()
     assert oracle.queries == oracle.dim
@@ -267,9 +267,10 @@ def test_inplace_relu_keeps_the_fast_path_exact(build):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a self-check mismatch would warn
         got = fast.coordinate_losses(theta, torch.arange(fast.dim), 1e-3)
-    assert fast.graph is not None and fast.fallback_reason is None
+    assert fast.fastpath.graph is not None and fast.fallback_reason is None
     want = ModuleOracle(learner, F.cross_entropy, fast=False).bind(x, y).coordinate_losses(
         theta, torch.arange(fast.dim), 1e-3)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
     # the learner itself is untouched
     assert all(m.inplace for m in learner.modules() if isinstance(m, nn.ReLU))
+
