@@ -2,6 +2,7 @@
 model, restore. float64, tight tolerance, every supported module kind."""
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -10,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import LocalBlackBox, ModuleOracle, NonFiniteLossError
-from deepzero_oracle.delta import conv_patches
+from deepzero_oracle.fastpath.delta import conv_patches
+from deepzero_oracle.fastpath.layers import normalise
 
 
 class Residual(nn.Module):
@@ -105,7 +107,7 @@ def test_fast_path_equals_naive_loop(name, mode, ablation):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the self-check must not have disabled the fast path
         fast = oracle.coordinate_losses(theta, coords, 1e-3)
-    assert oracle.graph is not None
+    assert oracle.fastpath.graph is not None
     naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
     assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()
     assert oracle.queries == oracle.dim
@@ -267,9 +269,61 @@ def test_inplace_relu_keeps_the_fast_path_exact(build):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a self-check mismatch would warn
         got = fast.coordinate_losses(theta, torch.arange(fast.dim), 1e-3)
-    assert fast.graph is not None and fast.fallback_reason is None
+    assert fast.fastpath.graph is not None and fast.fallback_reason is None
     want = ModuleOracle(learner, F.cross_entropy, fast=False).bind(x, y).coordinate_losses(
         theta, torch.arange(fast.dim), 1e-3)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
     # the learner itself is untouched
     assert all(m.inplace for m in learner.modules() if isinstance(m, nn.ReLU))
+
+
+def test_features_follow_the_bound_batch():
+    """The base forward is kept per theta and batch: a new batch, or the bound one changed in
+    place, is never answered from the old one's features."""
+    learner = models()["cnn_bn"].double().eval()
+    x, y = data()
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    theta, coords = oracle.theta(), torch.arange(0, oracle.dim, 7)
+    oracle.coordinate_losses(theta, coords, 1e-3)
+    other = torch.rand_like(x)
+    got = oracle.bind(other, y).coordinate_losses(theta, coords, 1e-3)
+    assert torch.allclose(got, naive_coordinate_losses(learner, other, y, coords, 1e-3), rtol=0, atol=1e-12)
+    other.mul_(0.5)  # the same tensor object, new values
+    got = oracle.bind(other, y).coordinate_losses(theta, coords, 1e-3)
+    assert torch.allclose(got, naive_coordinate_losses(learner, other, y, coords, 1e-3), rtol=0, atol=1e-12)
+
+
+def test_pickling_drops_the_features_and_keeps_the_answers():
+    learner = models()["resnet_block"].double().train()
+    x, y = data()
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    theta = oracle.theta()
+    unqueried = pickle.dumps(oracle.fastpath)
+    oracle.losses(theta + 0.01 * torch.randn(3, oracle.dim, dtype=torch.float64))  # builds features
+    assert pickle.dumps(oracle.fastpath) == unqueried  # per-theta activations never travel
+    coords = torch.arange(oracle.dim)
+    want = oracle.coordinate_losses(theta, coords, 1e-3)
+    clone = pickle.loads(pickle.dumps(oracle))
+    assert clone.fallback_reason is None and clone.fastpath.graph is not None
+    assert torch.equal(clone.coordinate_losses(theta, coords, 1e-3), want)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_normalise_gives_each_copy_its_own_channels_statistics(mode):
+    """Copies stacked as P*B rows, each holding different channels of the BatchNorm: each copy
+    is normalised as the BatchNorm normalises those channels of that copy alone."""
+    bn = nn.BatchNorm2d(5).double().train(mode == "train")
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    P, B = 3, 4
+    channels = torch.tensor([[0, 1], [3, 4], [2, 0]])
+    x = torch.randn(P * B, 2, 6, 6, dtype=torch.float64)
+    got = normalise(bn, x, P, channels)
+    for p in range(P):
+        full = torch.zeros(B, 5, 6, 6, dtype=torch.float64)
+        full[:, channels[p]] = x[p * B:(p + 1) * B]
+        plain = nn.BatchNorm2d(5, affine=False).double().train(mode == "train")
+        plain.load_state_dict({k: v for k, v in bn.state_dict().items() if k.startswith(("running", "num"))})
+        with torch.no_grad():
+            want = plain(full)[:, channels[p]]
+        assert torch.allclose(got[p * B:(p + 1) * B], want, rtol=0, atol=1e-12)

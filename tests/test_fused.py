@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import deepzero_oracle.fused as fused
+import deepzero_oracle.fastpath.fused as fused
 from deepzero_oracle import ModuleOracle
-from deepzero_oracle.delta import conv_patches
-from deepzero_oracle.fused import conv_delta_pool, conv_pool_taps, pool_layout
+from deepzero_oracle.fastpath.delta import conv_patches
+from deepzero_oracle.fastpath.fused import conv_delta_pool, conv_pool_taps, pool_layout
 
 from test_fast_path import naive_coordinate_losses
 
@@ -81,7 +81,7 @@ def test_compiled_kernels_in_the_engine_equal_naive_loop(monkeypatch):
     learner = pooled_cnn()
     x, y = torch.rand(6, 2, 10, 10, dtype=torch.float64), torch.randint(0, 10, (6,))
     oracle = ModuleOracle(learner, F.cross_entropy, max_batch=5).bind(x, y)
-    assert set(oracle.graph.relu_after) == set(oracle.graph.pool_after)  # both blocks fuse
+    assert set(oracle.fastpath.graph.relu_after) == set(oracle.fastpath.graph.pool_after)  # both blocks fuse
     theta, coords = oracle.theta(), torch.arange(oracle.dim)
     calls = []
     real = fused.Kernels.__call__
@@ -90,7 +90,7 @@ def test_compiled_kernels_in_the_engine_equal_naive_loop(monkeypatch):
     with warnings.catch_warnings():  # neither the compiler nor the self-check may give up
         warnings.filterwarnings("error", message=".*(fast path disabled|fused convolution kernels are off)")
         fast = oracle.coordinate_losses(theta, coords, 1e-3)
-    assert fused.kernels.enabled and oracle.graph is not None
+    assert fused.kernels.enabled and oracle.fastpath.graph is not None
     for kernel in (conv_pool_taps, conv_delta_pool):  # both kernels ran, on several chunk sizes
         assert len({p for fn, p in calls if fn is kernel}) > 1
     naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)

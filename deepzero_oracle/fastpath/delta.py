@@ -1,11 +1,15 @@
-"""Delta propagation: carry a one-weight perturbation as the few values it changes.
+"""Deltas: a perturbation carried as the few values it changes, from the moved weight on.
 
-A perturbed weight of a Linear / Conv2d / BatchNorm changes one block of its output along
-dim 1 (one unit, one channel). Element-wise layers, pooling, per-channel normalisation and
-flattening keep the change inside that block, so only the block is computed, per perturbation.
-The next Linear / Conv2d turns the block's change into a dense change of its output with a
-small product (``W[:, block] @ change`` or a convolution over the block's channels only);
-from there the rest of the network runs on ``P * B`` stacked rows.
+One-weight delta (``one_weight_delta``). Moving one weight of a Linear / Conv2d / BatchNorm by
+mu changes one block of its output along dim 1 (one unit, one channel) by a known slice:
+``base_output + mu * input_slice`` (for a conv, the slice is a row of the cached input patches,
+``conv_patches``). The layer is never recomputed.
+
+Delta propagation (``propagate_module``, ``propagate_call``). Element-wise layers, pooling,
+per-channel normalisation and flattening keep the change inside that block, so only the block
+is computed, per perturbation. The next Linear / Conv2d turns the block's change into a dense
+change of its output with a small product (``W[:, block] @ change`` or a convolution over the
+block's channels only); from there the rest of the network runs on ``P * B`` stacked rows.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from deepzero_oracle.fastpath.layers import NORMS, batch_norm
 
 # modules and functions applied value by value: a change stays where it is
 ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
@@ -108,6 +114,48 @@ class Delta:
         return out.reshape(P * B, *base.shape[1:])
 
 
+def one_weight_delta(m, attr, local, mu, x, base_out, helper):
+    """Outputs of module ``m`` with one weight moved by ``mu``, for each coordinate in ``local``.
+
+    Args:
+        m: Linear, Conv2d or BatchNorm; ``attr``: "weight" or "bias".
+        local: ``[P]`` flat indices into that parameter.
+        x: the module's input ``[B, ...]``; base_out: its output ``[B, C, ...]``.
+        helper: callable ``kind -> tensor`` returning cached helpers: ``"patches"`` (conv
+            patches, channel-major ``[C*kh*kw, B, L]``), ``"output_cm"`` (``base_out``
+            channel-major) and ``"xhat"`` (BatchNorm's normalised input).
+    Returns:
+        A ``Delta``: per perturbation, the one changed unit/channel of the output
+        (``[P, B, 1, ...]``); or, for a Linear on inputs with more than two dims, the
+        outputs in full, ``[P*B, ...]``.
+    """
+    P = local.numel()
+    if isinstance(m, nn.Linear):
+        in_f = m.in_features
+        unit = local // in_f if attr == "weight" else local
+        change = mu * x.reshape(-1, in_f)[:, local % in_f].T if attr == "weight" else mu  # [P, N]
+        if x.dim() == 2:
+            return Delta(unit, (base_out[:, unit].T + change).unsqueeze(-1))
+        out = base_out.unsqueeze(0).repeat(P, *([1] * base_out.dim()))
+        flat = out.reshape(P, -1, m.out_features)
+        flat[torch.arange(P), :, unit] += change
+        return out.reshape(P * base_out.shape[0], *base_out.shape[1:])
+    if attr == "bias":  # Conv2d or BatchNorm bias: channel `local` moves by mu
+        return Delta(local, base_out[:, local].transpose(0, 1).unsqueeze(2) + mu)
+    if isinstance(m, nn.Conv2d):
+        O, Cg, kh, kw = m.weight.shape
+        o = local // (Cg * kh * kw)
+        rest = local % (Cg * kh * kw)  # (c, i, j) within the group's input channels
+        rows = (o // (O // m.groups)) * Cg * kh * kw + rest
+        patches = helper("patches")[rows]  # [P, B, L]
+        moved = torch.add(helper("output_cm")[o], patches.view(P, *base_out.shape[:1], *base_out.shape[2:]),
+                          alpha=mu)
+        return Delta(o, moved.unsqueeze(2))
+    # BatchNorm: y = gamma * xhat + beta, per channel
+    moved = base_out[:, local] + mu * helper("xhat")[:, local]
+    return Delta(local, moved.transpose(0, 1).unsqueeze(2))
+
+
 def propagate_module(module: nn.Module, delta: Delta, x_base, out_base, extra_args, extra_kwargs,
                      weight=None, bias=None):
     """Apply ``module`` to a Delta input. Returns a Delta, a dense ``[P*B, ...]`` tensor, or
@@ -120,7 +168,7 @@ def propagate_module(module: nn.Module, delta: Delta, x_base, out_base, extra_ar
         return _pool(delta, module)
     if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
         return _flatten(delta)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if isinstance(module, NORMS):
         return _batch_norm(module, delta, weight, bias)
     if isinstance(module, nn.Linear) and x_base.dim() == 2:
         return _linear(delta, x_base, out_base, weight)
@@ -168,20 +216,11 @@ def _flatten(delta):
 
 def _batch_norm(m, delta, weight, bias):
     pos = delta.positions  # [P, k]: channels of each copy
-    v = delta.values  # [P, B, k, *S]
-    shape = (pos.shape[0], 1, pos.shape[1]) + (1,) * (v.dim() - 3)
-    if m.training or m.running_mean is None:
-        dims = [1] + list(range(3, v.dim()))  # each copy's B rows (and positions) on their own
-        mean = v.mean(dim=dims, keepdim=True)
-        var = v.var(dim=dims, unbiased=False, keepdim=True)
-    else:
-        mean, var = m.running_mean[pos].reshape(shape), m.running_var[pos].reshape(shape)
-    xhat = (v - mean) / torch.sqrt(var + m.eps)
-    if weight is not None:
-        xhat = xhat * weight[pos].reshape(shape)
-    if bias is not None:
-        xhat = xhat + bias[pos].reshape(shape)
-    return Delta(delta.index, xhat)
+    P, B = delta.values.shape[:2]
+    x = delta.values.reshape(P * B, *delta.values.shape[2:])
+    y = batch_norm(m, x, None if weight is None else weight[pos], None if bias is None else bias[pos],
+                   P, per_copy=True, channels=pos)
+    return Delta(delta.index, y.reshape(delta.values.shape))
 
 
 def _linear(delta, x_base, out_base, weight):

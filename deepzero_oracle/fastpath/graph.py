@@ -1,9 +1,13 @@
-"""Structure-aware forward passes of a learner, for fast coordinate queries.
+"""The traced forward: a learner as a ``torch.fx`` graph, evaluated with explicit parameters.
 
-The learner is traced once with ``torch.fx``. A *base* forward at theta caches every node's
-value (feature reuse). Perturbing one weight of a Linear / Conv2d / BatchNorm then changes one
-unit or channel of that module's output by a known slice (one-weight delta), so only the nodes
-downstream of it are recomputed, on all P perturbations stacked as ``P * B`` rows.
+The learner is traced once. A *base* forward at theta yields every node's value, which the
+caller keeps (feature reuse, ``front.Features``). Perturbing one weight of a Linear / Conv2d /
+BatchNorm then changes one unit or channel of that module's output by a known slice (one-weight
+delta, ``moved_weight``), so only the nodes downstream of it are recomputed (``run``): as a
+Delta while a layer keeps the change in its block (delta propagation), then on all P
+perturbations stacked as ``P * B`` rows (the stacked suffix). A Delta entering a Conv2d that a
+2x2 max-pool (and maybe a ReLU) follows takes the fused kernel (``fused``) where it pays.
+``copies_within`` sizes the stack so that its largest value fits a memory budget.
 
 Values flowing through the stacked part of the graph have ``P * B`` leading rows, perturbation
 major. Shared values (unperturbed, ``B`` rows) that meet stacked ones are repeated P times.
@@ -21,31 +25,25 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle.delta import (Delta, channel_major, conv_patches, is_plain_2x2_max_pool,
-                                   max_pool_2x2, propagate_call, propagate_module)
+from deepzero_oracle.fastpath.delta import (Delta, is_plain_2x2_max_pool, max_pool_2x2, one_weight_delta,
+                                            propagate_call, propagate_module)
+from deepzero_oracle.fastpath.fused import (conv2d_max_pool, fusable, fusable_moved_weight,
+                                            moved_weight_max_pool)
+from deepzero_oracle.fastpath.layers import LAYERS, NORMS, layer, repeat_rows
 from deepzero_oracle.theta import parameter_slots
-from deepzero_oracle.fused import (conv2d_max_pool, fusable, fusable_moved_weight, moved_weight_max_pool,
-                                   pool_layout)
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-SUPPORTED = (nn.Linear, nn.Conv2d) + _NORMS
 
 
 class UnsupportedLearner(TypeError):
     """The learner's structure cannot use the fast path (the caller falls back)."""
 
 
-def _uses_batch_stats(m: nn.Module) -> bool:
-    return m.training or m.running_mean is None
-
-
-def repeat_rows(t: torch.Tensor, P: int) -> torch.Tensor:
-    """Repeat a shared ``[B, ...]`` tensor into stacked ``[P*B, ...]`` rows."""
-    return t.unsqueeze(0).expand(P, *t.shape).reshape(P * t.shape[0], *t.shape[1:])
-
-
 class GraphForward:
     """A traced learner evaluated with explicit parameters, shared or per-perturbation.
+
+    ``run`` and ``moved_weight`` take the base forward as ``features``: an object with
+    ``values`` (``{node: value}``, from ``base``) and ``helper(node, kind)`` (a value derived
+    from it, made once: ``"patches"``, ``"output_cm"``, ``"pool_layout"``, ``"xhat"``; see
+    ``front.Features``).
 
     Args:
         learner: the white-box ``nn.Module``; every module holding trainable parameters must be
@@ -71,14 +69,14 @@ class GraphForward:
                 self.call_sites.setdefault(node.target, []).append(node)
         for s in self.slots:
             m = self.modules[s.module]
-            if not isinstance(m, SUPPORTED):
+            if not isinstance(m, LAYERS):
                 raise UnsupportedLearner(f"no fast rule for {type(m).__name__} ({s.name})")
             if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
                 raise UnsupportedLearner(f"Conv2d {s.module} uses padding={m.padding!r}, "
                                          f"padding_mode={m.padding_mode!r}")
         for target in self.call_sites:
             m = self.modules[target]
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _NORMS):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, NORMS):
                 raise UnsupportedLearner(f"no fast rule for {type(m).__name__} ({target})")
         # nodes whose value carries the data batch dimension (derived from an input)
         self.data_nodes: set = set()
@@ -88,7 +86,7 @@ class GraphForward:
         self.position = {n: i for i, n in enumerate(self.nodes)}
         # Conv2d calls whose only user is a plain 2x2 max-pool (maybe then a ReLU, its only
         # user): a Delta entering one is convolved, pooled (and rectified) by one fused kernel
-        # (deepzero_oracle.fused), whose value is the last node's
+        # (fastpath.fused), whose value is the last node's
         self.pool_after: dict[fx.Node, fx.Node] = {}
         self.relu_after: dict[fx.Node, fx.Node] = {}
         for node in self.nodes:
@@ -110,7 +108,7 @@ class GraphForward:
             self.freed_after.setdefault(i, []).append(n)
         self.output_node = next(n for n in self.nodes if n.op == "output")
 
-    def copies_within(self, budget_bytes: float, cache: dict, module: str | None, *,
+    def copies_within(self, budget_bytes: float, values: dict, module: str | None, *,
                       propagate: bool = True, fuse: bool = True) -> int:
         """How many perturbations of ``module``'s parameters (of all parameters if None) to
         stack so that the largest stacked value takes about ``budget_bytes``.
@@ -134,21 +132,21 @@ class GraphForward:
             counted = {}
             for n in self.nodes[start:]:
                 whole = self.position[n] >= self.position[dense]
-                value = cache.get(n)
+                value = values.get(n)
                 counted[n] = 1 if whole else (1 / value.shape[1] if isinstance(value, torch.Tensor)
                                               and value.dim() > 1 else 1)
-            if fuse and propagate and dense is not sites[0] and self._fuses_pool(dense, cache, 1):
+            if fuse and propagate and dense is not sites[0] and self._fuses_pool(dense, values, 1):
                 counted[dense] = None
                 if dense in self.relu_after:
                     counted[self.pool_after[dense]] = None
-        largest = max((cache[n].numel() * cache[n].element_size() * share for n, share in counted.items()
-                       if share is not None and isinstance(cache.get(n), torch.Tensor)), default=1)
+        largest = max((values[n].numel() * values[n].element_size() * share for n, share in counted.items()
+                       if share is not None and isinstance(values.get(n), torch.Tensor)), default=1)
         return int(min(4096, max(1, budget_bytes // largest)))
 
     # -- evaluation ---------------------------------------------------------------------------
 
     def base(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> dict:
-        """Run the whole graph once on ``x [B, ...]``; returns every node's value (the cache)."""
+        """Run the whole graph once on ``x [B, ...]``; returns every node's value ``{node: value}``."""
         env: dict = {}
         for node in self.nodes:
             if node.op == "placeholder":
@@ -161,12 +159,12 @@ class GraphForward:
                 env[node] = self._apply(node, args, kwargs, 1, params, {})
         return env
 
-    def run(self, cache: dict, P: int, params: dict, *, overrides=None, batched=None,
+    def run(self, features, P: int, params: dict, *, overrides=None, batched=None,
             propagate: bool = True, fuse: bool = True) -> torch.Tensor:
         """Re-run only what changes; returns the output stacked as ``[P*B, ...]``.
 
         Args:
-            cache: values of the base forward (``base``), reused wherever nothing changed.
+            features: the base forward (see the class), reused wherever nothing changed.
             P: number of perturbations.
             params: shared parameters ``{name: tensor}`` (theta's values).
             overrides: ``{node: value}`` already computed for the P copies: a ``Delta`` or a
@@ -176,6 +174,7 @@ class GraphForward:
             fuse: a Delta entering a Conv2d + 2x2 max-pool takes the fused kernel when it pays.
         """
         overrides, batched = overrides or {}, batched or {}
+        values = features.values
         batched_modules = {name.rpartition(".")[0] for name in batched}
         env = dict(overrides)
         start = min(
@@ -191,31 +190,31 @@ class GraphForward:
                 any(n in env for n in node.all_input_nodes)
                 or (node.op == "call_module" and node.target in batched_modules)
             ):
-                pooled = self._conv_pool(node, env, cache, params, batched) if propagate and fuse else None
+                pooled = self._conv_pool(node, env, features, params, batched) if propagate and fuse else None
                 if pooled is not None:
                     env[self.relu_after.get(node, self.pool_after[node])] = pooled
                 else:
-                    env[node] = self._eval(node, env, cache, P, params, batched, propagate)
+                    env[node] = self._eval(node, env, values, P, params, batched, propagate)
             for n in self.freed_after.get(i, ()):  # keep memory to what is still needed
                 if n is not out:
                     env.pop(n, None)
         if out not in env:  # nothing the perturbation touched reaches the output
-            return repeat_rows(cache[out], P)
+            return repeat_rows(values[out], P)
         value = env[out]
-        return value.dense(cache[out]) if isinstance(value, Delta) else value
+        return value.dense(values[out]) if isinstance(value, Delta) else value
 
-    def _eval(self, node, env, cache, P, params, batched, propagate=True):
+    def _eval(self, node, env, values, P, params, batched, propagate=True):
         """Value of ``node`` for the P copies, given the copies' values ``env`` of its inputs."""
         if propagate and node.args and isinstance(env.get(node.args[0]), Delta):
-            result = self._propagate(node, env, cache, params, batched)
+            result = self._propagate(node, env, values, params, batched)
             if result is not None:
                 return result
 
         def value(n):
             if n in env:
                 v = env[n]
-                return v.dense(cache[n]) if isinstance(v, Delta) else v
-            v = cache[n]
+                return v.dense(values[n]) if isinstance(v, Delta) else v
+            v = values[n]
             # a shared activation meeting stacked ones is repeated per perturbation
             if env and isinstance(v, torch.Tensor) and n in self.data_nodes:
                 return repeat_rows(v, P)
@@ -226,58 +225,60 @@ class GraphForward:
         return self._apply(node, args, kwargs, P if any(n in env for n in node.all_input_nodes) else 1,
                            params, batched)
 
-    def moved_weight(self, node: fx.Node, attr: str, local: torch.Tensor, mu: float, cache: dict,
-                     aux, fuse: bool = True) -> dict:
+    def moved_weight(self, node: fx.Node, attr: str, local: torch.Tensor, mu: float, features,
+                     fuse: bool = True) -> dict:
         """Overrides for ``run`` when one weight of the module called at ``node`` moves by mu, for
         each flat index in ``local [P]``: ``{node: one_weight_delta(...)}``, or, for a Conv2d
-        weight that a 2x2 max-pool (and ReLU) follows, the pooled Delta from the fused kernel.
-        ``aux`` as for `one_weight_delta`."""
-        m = self.modules[node.target]
-        if fuse and node in self.pool_after and fusable_moved_weight(m, attr, cache[node].shape):
+        weight that a 2x2 max-pool (and ReLU) follows, the pooled Delta from the fused kernel."""
+        m, values = self.modules[node.target], features.values
+
+        def helper(kind):
+            return features.helper(node, kind)
+
+        if fuse and node in self.pool_after and fusable_moved_weight(m, attr, values[node].shape):
             relu = node in self.relu_after
-            pooled = moved_weight_max_pool(m, local, mu, aux("patches"), aux("output_cm"), relu)
+            pooled = moved_weight_max_pool(m, local, mu, helper("patches"), helper("output_cm"), relu)
             if pooled is not None:
                 channel = local // m.weight[0].numel()
                 return {self.relu_after[node] if relu else self.pool_after[node]: Delta(channel, pooled)}
-        return {node: one_weight_delta(m, attr, local, mu, cache[node.args[0]], cache[node], aux)}
+        return {node: one_weight_delta(m, attr, local, mu, values[node.args[0]], values[node], helper)}
 
-    def _fuses_pool(self, node: fx.Node, cache: dict, k: int) -> bool:
+    def _fuses_pool(self, node: fx.Node, values: dict, k: int) -> bool:
         """Whether a Delta of k channels entering the Conv2d called at ``node`` goes through the
         fused conv + 2x2 max-pool kernel (the pattern holds and the work per copy pays)."""
-        x = cache.get(node.args[0]) if node.args else None
+        x = values.get(node.args[0]) if node.args else None
         return (node in self.pool_after and isinstance(x, torch.Tensor) and x.dim() == 4
-                and fusable(self.modules[node.target], x.shape[0], cache[node].shape, k))
+                and fusable(self.modules[node.target], x.shape[0], values[node].shape, k))
 
-    def _conv_pool(self, node, env, cache, params, batched):
+    def _conv_pool(self, node, env, features, params, batched):
         """The pooled output of a Conv2d + 2x2 max-pool for a Delta input, from the fused
         kernel; None when the pattern, the sizes or the compiler rule it out."""
         source = node.args[0] if node.args else None
-        delta = env.get(source)
+        delta, values = env.get(source), features.values
         if (not isinstance(delta, Delta) or any(k.rpartition(".")[0] == node.target for k in batched)
-                or not self._fuses_pool(node, cache, delta.values.shape[2])):
+                or not self._fuses_pool(node, values, delta.values.shape[2])):
             return None
-        m, x_base = self.modules[node.target], cache[source]
+        m, x_base = self.modules[node.target], values[source]
         weight = params.get(f"{node.target}.weight", m.weight)
-        base_cm = cached_aux(cache, source, "output_cm", lambda: channel_major(x_base))
-        change = delta.values - delta.base_slice(x_base, base_cm)
-        base4 = cached_aux(cache, node, "pool_layout", lambda: pool_layout(cache[node]))
+        change = delta.values - delta.base_slice(x_base, features.helper(source, "output_cm"))
+        base4 = features.helper(node, "pool_layout")
         return conv2d_max_pool(m, change, delta.index, weight, base4, relu=node in self.relu_after)
 
-    def _propagate(self, node, env, cache, params, batched):
+    def _propagate(self, node, env, values, params, batched):
         """The one Delta input of ``node`` carried through it, or None when no rule keeps it."""
         source = node.args[0]
         if any(n in env for n in node.all_input_nodes if n is not source):
             return None  # another changed value joins in
         delta = env[source]
-        extra_args = fx.node.map_arg(node.args[1:], lambda n: cache[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: cache[n])
+        extra_args = fx.node.map_arg(node.args[1:], lambda n: values[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
         if node.op == "call_module":
             if any(k.rpartition(".")[0] == node.target for k in batched):
                 return None
             module = self.modules[node.target]
             weight = params.get(f"{node.target}.weight", getattr(module, "weight", None))
             bias = params.get(f"{node.target}.bias", getattr(module, "bias", None))
-            return propagate_module(module, delta, cache[source], cache[node], extra_args, kwargs,
+            return propagate_module(module, delta, values[source], values[node], extra_args, kwargs,
                                     weight, bias)
         if node.op in ("call_function", "call_method"):
             return propagate_call(node.target, delta, extra_args, kwargs, node.op == "call_method")
@@ -295,7 +296,7 @@ class GraphForward:
 
     def _module(self, name, module, args, kwargs, P, params, batched):
         """Apply one module; ``P > 1`` means ``args[0]`` holds ``P*B`` stacked rows."""
-        if not isinstance(module, SUPPORTED):
+        if not isinstance(module, LAYERS):
             if is_plain_2x2_max_pool(module) and len(args) == 1 and not kwargs and args[0].dim() == 4:
                 return max_pool_2x2(args[0])
             return module(*args, **kwargs)
@@ -306,19 +307,7 @@ class GraphForward:
         if per_copy and P == 1:  # shared input, per-copy parameters
             P = next(t.shape[0] for k, t in batched.items() if k.startswith(f"{name}."))
             x = repeat_rows(x, P)
-        if isinstance(module, nn.Linear):
-            return _linear(x, w, b, P, per_copy)
-        if isinstance(module, nn.Conv2d):
-            return _conv2d(module, x, w, b, P, per_copy)
-        return _batch_norm(module, x, w, b, P, per_copy)
-
-
-def cached_aux(cache: dict, node: fx.Node, kind: str, make):
-    """A helper value derived from ``cache[node]`` (patches, layouts), made once per cache."""
-    store = cache.setdefault("aux", {})
-    if (node, kind) not in store:
-        store[(node, kind)] = make()
-    return store[(node, kind)]
+        return layer(module, x, w, b, P, per_copy)
 
 
 def _out_of_place(m: nn.Module) -> nn.Module:
@@ -363,117 +352,3 @@ def _rewrite_graph(gm: fx.GraphModule, modules: dict) -> None:
         pool.append(relu)  # keep topological order
     graph.lint()
     gm.recompile()
-
-
-def _per_copy(t, P, shape):
-    """A parameter as ``[P, *shape]``: batched ones already are, shared ones are expanded."""
-    if t is None:
-        return None
-    return t if t.dim() == len(shape) + 1 else t.unsqueeze(0).expand(P, *shape)
-
-
-def _linear(x, w, b, P, per_copy):
-    if not per_copy:
-        return F.linear(x, w, b)
-    out_f, in_f = w.shape[-2:]
-    w = _per_copy(w, P, (out_f, in_f))
-    x3 = x.reshape(P, -1, in_f)
-    y = torch.bmm(x3, w.transpose(1, 2))
-    if b is not None:
-        y = y + _per_copy(b, P, (out_f,)).unsqueeze(1)
-    return y.reshape(*x.shape[:-1], out_f)
-
-
-def _conv2d(m: nn.Conv2d, x, w, b, P, per_copy):
-    if not per_copy:
-        return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
-    # P copies as one grouped convolution: copies become channel groups
-    shape = m.weight.shape
-    w = _per_copy(w, P, shape)
-    B = x.shape[0] // P
-    xg = x.reshape(P, B, *x.shape[1:]).transpose(0, 1).reshape(B, P * x.shape[1], *x.shape[2:])
-    bias = None if b is None else _per_copy(b, P, (shape[0],)).reshape(-1)
-    y = F.conv2d(xg, w.reshape(P * shape[0], *shape[1:]), bias, m.stride, m.padding, m.dilation, m.groups * P)
-    out_shape = (shape[0], *y.shape[2:])
-    return y.reshape(B, P, *out_shape).transpose(0, 1).reshape(P * B, *out_shape)
-
-
-def _batch_norm(m, x, w, b, P, per_copy):
-    C = x.shape[1]
-    if _uses_batch_stats(m):
-        if P > 1:
-            # each perturbation's B rows normalised on their own: copies become channels
-            B = x.shape[0] // P
-            xg = x.reshape(P, B, *x.shape[1:]).transpose(0, 1).reshape(B, P * C, *x.shape[2:])
-            xhat = F.batch_norm(xg, None, None, None, None, True, 0.0, m.eps)
-            xhat = xhat.reshape(B, P, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-        else:
-            xhat = F.batch_norm(x, None, None, None, None, True, 0.0, m.eps)
-    else:
-        xhat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-    if w is None and b is None:
-        return xhat
-    view = (1, C) + (1,) * (x.dim() - 2)
-    if not per_copy:
-        y = xhat * w.reshape(view) if w is not None else xhat
-        return y + b.reshape(view) if b is not None else y
-    B = x.shape[0] // P
-    y = xhat.reshape(P, B, *x.shape[1:])
-    pview = (P, 1, C) + (1,) * (x.dim() - 2)
-    if w is not None:
-        y = y * _per_copy(w, P, (C,)).reshape(pview)
-    if b is not None:
-        y = y + _per_copy(b, P, (C,)).reshape(pview)
-    return y.reshape(x.shape)
-
-
-# -- one-weight delta ---------------------------------------------------------------------------
-
-
-def normalised_input(m, x):
-    """``(x - mean) / sqrt(var + eps)`` as the BatchNorm ``m`` computes it, shape of ``x``."""
-    if _uses_batch_stats(m):
-        return F.batch_norm(x, None, None, None, None, True, 0.0, m.eps)
-    return F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-
-
-def one_weight_delta(m, attr, local, mu, x, base_out, aux):
-    """Outputs of module ``m`` with one weight moved by ``mu``, for each coordinate in ``local``.
-
-    Args:
-        m: Linear, Conv2d or BatchNorm; ``attr``: "weight" or "bias".
-        local: ``[P]`` flat indices into that parameter.
-        x: the module's input ``[B, ...]``; base_out: its output ``[B, C, ...]``.
-        aux: callable ``kind -> tensor`` returning cached helpers: ``"patches"`` (conv patches,
-            channel-major ``[C*kh*kw, B, L]``), ``"output_cm"`` (``base_out`` channel-major)
-            and ``"xhat"`` (BatchNorm's normalised input).
-    Returns:
-        A ``Delta``: per perturbation, the one changed unit/channel of the output
-        (``[P, B, 1, ...]``); or, for a Linear on inputs with more than two dims, the
-        outputs in full, ``[P*B, ...]``.
-    """
-    P = local.numel()
-    if isinstance(m, nn.Linear):
-        in_f = m.in_features
-        unit = local // in_f if attr == "weight" else local
-        change = mu * x.reshape(-1, in_f)[:, local % in_f].T if attr == "weight" else mu  # [P, N]
-        if x.dim() == 2:
-            return Delta(unit, (base_out[:, unit].T + change).unsqueeze(-1))
-        out = base_out.unsqueeze(0).repeat(P, *([1] * base_out.dim()))
-        flat = out.reshape(P, -1, m.out_features)
-        flat[torch.arange(P), :, unit] += change
-        return out.reshape(P * base_out.shape[0], *base_out.shape[1:])
-    if attr == "bias":  # Conv2d or BatchNorm bias: channel `local` moves by mu
-        return Delta(local, base_out[:, local].transpose(0, 1).unsqueeze(2) + mu)
-    if isinstance(m, nn.Conv2d):
-        O, Cg, kh, kw = m.weight.shape
-        o = local // (Cg * kh * kw)
-        rest = local % (Cg * kh * kw)  # (c, i, j) within the group's input channels
-        rows = (o // (O // m.groups)) * Cg * kh * kw + rest
-        patches = aux("patches")[rows]  # [P, B, L]
-        moved = torch.add(aux("output_cm")[o], patches.view(P, *base_out.shape[:1], *base_out.shape[2:]),
-                          alpha=mu)
-        return Delta(o, moved.unsqueeze(2))
-    # BatchNorm: y = gamma * xhat + beta, per channel
-    moved = base_out[:, local] + mu * aux("xhat")[:, local]
-    return Delta(local, moved.transpose(0, 1).unsqueeze(2))
