@@ -191,12 +191,11 @@ def compact(value):
 
 
 def _shippable(oracle: Oracle) -> Oracle:
-    """A shallow copy of the oracle fit to pickle: counters reset, per-theta caches dropped
-    (a ModuleOracle's base-forward cache is large and keyed by graph nodes; workers rebuild it)."""
+    """A shallow copy of the oracle fit to pickle, with a fresh counter (the original's stays
+    with the parent). Per-theta caches drop themselves when pickled (a ModuleOracle's fast path
+    rebuilds its features on the worker)."""
     clone = copy.copy(oracle)
     clone.ledger = QueryLedger()
-    if getattr(clone, "_cache", None) is not None:
-        clone._cache = None
     return clone
 
 
