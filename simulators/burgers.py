@@ -16,8 +16,8 @@ direction and ``reference_substeps`` substeps of ``dt / reference_substeps`` (sa
 reference refines space and time together. Down-sampling is the exact cell average over
 ``factor x factor`` blocks (conserves the mean).
 
-1D would be cheaper, but PhiFlow 3.4's 1D semi-Lagrangian advection fails on the torch backend, so the
-scenario is 2D (see PHIFLOW_NOTES).
+1D would be cheaper, but PhiFlow 3.4's 1D semi-Lagrangian advection fails on the torch backend
+(grid_sampler expects 5-D input), so the scenario is 2D.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _start_mlserver(work: Path):
     ready = f"http://127.0.0.1:{settings['http_port']}/v2/models/{MODEL}/ready"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if _ready(ready):  # the model, not only the server: see GRPC_NOTES
+        if _ready(ready):  # the model, not only the server: a dropped model leaves the server 'ready'
             return proc, settings
         time.sleep(0.3)
     _stop(proc)

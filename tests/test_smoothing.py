@@ -85,7 +85,7 @@ def test_constant_classifier_certifies_exact_radius(n):
     assert pred == 3
     assert radius == pytest.approx(SIGMA * norm.ppf(p_lower), rel=1e-12, abs=0)
     assert radius == pytest.approx(max_certified_radius(SIGMA, n, ALPHA), rel=1e-12)
-    if n == 100:  # REFERENCE.md: 1.50 sigma at n = 100
+    if n == 100:  # Cohen et al.'s bound: 1.50 sigma at n = 100
         assert radius / SIGMA == pytest.approx(1.50, abs=0.005)
     if n == 100_000:  # ... and 3.81 sigma at 100k
         assert radius / SIGMA == pytest.approx(3.81, abs=0.005)

@@ -13,7 +13,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 venv="${1:-$repo/.venv-mlserver}"
 python="${PYTHON:-python3}"
-# MLServer 1.7.1 is the version whose behaviour GRPC_NOTES verified (parallel_workers: 0).
+# MLServer 1.7.1, run with parallel_workers: 0 (with worker processes its models were dropped).
 requirement="mlserver==1.7.1"
 marker="$venv/.installed"
 
