@@ -397,3 +397,20 @@ def test_server_never_unpickles():
         source = path.read_text()
         assert "pickle" not in source.replace("unpickle", "").replace("Never pickle", ""), path
         assert "allow_pickle=True" not in source, path
+
+
+def test_black_box_specs_parse_and_refuse_clearly():
+    from deepzero_oracle.blackbox.spec import BlackBoxSpec, open_blackbox
+
+    assert BlackBoxSpec.parse("grpc://127.0.0.1:5000") == BlackBoxSpec("grpc", "127.0.0.1:5000", "")
+    assert BlackBoxSpec.parse("grpc://h:1/step") == BlackBoxSpec("grpc", "h:1", "step")
+    assert BlackBoxSpec.parse("kserve+http://h:8080/clf") == BlackBoxSpec("kserve+http", "h:8080", "clf")
+    assert BlackBoxSpec.parse("grpcbb_functions:affine") == BlackBoxSpec("python", "grpcbb_functions", "affine")
+    assert str(BlackBoxSpec.parse("kserve://h:2/m")) == "kserve://h:2/m"
+    for bad, says in [("http://h:1", "unknown scheme 'http'"), ("grpc://nohost", "HOST:PORT"),
+                      ("kserve://h:1", "names its model"), ("justaname", "not a black-box spec")]:
+        with pytest.raises(ValueError, match=says):
+            BlackBoxSpec.parse(bad)
+    with open_blackbox("grpcbb_functions:affine", numpy=False) as box:  # in process, counted
+        out = box(torch.ones(3, 4))
+        assert out.shape[0] == 3 and box.calls == 1 and box.rows == 3

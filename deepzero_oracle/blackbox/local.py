@@ -30,10 +30,12 @@ class LocalBlackBox:
     """An in-process callable used as a black box: only its outputs are ever seen.
 
     Args:
-        fn: ``fn(inputs [N, ...]) -> outputs [N, ...]``.
-        numpy: if True, ``fn`` receives a ``numpy.ndarray`` (a detached copy), otherwise a
-            ``torch.Tensor`` without gradient tracking.
-    Calling it returns a ``torch.Tensor`` shaped ``[N, ...]``.
+        fn: ``fn(*inputs [N, ...]) -> outputs [N, ...]`` (one input or several, e.g. a solver's
+            ``state`` and ``params``).
+        numpy: if True, ``fn`` receives ``numpy.ndarray`` inputs (detached copies), otherwise
+            ``torch.Tensor`` inputs without gradient tracking.
+    Calling it returns a ``torch.Tensor`` shaped ``[N, ...]``. ``calls`` and ``rows`` count what
+    it was sent.
     """
 
     def __init__(self, fn: Callable, *, numpy: bool = False):
@@ -44,16 +46,32 @@ class LocalBlackBox:
         self.calls = 0
         self.rows = 0
 
-    def __call__(self, inputs) -> torch.Tensor:
-        inputs = as_tensor(inputs).detach()
+    def __call__(self, *inputs) -> torch.Tensor:
+        if not inputs:
+            raise TypeError("a black box is called with at least one input [N, ...]")
+        tensors = [as_tensor(x).detach() for x in inputs]
+        n = int(tensors[0].shape[0]) if tensors[0].ndim else 1
         self.calls += 1
-        self.rows += int(inputs.shape[0]) if inputs.ndim else 1
+        self.rows += n
         with torch.no_grad():
-            answer = self.fn(inputs.cpu().numpy() if self.numpy else inputs)
+            answer = self.fn(*(t.cpu().numpy() if self.numpy else t for t in tensors))
         out = as_tensor(answer)
-        if out.ndim == 0 or out.shape[0] != inputs.shape[0]:
+        if out.ndim == 0 or out.shape[0] != n:
             raise BlackBoxError(
                 f"black box {getattr(self.fn, '__name__', self.fn)!r} returned shape "
-                f"{tuple(out.shape)} for {inputs.shape[0]} input rows; it must return one row per input row"
+                f"{tuple(out.shape)} for {n} input rows; it must return one row per input row"
             )
         return out
+
+    def metadata(self) -> None:
+        """An in-process function declares no tensor metadata (remote black boxes do)."""
+        return None
+
+    def close(self) -> None:
+        """Nothing to release (remote black boxes close their connection)."""
+
+    def __enter__(self) -> "LocalBlackBox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

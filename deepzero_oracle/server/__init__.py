@@ -31,7 +31,8 @@ names, token variable, tensor codec) is in :mod:`deepzero_oracle.blackbox.protoc
 """
 
 from deepzero_oracle.server.cli import register
-from deepzero_oracle.server.lifecycle import OracleServer, load_callable, serve_blackbox
+from deepzero_oracle.blackbox.spec import load_callable
+from deepzero_oracle.server.lifecycle import OracleServer, serve_blackbox
 from deepzero_oracle.server.specs import ServedModel, TensorSpec
 
 __all__ = ["OracleServer", "ServedModel", "TensorSpec", "load_callable", "register", "serve_blackbox"]

@@ -18,7 +18,8 @@ import sys
 import threading
 
 from deepzero_oracle.blackbox.protocol import DEFAULT_PORT, TOKEN_ENV, resolve_token
-from deepzero_oracle.server.lifecycle import load_callable, serve_blackbox
+from deepzero_oracle.blackbox.spec import load_callable
+from deepzero_oracle.server.lifecycle import serve_blackbox
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Start and stop the server: :func:`serve_blackbox`, :class:`OracleServer`, :func:`load_callable`.
+"""Start and stop the server: :func:`serve_blackbox`, :class:`OracleServer`.
 
     with serve_blackbox(fn, port=0) as server:       # fn(x [N, ...]) -> y [N, ...]
         box = GrpcBlackBox(server.address)
@@ -13,10 +13,7 @@ serves TLS when given a certificate and key, and answers RESOURCE_EXHAUSTED when
 from __future__ import annotations
 
 import hmac
-import importlib
-import os
 import re
-import sys
 from concurrent import futures
 from typing import Callable, Mapping
 
@@ -191,24 +188,3 @@ def _default_name(fn: Callable) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_.\-]+", name) else "model"
 
 
-def load_callable(spec: str) -> Callable | Mapping[str, Callable]:
-    """Import ``MODULE:ATTR[.ATTR...]`` (the current directory is importable) and return it.
-
-    The attribute may also be a dict ``{model_name: callable}``: then every entry is served.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{spec!r}: expected MODULE:CALLABLE, e.g. mypkg.sim:step")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    obj = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if isinstance(obj, Mapping):
-        bad = [k for k, v in obj.items() if not callable(v)]
-        if bad or not obj:
-            raise TypeError(f"{spec!r} is a mapping, but not of names to callables (bad: {bad})")
-        return obj
-    if not callable(obj):
-        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a callable")
-    return obj

@@ -1,0 +1,133 @@
+"""One string names a black box, the same way for every command that takes one
+(``--solver``, ``--classifier``):
+
+    grpc://HOST:PORT[/MODEL]          our server, or any KServe v2 gRPC server (GrpcBlackBox)
+    kserve://HOST:PORT/MODEL          KServe v2 over gRPC (KServeBlackBox)
+    kserve+http://HOST:PORT/MODEL     KServe v2 over REST (KServeBlackBox, protocol="rest")
+    MODULE:FUNCTION                   a Python function, called in this process (LocalBlackBox)
+
+``open_blackbox(spec)`` returns the black box, a context manager that closes its connection.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from deepzero_oracle.blackbox.local import LocalBlackBox
+
+SPEC_FORMS = ("grpc://HOST:PORT[/MODEL]", "kserve://HOST:PORT/MODEL", "kserve+http://HOST:PORT/MODEL",
+              "MODULE:FUNCTION")
+_SCHEMES = ("grpc", "kserve", "kserve+http")
+
+
+@dataclass(frozen=True)
+class BlackBoxSpec:
+    """A parsed black-box spec.
+
+    Attributes:
+        kind: "grpc", "kserve", "kserve+http" or "python".
+        target: ``host:port`` for remote kinds, the module for "python".
+        name: the model name ("" for our server's only model) or the function's attribute path.
+    """
+
+    kind: str
+    target: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> "BlackBoxSpec":
+        """Parse one of ``SPEC_FORMS``; a ValueError lists them when ``text`` is none of them."""
+        text = str(text).strip()
+        scheme, sep, rest = text.partition("://")
+        if sep:
+            if scheme not in _SCHEMES:
+                raise ValueError(f"{text!r}: unknown scheme {scheme!r}; {_forms()}")
+            target, _, name = rest.partition("/")
+            if not _is_host_port(target):
+                raise ValueError(f"{text!r}: expected HOST:PORT after {scheme}://; {_forms()}")
+            if scheme != "grpc" and not name:
+                raise ValueError(f"{text!r}: a KServe spec names its model: {scheme}://HOST:PORT/MODEL")
+            return cls(scheme, target, name)
+        module, sep, attr = text.partition(":")
+        if not sep or not module or not attr or "/" in text:
+            raise ValueError(f"{text!r} is not a black-box spec; {_forms()}")
+        return cls("python", module, attr)
+
+    @property
+    def remote(self) -> bool:
+        """True for the kinds reached over the network."""
+        return self.kind != "python"
+
+    def __str__(self) -> str:
+        if self.kind == "python":
+            return f"{self.target}:{self.name}"
+        return f"{self.kind}://{self.target}" + (f"/{self.name}" if self.name else "")
+
+
+def load_callable(spec: str) -> Callable | Mapping[str, Callable]:
+    """Import ``MODULE:ATTR[.ATTR...]`` (the current directory is importable) and return it.
+
+    The attribute may also be a dict ``{model_name: callable}`` (``serve`` serves every entry).
+    """
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r}: expected MODULE:CALLABLE, e.g. mypkg.sim:step")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, Mapping):
+        bad = [k for k, v in obj.items() if not callable(v)]
+        if bad or not obj:
+            raise TypeError(f"{spec!r} is a mapping, but not of names to callables (bad: {bad})")
+        return obj
+    if not callable(obj):
+        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str | None = None,
+                  numpy: bool = True):
+    """The black box a spec names: ``box(*inputs [N, ...]) -> [N, ...]`` (a torch tensor).
+
+    Args:
+        spec: one of ``SPEC_FORMS`` (or a parsed ``BlackBoxSpec``).
+        timeout: deadline of every remote call, in seconds.
+        token: shared token for remote servers (default: ``$DEEPZERO_ORACLE_TOKEN``).
+        numpy: in-process functions receive NumPy arrays (the black-box contract: arrays in,
+            arrays out); False passes torch tensors.
+    Returns:
+        ``GrpcBlackBox``, ``KServeBlackBox`` or ``LocalBlackBox``; each is a context manager.
+    """
+    spec = spec if isinstance(spec, BlackBoxSpec) else BlackBoxSpec.parse(spec)
+    if spec.kind == "python":
+        fn = load_callable(str(spec))
+        if isinstance(fn, Mapping):
+            raise TypeError(f"{spec} is a mapping of several functions; name one: MODULE:NAME")
+        return LocalBlackBox(fn, numpy=numpy)
+    if spec.kind == "grpc":
+        from deepzero_oracle.blackbox.grpc import GrpcBlackBox
+
+        return GrpcBlackBox(spec.target, model=spec.name, timeout=timeout, token=token)
+    from deepzero_oracle.blackbox.kserve import KServeBlackBox
+
+    protocol = "rest" if spec.kind == "kserve+http" else "grpc"
+    url = f"http://{spec.target}" if protocol == "rest" else spec.target
+    return KServeBlackBox(url, spec.name, protocol=protocol, timeout=timeout, token=token)
+
+
+def _is_host_port(target: str) -> bool:
+    host, sep, port = target.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def _forms() -> str:
+    return "use one of " + ", ".join(SPEC_FORMS)
+
+
+__all__ = ["BlackBoxSpec", "SPEC_FORMS", "load_callable", "open_blackbox"]
