@@ -294,8 +294,10 @@ def test_sol_trains_against_node_solver(node_server, tmp_path, monkeypatch, caps
     train_states, train_params = reference_trajectories(rng, sims=4, steps=6)
     test_states, test_params = reference_trajectories(rng, sims=2, steps=6)
     data = tmp_path / "trajectories.npz"
-    np.savez(data, train_states=train_states, test_states=test_states, train_params=train_params,
-             test_params=test_params)
+    metadata = {"channels": ["u0", "u1"], "param_names": ["nu", "a"], "dt": DT, "periodic": True}
+    np.savez(data, format="deepzero-oracle/sol-trajectories", format_version=1, train_states=train_states,
+             test_states=test_states, train_params=train_params, test_params=test_params,
+             metadata=json.dumps(metadata))
     out = tmp_path / "run"
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     assert main(["sol", "train", "--data", str(data), "--solver", f"grpc://{node_server.address}",
