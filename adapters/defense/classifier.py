@@ -1,21 +1,27 @@
-"""The frozen classifier the defense robustifies: trained once with FO, then only queried.
+"""The classifier the defense robustifies, which it only queries.
 
-- :func:`train_classifier` trains the model zoo's ``cnn`` with autograd (the engine's Trainer
-  with the ``Autograd`` estimator) on the offline example data and saves it (a state dict plus its shape metadata, and a NumPy ``.npz`` export that a
-  model server without torch can load, see :mod:`.npcnn`).
-- :func:`frozen_blackbox` exposes the saved model as a :class:`LocalBlackBox` around a closure
-  that receives NumPy arrays and returns NumPy logits: nothing about the model leaks out (no
-  ``parameters``, no autograd graph).
-- :func:`open_classifier` turns a ``--classifier`` spec (``local``, ``grpc://host:port[/model]``,
-  ``kserve://host:port/model``) into a black box.
-- :func:`whitebox_classifier` loads the same weights as an ``nn.Module``: only FO-DS, the
+- :func:`open_classifier` turns a ``--classifier`` value into a :class:`Classifier`
+  (``images [N, C, H, W] -> logits [N, classes]``) checked against the data before any training:
+  the model's KServe v2 metadata (input name, datatype, shape) and one probe call whose answer
+  must have one score per class. Specs: ``local``, or any black-box spec of
+  ``deepzero_oracle.blackbox.spec`` (``grpc://``, ``kserve://``, ``kserve+http://``,
+  ``MODULE:FUNCTION``; a ``MODULE:ATTR`` naming a ``torch.nn.Module`` is also a white box).
+- ``local``, the example classifier: :func:`train_classifier` trains the model zoo's ``cnn``
+  with autograd (the engine's Trainer with the ``Autograd`` estimator) on an example dataset and
+  saves it (a state dict plus its shape metadata, and a NumPy ``.npz`` export that a model server
+  without torch can load, see :mod:`.npcnn`).
+- :func:`frozen_blackbox` exposes a saved model as a :class:`LocalBlackBox` around a closure
+  that receives NumPy arrays and returns NumPy logits (:func:`query_only`): nothing about the
+  model leaks out (no ``parameters``, no autograd graph).
+- :func:`whitebox_classifier` loads the same weights as a frozen ``nn.Module``: only FO-DS, the
   white-box reference, uses it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -23,11 +29,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import Autograd, LocalBlackBox, ModuleOracle, TensorBatches, Trainer
+from deepzero_oracle.blackbox import BlackBoxError, BlackBoxTimeout, BlackBoxUnavailable, as_tensor
+from deepzero_oracle.blackbox.spec import BlackBoxSpec, load_callable, open_blackbox
 from deepzero_oracle.apps.datasets import load_dataset
 from deepzero_oracle.apps.models import cnn
 from deepzero_oracle.atomic import save_torch
 
 __all__ = [
+    "FLOAT_DATATYPES",
+    "PROBE_IMAGES",
+    "Classifier",
+    "ClassifierInput",
+    "classifier_input",
     "default_classifier_path",
     "train_classifier",
     "ensure_classifier",
@@ -36,6 +49,8 @@ __all__ = [
     "export_npz",
     "open_classifier",
     "numpy_classifier_fn",
+    "query_only",
+    "freeze",
 ]
 
 
@@ -88,6 +103,14 @@ def ensure_classifier(dataset: str, path: str | Path | None = None, *, progress:
     return path
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with ``requires_grad=False`` everywhere (in place); returns it."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def whitebox_classifier(path: str | Path) -> nn.Module:
     """The saved classifier as a frozen ``nn.Module`` (eval mode, ``requires_grad=False``).
 
@@ -96,10 +119,7 @@ def whitebox_classifier(path: str | Path) -> nn.Module:
     saved = torch.load(path, weights_only=True)
     model = _build(saved["meta"])
     model.load_state_dict(saved["state_dict"])
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return freeze(model)
 
 
 def export_npz(model: nn.Sequential, path: str | Path) -> Path:
@@ -128,21 +148,27 @@ def export_npz(model: nn.Sequential, path: str | Path) -> Path:
     return path
 
 
-def numpy_classifier_fn(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A closure ``x [N, C, H, W] ndarray -> logits [N, classes] ndarray`` over a saved classifier.
+def query_only(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """A closure ``x [N, C, H, W] ndarray -> scores [N, classes] ndarray`` over ``model``.
 
     The model lives only inside the closure; the returned function exposes no parameters and
-    returns plain arrays, so no autograd graph can reach the weights.
+    returns plain arrays, so no autograd graph can reach the weights. Inputs are cast to the
+    model's floating dtype.
     """
-    model = whitebox_classifier(path)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def classify(x: np.ndarray) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise TypeError("the frozen classifier takes numpy arrays only")
         with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+            return model(torch.from_numpy(np.ascontiguousarray(x)).to(dtype)).numpy()
 
     return classify
+
+
+def numpy_classifier_fn(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`query_only` over a saved ``local`` classifier: ``x [N, C, H, W] -> logits [N, classes]``."""
+    return query_only(whitebox_classifier(path))
 
 
 def frozen_blackbox(path: str | Path) -> LocalBlackBox:
@@ -150,30 +176,220 @@ def frozen_blackbox(path: str | Path) -> LocalBlackBox:
     return LocalBlackBox(numpy_classifier_fn(path), numpy=True)
 
 
-def open_classifier(spec: str, dataset: str, *, path: str | Path | None = None, timeout: float = 60.0,
-                    progress: bool = True):
-    """A black box from a ``--classifier`` spec.
+# ----------------------------------------------------------------------------------------------
+# Any classifier from a spec, checked against the data before training
+# ----------------------------------------------------------------------------------------------
+
+#: The datatypes images may be sent in (they are floats in [0, 1]).
+FLOAT_DATATYPES = {"FP16": torch.float16, "FP32": torch.float32, "FP64": torch.float64}
+#: Images sent by the probe call that checks a classifier before training.
+PROBE_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class ClassifierInput:
+    """How images are sent to a classifier.
+
+    Attributes:
+        name: the input tensor's name in the model's metadata (None: not declared).
+        datatype: "FP16", "FP32" or "FP64"; images are cast to it before every call.
+        shape: the declared shape, e.g. ``(-1, 1, 8, 8)`` (-1: any), or None if not declared.
+    """
+
+    name: str | None = None
+    datatype: str = "FP32"
+    shape: tuple[int, ...] | None = None
+
+
+def classifier_input(metadata: dict | None, image_shape: tuple[int, ...], classes: int,
+                     where: str = "the classifier") -> ClassifierInput:
+    """Read a model's KServe v2 metadata and check it against the data.
 
     Args:
-        spec: ``local`` (the adapter's own classifier at ``path``, trained on first use),
-            ``grpc://host:port[/model]`` (our gRPC server) or ``kserve://host:port/model`` (any
-            KServe v2 gRPC server, e.g. MLServer or Triton).
-        dataset: used for the default ``local`` path.
+        metadata: ``{"inputs": [{"name", "datatype", "shape"}], "outputs": [...]}`` or None.
+        image_shape: the data's ``(C, H, W)``; classes: its class count.
+        where: the spec, for the messages.
     Returns:
-        a callable ``[N, C, H, W] -> [N, classes]`` (LocalBlackBox, GrpcBlackBox or KServeBlackBox).
+        the :class:`ClassifierInput`; an undeclared datatype is FP32, an undeclared shape the data's.
+    Raises:
+        ValueError: more than one input, a non-float datatype, a shape that does not fit
+        ``[N, C, H, W]``, or a declared output width other than ``classes``.
     """
+    if not metadata:
+        return ClassifierInput()
+    inputs = metadata.get("inputs") or []
+    if len(inputs) > 1:
+        names = [t.get("name") for t in inputs]
+        raise ValueError(f"{where} takes {len(inputs)} inputs {names}; a classifier takes one image tensor "
+                         f"[N, {', '.join(map(str, image_shape))}]")
+    if not inputs:
+        return ClassifierInput()
+    declared = inputs[0]
+    name, datatype = declared.get("name") or None, declared.get("datatype") or "FP32"
+    if datatype not in FLOAT_DATATYPES:
+        raise ValueError(f"{where}: input {name!r} is declared {datatype}, but images in [0, 1] are sent as "
+                         f"floats; declare it {', '.join(FLOAT_DATATYPES)} (scale pixels inside the model)")
+    shape = tuple(int(d) for d in declared.get("shape") or ()) or None
+    if shape is not None:
+        image = shape[1:] if len(shape) == len(image_shape) + 1 else shape
+        if len(image) != len(image_shape) or any(d not in (-1, s) for d, s in zip(image, image_shape)):
+            raise ValueError(f"{where}: input {name!r} is declared with shape {list(shape)}, but the images are "
+                             f"[N, {', '.join(map(str, image_shape))}] (-1 means any); serve a classifier for "
+                             "these images or give images of its shape")
+    outputs = metadata.get("outputs") or []
+    if len(outputs) == 1 and len(outputs[0].get("shape") or ()) == 2 and outputs[0]["shape"][1] not in (-1, classes):
+        raise ValueError(f"{where}: output {outputs[0].get('name')!r} is declared {list(outputs[0]['shape'])}, "
+                         f"but the data has {classes} classes; the classifier must score every class")
+    return ClassifierInput(name, datatype, shape)
+
+
+class Classifier:
+    """A classifier black box checked against the data: ``images [N, C, H, W] -> scores [N, classes]``.
+
+    Images are sent in the declared datatype. Scores are logits: a classifier found by
+    :meth:`probe` to answer probabilities (rows in [0, 1] summing to 1) is answered with their
+    logarithms, which have the same softmax and argmax, so cross-entropy sees the right thing.
+
+    Args:
+        spec: the ``--classifier`` value (for messages and run records).
+        blackbox: the opened black box (LocalBlackBox, GrpcBlackBox or KServeBlackBox).
+        classes: the data's class count.
+        whitebox: the same classifier as a frozen ``nn.Module`` when it is one (FO-DS needs it).
+    """
+
+    def __init__(self, spec: str, blackbox: Callable, classes: int, *, whitebox: nn.Module | None = None):
+        self.spec, self.blackbox, self.classes, self.whitebox = spec, blackbox, int(classes), whitebox
+        self.input = ClassifierInput()
+        self.output = "logits"
+
+    def __call__(self, images) -> torch.Tensor:
+        """``images [N, C, H, W]`` -> logits ``[N, classes]`` in the images' float dtype."""
+        images = as_tensor(images).detach()
+        scores = self.blackbox(images.to(FLOAT_DATATYPES[self.input.datatype]))
+        if isinstance(scores, tuple):
+            raise ValueError(f"{self.spec} answers {len(scores)} outputs; a classifier answers one, scores "
+                             f"[N, {self.classes}]")
+        scores = as_tensor(scores).to(images.dtype if images.is_floating_point() else torch.float32)
+        if self.output == "probabilities":
+            scores = scores.clamp_min(torch.finfo(scores.dtype).tiny).log()
+        return scores
+
+    def check(self, images: torch.Tensor) -> "Classifier":
+        """Read the model's metadata, then :meth:`probe` with ``images [n, C, H, W]``; returns self.
+
+        A black box that cannot be reached raises ``BlackBoxUnavailable`` / ``BlackBoxTimeout``;
+        any other failure is a ``ValueError`` saying what to change.
+        """
+        where = f"--classifier {self.spec}"
+        try:
+            metadata = getattr(self.blackbox, "metadata", lambda: None)()
+        except (BlackBoxUnavailable, BlackBoxTimeout):
+            raise
+        except BlackBoxError as err:
+            raise ValueError(f"{where}: its metadata could not be read: {err}") from err
+        self.input = classifier_input(metadata, tuple(images.shape[1:]), self.classes, where)
+        return self.probe(images)
+
+    def probe(self, images: torch.Tensor) -> "Classifier":
+        """One call on ``images [n, C, H, W]``: the answer must be finite scores ``[n, classes]``.
+
+        Decides whether the classifier answers logits or probabilities; returns self.
+        """
+        where = f"--classifier {self.spec}"
+        self.output = "logits"
+        sent = f"{len(images)} images [{', '.join(map(str, images.shape))}] as {self.input.datatype}"
+        try:
+            scores = self(images)
+        except (BlackBoxUnavailable, BlackBoxTimeout):
+            raise
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- whatever the user's classifier raised, said before training
+            raise ValueError(f"{where} failed on a probe of {sent}: {type(err).__name__}: {err}") from err
+        if scores.ndim != 2 or scores.shape[1] != self.classes:
+            raise ValueError(f"{where} answered a probe of {sent} with scores shaped {list(scores.shape)}; "
+                             f"expected [{len(images)}, {self.classes}], one score per class of the data "
+                             f"({self.classes} classes; an .npz may state more with its 'classes' entry)")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{where} answered a probe of {sent} with NaN or Inf scores; it must answer "
+                             "finite logits or probabilities")
+        if bool((scores >= 0).all() and (scores <= 1 + 1e-6).all()
+                and torch.allclose(scores.sum(1), torch.ones(len(scores), dtype=scores.dtype), atol=1e-3)):
+            self.output = "probabilities"
+        return self
+
+    def describe(self) -> dict:
+        """What the run depends on about the classifier, JSON-friendly."""
+        return {"spec": self.spec, "input": self.input.name, "datatype": self.input.datatype,
+                "shape": list(self.input.shape) if self.input.shape else None, "output": self.output,
+                "classes": self.classes, "differentiable": self.whitebox is not None}
+
+    def close(self) -> None:
+        """Close the black box's connection."""
+        getattr(self.blackbox, "close", lambda: None)()
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _import_classifier(spec: BlackBoxSpec):
+    where = f"--classifier {spec}"
+    try:
+        obj = load_callable(str(spec))
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: cannot load it ({type(err).__name__}: {err}); MODULE must be importable "
+                         "from the current folder or installed, and FUNCTION a callable in it") from err
+    if isinstance(obj, Mapping):
+        raise ValueError(f"{where} is a mapping of several callables; name one: MODULE:NAME")
+    return obj
+
+
+def open_classifier(spec: str, data, *, path: str | Path | None = None, timeout: float = 60.0,
+                    progress: bool = True) -> Classifier:
+    """The classifier a ``--classifier`` spec names, checked against ``data`` before any training.
+
+    Args:
+        spec: ``local`` (the adapter's own CNN for an example dataset, at ``path``, trained on
+            first use), or a black-box spec (``deepzero_oracle.blackbox.spec``):
+            ``grpc://HOST:PORT[/MODEL]``, ``kserve://HOST:PORT/MODEL``,
+            ``kserve+http://HOST:PORT/MODEL``, ``MODULE:FUNCTION`` (called in this process with
+            NumPy arrays ``[N, C, H, W]``; a ``torch.nn.Module`` is also a white box for FO-DS).
+        data: a Dataset (``x_train [N, C, H, W]``, ``classes``, ``name``) or a ``--data`` value.
+        timeout: deadline of every remote call, in seconds.
+    Returns:
+        a :class:`Classifier` ``[N, C, H, W] -> logits [N, classes]``, probed on a few training
+        images; close it (or use it as a context manager) when done.
+    Raises:
+        BlackBoxUnavailable / BlackBoxTimeout: a remote classifier cannot be reached.
+        ValueError: anything else that does not fit the data (the message says what).
+    """
+    from deepzero_oracle.apps.datasets import DATASETS, load_data
+
+    data = load_data(data) if isinstance(data, str) else data
+    whitebox = None
     if spec == "local":
-        return frozen_blackbox(ensure_classifier(dataset, path, progress=progress))
-    if spec.startswith("grpc://"):
-        from deepzero_oracle.blackbox import GrpcBlackBox
-
-        target, _, model = spec[len("grpc://"):].partition("/")
-        return GrpcBlackBox(target, model=model, timeout=timeout)
-    if spec.startswith("kserve://"):
-        from deepzero_oracle.blackbox import KServeBlackBox
-
-        target, _, model = spec[len("kserve://"):].partition("/")
-        if not model:
-            raise ValueError(f"{spec!r}: a KServe classifier needs a model name, kserve://host:port/model")
-        return KServeBlackBox(target, model, protocol="grpc", timeout=timeout)
-    raise ValueError(f"unknown classifier {spec!r}; use local, grpc://host:port[/model] or kserve://host:port/model")
+        if data.name not in DATASETS:
+            raise ValueError(f"--classifier local is the adapter's own CNN for {' and '.join(DATASETS)}; for your "
+                             "own images name your classifier: --classifier MODULE:FUNCTION, grpc://HOST:PORT[/MODEL] "
+                             "or kserve://HOST:PORT/MODEL")
+        whitebox = whitebox_classifier(ensure_classifier(data.name, path, progress=progress))
+        blackbox = LocalBlackBox(query_only(whitebox), numpy=True)
+    else:
+        parsed = BlackBoxSpec.parse(spec)
+        if parsed.kind == "python":
+            fn = _import_classifier(parsed)
+            if isinstance(fn, nn.Module):
+                whitebox = freeze(fn)
+                fn = query_only(whitebox)
+            blackbox = LocalBlackBox(fn, numpy=True)
+        else:
+            blackbox = open_blackbox(parsed, timeout=timeout)
+    classifier = Classifier(spec, blackbox, data.classes, whitebox=whitebox)
+    try:
+        return classifier.check(data.x_train[:PROBE_IMAGES])
+    except BaseException:
+        classifier.close()
+        raise

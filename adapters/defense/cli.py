@@ -1,9 +1,14 @@
 """``deepzero-oracle defense train | certify | report``: the black-box defense from the shell.
 
-``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). A run folder (``--out``) holds one
-method's trained front (``run.json``, ``front.pt``, per-stage Trainer checkpoints) and, after
-``certify``, its per-example log ``certify.tsv`` and ``certify.json``; ``report`` reads the
-run folders under ``--root``.
+``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). A run
+folder (``--out``) holds one method's trained front (``run.json``, ``front.pt``, per-stage
+Trainer checkpoints) and, after ``certify``, its per-example log ``certify.tsv`` and
+``certify.json``; ``report`` reads the run folders under ``--root``.
+
+Images come from ``--data`` (an ``.npz`` or an image folder, ``deepzero_oracle.apps.datasets``)
+or ``--dataset`` (an example); the classifier from ``--classifier`` (``local`` or a black-box
+spec, :func:`.classifier.open_classifier`). Both are read and checked before anything on disk
+changes; ``certify`` defaults to the run's data and classifier.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,34 +28,38 @@ CERTIFY_METHODS = ("none", "fo-ds", "zo-ds", "zo-ae-ds")
 _ORDER = {m: i for i, m in enumerate(CERTIFY_METHODS)}
 
 
-def _classifier(args, dataset: str):
+def _data(value: str):
+    from deepzero_oracle.apps.datasets import DATASETS, load_data
+
+    data = load_data(value)
+    return data, value if value in DATASETS else data.name  # files by absolute path: certify finds them
+
+
+def _classifier(args, spec: str, data):
     from deepzero_oracle.adapters.defense.classifier import open_classifier
 
-    return open_classifier(args.classifier, dataset, path=args.classifier_path, progress=not args.quiet)
+    return open_classifier(spec, data, path=args.classifier_path, progress=not args.quiet)
 
 
 def _train(args) -> int:
-    from deepzero_oracle.adapters.defense.classifier import ensure_classifier, whitebox_classifier
     from deepzero_oracle.adapters.defense.methods import DefenseConfig, train_defense
 
-    config = DefenseConfig(method=args.method, dataset=args.dataset, sigma=args.sigma, objective=args.objective,
-                           epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, ae_epochs=args.ae_epochs,
-                           batch_size=args.batch_size, lr=args.lr, width=args.width, depth=args.depth,
-                           latent=args.latent, sparsity=args.sparsity, pruner=args.pruner,
+    # Everything is checked (settings, data, classifier) before anything on disk changes.
+    data, dataset = _data(args.data)
+    config = DefenseConfig(method=args.method, dataset=dataset, classifier=args.classifier, sigma=args.sigma,
+                           objective=args.objective, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
+                           ae_epochs=args.ae_epochs, batch_size=args.batch_size, lr=args.lr, width=args.width,
+                           depth=args.depth, latent=args.latent, sparsity=args.sparsity, pruner=args.pruner,
                            redraw_every=args.redraw_every, mu=args.mu, max_train=args.max_train,
                            seed=args.seed).check()
-    whitebox = None
-    if args.method == "fo-ds":
-        if args.classifier != "local":
-            raise ValueError("fo-ds back-propagates through the classifier, so it needs --classifier local")
-        whitebox = whitebox_classifier(ensure_classifier(args.dataset, args.classifier_path, progress=not args.quiet))
-    out = Path(args.out)
-    if args.restart:  # only what `defense train` wrote: the stage folders and the trained front
-        for stage in ("ae", "mse", "stab"):
-            shutil.rmtree(out / stage, ignore_errors=True)
-        for name in ("run.json", "front.pt"):
-            (out / name).unlink(missing_ok=True)
-    info = train_defense(config, _classifier(args, args.dataset), out, whitebox=whitebox, progress=not args.quiet)
+    with _classifier(args, args.classifier, data) as classifier:
+        if args.method == "fo-ds" and classifier.whitebox is None:
+            raise ValueError(f"fo-ds back-propagates through the classifier, but {args.classifier} can only be "
+                             "queried; fo-ds needs --classifier local or MODULE:ATTR naming a torch nn.Module "
+                             "(zo-ds and zo-ae-ds work on any classifier)")
+        out = Path(args.out)
+        info = train_defense(config, classifier, out, data=data, whitebox=classifier.whitebox,
+                             classifier_info=classifier.describe(), restart=args.restart, progress=not args.quiet)
     summary = {k: info[k] for k in ("method", "queries", "blackbox_images", "seconds",
                                     "pipeline_clean_accuracy", "denoiser_parameters")}
     print(json.dumps(summary) if args.json else
@@ -64,13 +72,15 @@ def _train(args) -> int:
 
 def _certify(args) -> int:
     from deepzero_oracle.adapters.defense.methods import certify_front, load_front
+    from deepzero_oracle.apps.datasets import data_fingerprint
 
     out = Path(args.out)
     front, training = None, {"queries": 0, "blackbox_images": 0}
     if args.method == "none":
-        if args.dataset is None or args.sigma is None:
-            raise ValueError("--method none needs --dataset and --sigma (there is no trained run to read them from)")
-        dataset, sigma = args.dataset, args.sigma
+        if args.data is None or args.sigma is None:
+            raise ValueError("--method none needs --data (or --dataset) and --sigma (there is no trained run to "
+                             "read them from)")
+        (data, dataset), sigma, spec = _data(args.data), args.sigma, args.classifier or "local"
     else:
         if not (out / "run.json").exists():
             raise FileNotFoundError(
@@ -79,19 +89,27 @@ def _certify(args) -> int:
         if config.method != args.method:
             raise ValueError(f"{out} holds a {config.method} run, not {args.method}")
         training = json.loads((out / "run.json").read_text())
-        dataset = config.dataset
-        if args.dataset not in (None, dataset):
-            raise ValueError(f"{out} was trained on {dataset}, not {args.dataset}")
+        data, dataset = _data(args.data or config.dataset)
+        trained_on = training.get("data_sha256")
+        if trained_on is not None and trained_on != data_fingerprint(data):
+            raise ValueError(f"{out} was trained on other images than {args.data or config.dataset} holds now "
+                             f"(fingerprint {trained_on} then, {data_fingerprint(data)} now); certify it on the "
+                             "images it was trained on")
+        spec = args.classifier or config.classifier
+        if spec != config.classifier:
+            print(f"note: certifying with --classifier {spec}; the front was trained against {config.classifier}",
+                  file=sys.stderr)
         sigma = args.sigma if args.sigma is not None else config.sigma
         if sigma != config.sigma:
             print(f"note: certifying at sigma={sigma} a front trained at sigma={config.sigma}", file=sys.stderr)
     # What the log's rows depend on beyond the sampling settings: resuming must not mix models.
-    model = {"method": args.method, "classifier": args.classifier,
+    model = {"method": args.method, "classifier": spec,
              "front_sha256": hashlib.sha256((out / "front.pt").read_bytes()).hexdigest() if front else None}
-    run = certify_front(front, _classifier(args, dataset), dataset, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
-                        max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
-                        log_path=out / "certify.tsv", progress=not args.quiet, resume=not args.restart,
-                        settings=model)
+    with _classifier(args, spec, data) as classifier:
+        run = certify_front(front, classifier, data, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                            max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
+                            log_path=out / "certify.tsv", progress=not args.quiet, resume=not args.restart,
+                            settings=model)
     summary = {"method": args.method, "dataset": dataset, **run.summary(),
                "training_queries": int(training["queries"]),
                "training_blackbox_images": int(training["blackbox_images"])}
@@ -161,12 +179,26 @@ def _report(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--classifier", default="local",
-                   help="local (the adapter's own FO-trained CNN), grpc://host:port[/model] "
-                        "or kserve://host:port/model")
+def _common(p: argparse.ArgumentParser, *, classifier_default: str | None, data_default: str | None) -> None:
+    from deepzero_oracle.apps.datasets import DATASETS
+
+    p.add_argument("--classifier", default=classifier_default, metavar="SPEC",
+                   help="the classifier, answering logits or probabilities [N, classes]: local (the adapter's "
+                        "own CNN, example datasets only), MODULE:FUNCTION (in this process, NumPy arrays in; "
+                        "a torch nn.Module also allows fo-ds), grpc://HOST:PORT[/MODEL], kserve://HOST:PORT/MODEL "
+                        "or kserve+http://HOST:PORT/MODEL"
+                        + ("" if classifier_default else " (default: the run's, else local)"))
     p.add_argument("--classifier-path", default=None,
                    help="saved local classifier (default runs/defense/classifier-<dataset>.pt, trained on first use)")
+    images = p.add_mutually_exclusive_group()
+    images.add_argument("--data", dest="data", default=data_default, metavar="FILE.npz|DIR",
+                        help="your images: an .npz with x_train [N, C, H, W] floats in [0, 1], y_train [N] "
+                             "integer labels, x_test, y_test (optional scalar classes), or a folder with one "
+                             "subfolder of PNG/JPEG images per class: DIR/train/<class>/ and DIR/test/<class>/, "
+                             "else DIR/<class>/ split 80/20 (stratified, seeded)"
+                             + ("" if data_default else "; default: the run's"))
+    images.add_argument("--dataset", dest="data", choices=DATASETS,
+                        help="an example dataset (offline), short for --data NAME")
     add_json(p)
     add_quiet(p)
 
@@ -177,7 +209,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     Returns the ``defense`` parser. Each leaf sets ``func(args) -> exit code``.
     """
     from deepzero_oracle.adapters.defense.methods import METHODS, OBJECTIVES, DefenseConfig
-    from deepzero_oracle.apps.datasets import DATASETS
 
     d = DefenseConfig()
     defense = add_command(subparsers, "defense",
@@ -186,8 +217,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     train = add_command(sub, "train", "train a denoiser in front of the black-box classifier")
     train.add_argument("--method", choices=METHODS, required=True, help="how the stability gradient is found")
-    _common(train)
-    train.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="example images (offline)")
+    _common(train, classifier_default=d.classifier, data_default=d.dataset)
     train.add_argument("--sigma", type=float, default=d.sigma, help="noise level (0.12, 0.25, 0.5)")
     train.add_argument("--objective", choices=OBJECTIVES, default=d.objective, help="denoiser objective")
     train.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the main objective")
@@ -211,8 +241,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     cert = add_command(sub, "certify", "randomized-smoothing CERTIFY of a trained run (or of no denoiser)")
     cert.add_argument("--method", choices=CERTIFY_METHODS, required=True, help="the run's method, or none")
-    _common(cert)
-    cert.add_argument("--dataset", choices=DATASETS, default=None, help="required for --method none")
+    _common(cert, classifier_default=None, data_default=None)
     cert.add_argument("--sigma", type=float, default=None, help="default: the run's training sigma")
     cert.add_argument("--n0", type=int, default=100, help="noisy samples that choose the top class")
     cert.add_argument("--n", type=int, default=100_000, help="noisy samples that bound its probability")

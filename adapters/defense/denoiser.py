@@ -39,20 +39,28 @@ class Denoiser(nn.Module):
         return x + self.body(x)
 
 
-def default_latent(side: int) -> int:
-    """Latent size for ``side x side`` images: about 1/16 of the pixels as in ZO-AE-DS
-    (192 for 32x32x3), but at least 16 so 8x8 digits stay recognisable."""
-    return max(16, (side * side) // 16)
+def _size(side: int | tuple[int, int]) -> tuple[int, int]:
+    return (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+
+
+def default_latent(side: int | tuple[int, int]) -> int:
+    """Latent size for ``side x side`` (or ``(H, W)``) images: about 1/16 of the pixels as in
+    ZO-AE-DS (192 for 32x32x3), but at least 16 so 8x8 digits stay recognisable."""
+    height, width = _size(side)
+    return max(16, (height * width) // 16)
 
 
 class Encoder(nn.Module):
-    """``[B, C, H, W] -> z [B, latent]``: strided 3x3 conv (8 channels), ReLU, Linear."""
+    """``[B, C, H, W] -> z [B, latent]``: strided 3x3 conv (8 channels), ReLU, Linear.
 
-    def __init__(self, side: int, latent: int, channels: int = 1, width: int = 8):
+    ``side``: the image side, or ``(H, W)``.
+    """
+
+    def __init__(self, side: int | tuple[int, int], latent: int, channels: int = 1, width: int = 8):
         super().__init__()
-        half = (side + 1) // 2
+        half_h, half_w = ((s + 1) // 2 for s in _size(side))
         self.net = nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Flatten(), nn.Linear(width * half * half, latent))
+                                 nn.Flatten(), nn.Linear(width * half_h * half_w, latent))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, C, H, W]`` -> ``z [B, latent]``."""
@@ -60,17 +68,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """``z [B, latent] -> [B, C, side, side]``: Linear, ReLU, transposed conv (x2 up-sampling)."""
+    """``z [B, latent] -> [B, C, H, W]``: Linear, ReLU, transposed conv (x2 up-sampling).
 
-    def __init__(self, side: int, latent: int, channels: int = 1, width: int = 8):
+    ``side``: the image side, or ``(H, W)``; both must be even.
+    """
+
+    def __init__(self, side: int | tuple[int, int], latent: int, channels: int = 1, width: int = 8):
         super().__init__()
-        if side % 2:
-            raise ValueError(f"the decoder needs an even image side, got {side}")
-        self.width, self.half = width, side // 2
-        self.fc = nn.Sequential(nn.Linear(latent, width * self.half * self.half), nn.ReLU())
+        if any(s % 2 for s in _size(side)):
+            raise ValueError(f"the ZO-AE-DS decoder up-samples by 2, so it needs even image sides, got "
+                             f"{'x'.join(map(str, _size(side)))}; crop or pad the images, or use zo-ds")
+        self.width, self.half = width, tuple(s // 2 for s in _size(side))
+        self.fc = nn.Sequential(nn.Linear(latent, width * self.half[0] * self.half[1]), nn.ReLU())
         self.up = nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """``z [B, latent]`` -> images ``[B, C, side, side]``."""
-        h = self.fc(z).reshape(len(z), self.width, self.half, self.half)
+        """``z [B, latent]`` -> images ``[B, C, H, W]``."""
+        h = self.fc(z).reshape(len(z), self.width, *self.half)
         return self.up(h)

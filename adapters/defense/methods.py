@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ from deepzero_oracle.estimators.chain import ChainRule
 from deepzero_oracle.pruning import (class_balanced_sample, load_ratios, ratios_from_scores, save_ratios,
                                      uniform_ratios, zo_grasp_scores)
 from deepzero_oracle.theta import unflatten
+from deepzero_oracle.train import check_settings
 
 from deepzero_oracle.adapters.defense.certify_log import CertifyRun, certify_dataset
 from deepzero_oracle.adapters.defense.denoiser import Decoder, Denoiser, Encoder, default_latent
@@ -54,6 +56,7 @@ from deepzero_oracle.adapters.defense.smoothing import Smooth
 __all__ = [
     "METHODS",
     "OBJECTIVES",
+    "STAGES",
     "DefenseConfig",
     "CountingBlackBox",
     "LatentOracle",
@@ -67,6 +70,8 @@ __all__ = [
 ]
 
 METHODS = ("fo-ds", "zo-ds", "zo-ae-ds")
+#: The Trainer runs of a defense run, one folder each under the run folder.
+STAGES = ("ae", "mse", "stab")
 OBJECTIVES = ("mse", "stab", "mse+stab")
 
 
@@ -76,7 +81,10 @@ class DefenseConfig:
 
     Attributes:
         method: one of :data:`METHODS`.
-        dataset: "digits" or "mnist5k".
+        dataset: the images: "digits", "mnist5k", or the absolute path of an ``.npz`` or an image
+            folder (``deepzero_oracle.apps.datasets.load_data``).
+        classifier: the ``--classifier`` spec the front is trained against (part of the run's
+            settings: resuming against another classifier is refused).
         sigma: noise level of training and certification (0.12, 0.25, 0.5).
         objective: one of :data:`OBJECTIVES`.
         epochs: epochs of the main objective (``stab``; ``mse`` when the objective is ``mse``).
@@ -95,6 +103,7 @@ class DefenseConfig:
 
     method: str = "zo-ds"
     dataset: str = "digits"
+    classifier: str = "local"
     sigma: float = 0.25
     objective: str = "mse+stab"
     epochs: int = 5
@@ -281,15 +290,16 @@ def build_front(config: DefenseConfig, image_shape: tuple[int, ...]) -> nn.Modul
 
     ``fo-ds`` / ``zo-ds``: a :class:`Denoiser`; ``zo-ae-ds``: ``Sequential(denoiser, encoder,
     decoder)`` (named ``denoiser``, ``encoder``, ``decoder``).
+    ZO-AE-DS needs even image sides (the decoder up-samples by 2).
     """
-    channels, side = image_shape[0], image_shape[-1]
+    channels, size = image_shape[0], tuple(image_shape[1:])
     torch.manual_seed(config.seed)
     denoiser = Denoiser(channels, config.width, config.depth)
     if config.method != "zo-ae-ds":
         return denoiser
-    latent = config.latent or default_latent(side)
-    return nn.Sequential(OrderedDict(denoiser=denoiser, encoder=Encoder(side, latent, channels),
-                                     decoder=Decoder(side, latent, channels)))
+    latent = config.latent or default_latent(size)
+    return nn.Sequential(OrderedDict(denoiser=denoiser, encoder=Encoder(size, latent, channels),
+                                     decoder=Decoder(size, latent, channels)))
 
 
 def load_front(run_dir: str | Path) -> tuple[nn.Module, DefenseConfig]:
@@ -339,7 +349,8 @@ class NoisyBatches(TensorBatches):
 
 
 def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *, data=None,
-                  whitebox: nn.Module | None = None, progress: bool = True) -> dict:
+                  whitebox: nn.Module | None = None, classifier_info: dict | None = None,
+                  restart: bool = False, progress: bool = True) -> dict:
     """Train the front for ``config.method`` against ``blackbox`` and save it under ``out``.
 
     Args:
@@ -348,31 +359,52 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         out: run folder: ``front.pt``, ``run.json`` and one Trainer folder per stage (``ae/``,
             ``mse/``, ``stab/``); rerunning resumes every stage from its checkpoint (more epochs
             continue the same run; other settings are refused).
-        data: images with ``x_train [N, C, H, W]`` in [0, 1], ``x_test``, ``y_test`` (e.g. a
-            ``Dataset`` of the example apps); None loads ``config.dataset``.
+        data: images with ``x_train [N, C, H, W]`` in [0, 1], ``y_train``, ``x_test``, ``y_test``
+            and ``classes`` (a ``Dataset`` of ``deepzero_oracle.apps.datasets``); None loads
+            ``config.dataset``.
         whitebox: the same classifier as an ``nn.Module``; required by ``fo-ds`` only.
+        classifier_info: what is known about the classifier (``Classifier.describe()``), kept
+            in ``run.json``.
+        restart: start over: once everything is checked, remove what an earlier run wrote in
+            ``out`` (the stage folders, ``run.json``, ``front.pt``) and nothing else.
     Returns:
         the ``run.json`` dict: config, ``queries`` (oracle queries of the black-box stage plus
         ZO-GraSP and clean-label queries), ``blackbox_images``, seconds, the accuracy of
-        ``f(front(x))`` on the first 500 clean test images (``pipeline_clean_accuracy``), image shape.
+        ``f(front(x))`` on the first 500 clean test images (``pipeline_clean_accuracy``), image
+        shape, ``data_sha256`` (the data's identity, also part of the settings a resumed run
+        must match) and ``classifier``.
     """
+    from deepzero_oracle.apps.datasets import data_fingerprint, load_data
+
     config.check()
     if config.method == "fo-ds" and whitebox is None:
-        raise ValueError("fo-ds is the white-box reference: it needs the classifier module (use --classifier local)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        from deepzero_oracle.apps.datasets import load_dataset
-
-        data = load_dataset(config.dataset)
+        raise ValueError("fo-ds is the white-box reference: it back-propagates through the classifier, so it "
+                         "needs it as a torch module (--classifier local, or MODULE:ATTR naming an nn.Module)")
+    data = load_data(config.dataset) if data is None else data
+    data_sha256 = data_fingerprint(data)
     x = data.x_train if config.max_train is None else data.x_train[: config.max_train]
     image_shape = tuple(x.shape[1:])
+    front = build_front(config, image_shape)  # refuses what the front cannot take (odd sides for zo-ae-ds)
+    denoiser = front.denoiser if config.method == "zo-ae-ds" else front
+    # epochs may grow on resume (the recipe has no schedule tied to them); all else must match.
+    # The data count by content, not by where the files are.
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("epochs", "pretrain_epochs", "ae_epochs", "dataset")}
+    settings["data_sha256"] = data_sha256
+    out = Path(out)
+    for name in STAGES:  # before anything changes on disk, as the Trainer would refuse them later
+        checkpoint = out / name / "checkpoint.pt"
+        if restart:
+            shutil.rmtree(out / name, ignore_errors=True)
+        elif checkpoint.exists():
+            check_settings(torch.load(checkpoint, weights_only=True).get("settings"), {"stage": name, **settings},
+                           out / name)
+    if restart:
+        for name in ("run.json", "front.pt"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     box = CountingBlackBox(blackbox)
     started = time.perf_counter()
-    front = build_front(config, image_shape)
-    denoiser = front.denoiser if config.method == "zo-ae-ds" else front
-    # epochs may grow on resume (the recipe has no schedule tied to them); all else must match
-    settings = {k: v for k, v in asdict(config).items() if k not in ("epochs", "pretrain_epochs", "ae_epochs")}
 
     def stage(name, oracle, estimator, learner, targets, epochs, salt, *, noise=True, masks=None, callbacks=()):
         trainer = Trainer(oracle, estimator, torch.optim.Adam(learner.parameters(), lr=config.lr),
@@ -450,6 +482,8 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         "blackbox_images": int(prior_images + box.rows),
         "seconds": round(time.perf_counter() - started, 2),
         "pipeline_clean_accuracy": acc,
+        "data_sha256": data_sha256,
+        "classifier": classifier_info or {"spec": config.classifier},
     }
     write_json(out / "run.json", info)
     return info
@@ -520,17 +554,16 @@ def certify_front(front: nn.Module | None, blackbox: Callable, data, sigma: floa
                   resume: bool = False, settings: dict | None = None) -> CertifyRun:
     """CERTIFY the first ``max_examples`` test images through ``f(front(x + noise))``.
 
-    ``data``: images with ``x_test [N, C, H, W]``, ``y_test [N]`` and ``classes``, or the name of
-    an example dataset. Returns the :class:`CertifyRun` (rows, queries = noisy samples,
+    ``data``: images with ``x_test [N, C, H, W]``, ``y_test [N]`` and ``classes`` (a ``Dataset``),
+    or a ``--data`` value. Returns the :class:`CertifyRun` (rows, queries = noisy samples,
     samples/s); the per-example log goes to ``log_path``. ``resume`` and ``settings`` are
-    :func:`certify_dataset`'s.
+    :func:`certify_dataset`'s; the data's fingerprint is always among the settings.
     """
-    name = data if isinstance(data, str) else getattr(data, "name", "custom")
-    if isinstance(data, str):
-        from deepzero_oracle.apps.datasets import load_dataset
+    from deepzero_oracle.apps.datasets import data_fingerprint, load_data
 
-        data = load_dataset(data)
+    data = load_data(data) if isinstance(data, str) else data
     xs, ys = data.x_test[:max_examples], data.y_test[:max_examples]
     smooth = Smooth(smoothed_pipeline(front, blackbox), data.classes, sigma)
     return certify_dataset(smooth, xs, ys, n0, n, alpha, batch_size, seed=seed, log_path=log_path,
-                           progress=progress, resume=resume, settings={"dataset": name, **(settings or {})})
+                           progress=progress, resume=resume,
+                           settings={"data_sha256": data_fingerprint(data), **(settings or {})})
