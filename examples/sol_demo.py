@@ -8,7 +8,6 @@ ZO-SOL trains the corrector only by querying it. Prints the markdown table and w
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,22 +23,32 @@ def main(out_dir: str = "runs/sol-demo", *, steps: int = 100, progress: bool = T
     """
     import torch
 
-    from deepzero_oracle.adapters.sol.cli import report, run_method
-    from deepzero_oracle.adapters.sol.data import SOLConfig, scenario_for
-    from deepzero_oracle.blackbox.grpc import GrpcBlackBox
+    from deepzero_oracle.adapters.sol.builtin import generate_trajectories, scenario_of
+    from deepzero_oracle.adapters.sol.cli import report, run_method, write_config
+    from deepzero_oracle.adapters.sol.data import SOLConfig
     from deepzero_oracle.adapters.sol.serving import serve_source_solver
+    from deepzero_oracle.adapters.sol.solver import builtin_solver, open_solver
+    from deepzero_oracle.adapters.sol.trajectories import load_trajectories
 
     torch.set_num_threads(1)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = SOLConfig(scenario="burgers", size="small", steps=steps).check()
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    cfg = SOLConfig(steps=steps).check()
+    # the built-in scenario writes the same trajectories file a user's own solver would
+    path = out / "trajectories.npz"
+    if path.exists():
+        traj = load_trajectories(path)
+    else:
+        traj = generate_trajectories("burgers", "small", cache_dir=out / "data", progress=progress)
+        traj.save(path)
+    write_config(out, cfg, traj, path)
     t0 = time.perf_counter()
-    server = serve_source_solver(scenario_for(cfg))  # loopback, free port; stopped below
+    server = serve_source_solver(scenario_of(traj))  # loopback, free port; stopped below
     try:
-        with GrpcBlackBox(server.address, timeout=120) as box:
+        with open_solver(f"grpc://{server.address}", traj) as remote:
             for method in ("src", "non", "fo-sol", "zo-sol"):
-                run_method(cfg, method, out, solver=box if method == "zo-sol" else None, progress=progress)
+                # FO-SOL back-propagates through the solver: the in-process step; the rest query the server
+                solver = builtin_solver(traj) if method == "fo-sol" else remote
+                run_method(cfg, method, out, traj, solver, progress=progress)
     finally:
         server.stop()
     table = report(out)

@@ -12,16 +12,18 @@ import torch
 
 from deepzero_oracle import CGE, TrainingDiverged
 from deepzero_oracle.adapters.sol import cli as sol_cli
+from deepzero_oracle.adapters.sol.builtin import generate_trajectories, scenario_of
 from deepzero_oracle.adapters.sol.corrector import make_corrector
 from deepzero_oracle.adapters.sol.serving import serve_source_solver
-from deepzero_oracle.adapters.sol.data import SOLConfig, prepare_data, scenario_for
-from deepzero_oracle.adapters.sol.methods import METHODS, source_solver, train_method
+from deepzero_oracle.adapters.sol.data import SOLConfig, prepare_data
+from deepzero_oracle.adapters.sol.methods import METHODS, build_corrector, train_method
 from deepzero_oracle.adapters.sol.oracle import SOLOracle, SolverDiverged, unrolled_loss
+from deepzero_oracle.adapters.sol.solver import BUILTIN, Solver, builtin_solver
 from deepzero_oracle.blackbox import BlackBoxInvalidArgument
 from deepzero_oracle.blackbox.grpc import GrpcBlackBox
 
-TINY = dict(scenario="burgers", size="tiny", n_train=3, n_test=2, train_steps=6, test_steps=6, hidden=4,
-            unroll=2, batch_size=2, steps=4, sparsity=0.5, checkpoint_every=1, lr=1e-2)
+GEN = dict(scenario="burgers", size="tiny", n_train=3, n_test=2, train_steps=6, test_steps=6)
+TINY = dict(hidden=4, unroll=2, batch_size=2, steps=4, sparsity=0.5, checkpoint_every=1, lr=1e-2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,12 +38,17 @@ def _one_thread():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("sol")
     cfg = SOLConfig(**TINY).check()
-    return cfg, prepare_data(cfg, root), root
+    traj = generate_trajectories(**GEN, cache_dir=root / "data")
+    return cfg, prepare_data(traj, builtin_solver(traj)), root
+
+
+def _builtin(data):
+    return builtin_solver(data.trajectories)
 
 
 @pytest.fixture(scope="module")
 def served(tiny):
-    server = serve_source_solver(scenario_for(tiny[0]))
+    server = serve_source_solver(scenario_of(tiny[1].trajectories))
     yield server
     server.stop()
 
@@ -61,9 +68,9 @@ def _cli(*argv) -> int:
 def test_burgers_all_four_methods_through_the_cli_and_json_report(tiny, capsys):
     cfg, _, root = tiny
     out = root / "cmp"
-    flags = ["--out", str(out), "--scenario", "burgers", "--size", "tiny", "--n-train", "3", "--n-test", "2",
-             "--train-steps", "8", "--test-steps", "6", "--quiet"]
-    assert _cli("sol", "generate", *flags) == 0
+    flags = ["--out", str(out), "--quiet"]
+    assert _cli("sol", "generate", *flags, "--scenario", "burgers", "--size", "tiny", "--n-train", "3",
+                "--n-test", "2", "--train-steps", "8", "--test-steps", "6") == 0
     train_flags = ["--steps", "4", "--unroll", "2", "--batch-size", "2", "--hidden", "4", "--sparsity", "0.5",
                    "--lr", "1e-2"]
     for m in METHODS:
@@ -76,9 +83,8 @@ def test_burgers_all_four_methods_through_the_cli_and_json_report(tiny, capsys):
         assert set(row) == {"mae_mean", "mae_std", "queries", "seconds"}
         assert np.isfinite(row["mae_mean"]) and row["mae_mean"] > 0 and row["mae_std"] >= 0
     assert table["src"]["queries"] == table["non"]["queries"] == table["fo-sol"]["queries"] == 0
-    dim = sum(p.numel() for p in make_corrector(scenario_for(cfg), tiny[1].stats, hidden=4).parameters())
-    active = sum(int(round(0.5 * p.numel())) for p in make_corrector(scenario_for(cfg), tiny[1].stats,
-                                                                        hidden=4).parameters())
+    dim = sum(p.numel() for p in build_corrector(cfg, tiny[1]).parameters())
+    active = sum(int(round(0.5 * p.numel())) for p in build_corrector(cfg, tiny[1]).parameters())
     assert table["zo-sol"]["queries"] == 4 * (active + 1) and active < dim  # sparse: C + 1 per step
     # trained methods moved away from SRC (a corrector that never changed would give SRC's MAE exactly)
     assert table["fo-sol"]["mae_mean"] != table["src"]["mae_mean"]
@@ -93,14 +99,14 @@ def test_burgers_all_four_methods_through_the_cli_and_json_report(tiny, capsys):
 
 def test_zo_oracle_matches_the_autograd_unrolled_loss_and_gradient(tiny):
     cfg, data, _ = tiny
-    sc = scenario_for(cfg)
-    corr = make_corrector(sc, data.stats, hidden=4, seed=3)
+    sc = scenario_of(data.trajectories)
+    corr = make_corrector(2, data.train_fields.shape[1], data.stats, periodic=True, hidden=4, seed=3)
     i, t0 = np.array([0, 2]), np.array([1, 3])
-    ref = data.train_ref
+    ref = data.trajectories.train_states
     start = torch.from_numpy(ref[i, t0])
     targets = torch.from_numpy(np.stack([ref[i, t0 + 1], ref[i, t0 + 2]], axis=1))
-    args = (start, data.train_cases.params[i], torch.from_numpy(data.train_pf[i]), targets)
-    oracle = SOLOracle(corr, source_solver(sc), 2, max_batch=8).bind(*args)
+    args = (start, data.trajectories.train_params[i], torch.from_numpy(data.train_fields[i]), targets)
+    oracle = SOLOracle(corr, _builtin(data), 2, max_batch=8).bind(*args)
     theta = oracle.theta()
     loss = unrolled_loss(corr, sc.source_step, *args, 2)
     loss.backward()
@@ -116,7 +122,7 @@ def test_zo_oracle_matches_the_autograd_unrolled_loss_and_gradient(tiny):
 
 def test_zo_sol_through_grpc_equals_in_process(tiny, served, tmp_path):
     cfg, data, _ = tiny
-    local = train_method(cfg, "zo-sol", data, tmp_path / "local", progress=False)
+    local = train_method(cfg, "zo-sol", data, tmp_path / "local", solver=_builtin(data), progress=False)
     with GrpcBlackBox(served.address, timeout=60) as box:
         remote = train_method(cfg, "zo-sol", data, tmp_path / "grpc", solver=box, progress=False)
     assert local["queries"] == remote["queries"] > 0
@@ -124,13 +130,13 @@ def test_zo_sol_through_grpc_equals_in_process(tiny, served, tmp_path):
     a = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=False)["learner"]
     b = torch.load(tmp_path / "grpc" / "checkpoint.pt", weights_only=False)["learner"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    init = make_corrector(scenario_for(cfg), data.stats, hidden=4).state_dict()
+    init = build_corrector(cfg, data).state_dict()
     assert not torch.equal(a["layers.0.weight"], init["layers.0.weight"])  # it did train
 
 
 def test_served_solver_rejects_wrong_shape_and_nan_state(tiny, served):
     cfg, data, _ = tiny
-    state, params = data.test_cases.source_states, data.test_cases.params
+    state, params = data.trajectories.test_states[:, 0], data.trajectories.test_params
     with GrpcBlackBox(served.address, timeout=60) as box:
         ok = box(state, params)
         assert ok.shape == state.shape and torch.isfinite(ok).all()
@@ -146,7 +152,7 @@ def test_served_solver_rejects_wrong_shape_and_nan_state(tiny, served):
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     cfg, data, _ = tiny
-    solve = source_solver(scenario_for(cfg))
+    solve = _builtin(data)
     calls = {"n": 0}
 
     def flaky(state, params):  # a solver that blows up after a while (calls 1..5 fine: steps 1-2)
@@ -155,11 +161,11 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
         return out * np.nan if calls["n"] > 5 else out
 
     with pytest.raises(TrainingDiverged, match=r"diverged at step 3 .*last good checkpoint \(step 2\)"):
-        train_method(cfg, "zo-sol", data, tmp_path, solver=flaky, progress=False)
+        train_method(cfg, "zo-sol", data, tmp_path, solver=Solver(flaky, spec=BUILTIN), progress=False)
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["learner"].values())
     # resuming with a healthy solver continues from step 2 to the end
-    done = train_method(cfg, "zo-sol", data, tmp_path, progress=False)
+    done = train_method(cfg, "zo-sol", data, tmp_path, solver=solve, progress=False)
     assert done["step"] == cfg.steps and len(done["history"]) == cfg.steps
 
 
@@ -167,7 +173,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
 def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny, tmp_path, monkeypatch):
     cfg, data, _ = tiny
     cosine = SOLConfig(**{**TINY, "lr_schedule": "cosine"}).check()
-    straight = train_method(cosine, "fo-sol", data, tmp_path / "straight", progress=False)
+    straight = train_method(cosine, "fo-sol", data, tmp_path / "straight", solver=_builtin(data), progress=False)
     ck = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     # interrupt at step 3 (checkpoint at 2), then resume: the schedule comes back with the checkpoint
@@ -181,43 +187,45 @@ def test_cosine_schedule_decays_to_zero_and_resumes_exactly(tiny, tmp_path, monk
 
     monkeypatch.setattr(SOLOracle, "evaluate_gradient", failing_third)
     with pytest.raises(TrainingDiverged):
-        train_method(cosine, "fo-sol", data, tmp_path / "resumed", progress=False)
+        train_method(cosine, "fo-sol", data, tmp_path / "resumed", solver=_builtin(data), progress=False)
     ck_half = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert ck_half["step"] == 2 and 0 < ck_half["optimizer"]["param_groups"][0]["lr"] < cfg.lr
     monkeypatch.undo()
-    resumed = train_method(cosine, "fo-sol", data, tmp_path / "resumed", progress=False)
+    resumed = train_method(cosine, "fo-sol", data, tmp_path / "resumed", solver=_builtin(data), progress=False)
     assert resumed["history"] == straight["history"]
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         SOLConfig(**{**TINY, "lr_schedule": "linear"}).check()
 
 
 def _wake_tiny(tmp_path):
-    cfg = SOLConfig(scenario="wake2d", size="tiny", n_train=2, n_test=2, train_steps=4, test_steps=4, hidden=4,
-                    unroll=2, batch_size=2, steps=2, sparsity=0.8, checkpoint_every=1).check()
-    prepare_data(cfg, tmp_path)
+    cfg = SOLConfig(hidden=4, unroll=2, batch_size=2, steps=2, sparsity=0.8, checkpoint_every=1).check()
+    traj = generate_trajectories("wake2d", "tiny", n_train=2, n_test=2, train_steps=4, test_steps=4,
+                                 cache_dir=tmp_path / "data")
     table = {}
     for m in METHODS:
-        table[m] = sol_cli.run_method(cfg, m, tmp_path, progress=False)
+        table[m] = sol_cli.run_method(cfg, m, tmp_path, traj, builtin_solver(traj), progress=False)
     return table
 
 
 def test_wake2d_zo_oracle_matches_autograd_loss_and_zo_sol_trains_tiny(tmp_path):
     # the CI-sized wake2d check (the four-method run below is slow-marked: ~30-65 s on busy cores)
-    cfg = SOLConfig(scenario="wake2d", size="tiny", n_train=2, n_test=2, train_steps=3, test_steps=3, hidden=4,
-                    unroll=2, batch_size=2, steps=2, sparsity=0.9, checkpoint_every=1).check()
-    data = prepare_data(cfg, tmp_path)
-    sc = scenario_for(cfg)
-    corr = make_corrector(sc, data.stats, hidden=4, seed=1)
-    ref = data.train_ref
-    args = (torch.from_numpy(ref[:, 0]), data.train_cases.params, torch.from_numpy(data.train_pf),
+    cfg = SOLConfig(hidden=4, unroll=2, batch_size=2, steps=2, sparsity=0.9, checkpoint_every=1).check()
+    traj = generate_trajectories("wake2d", "tiny", n_train=2, n_test=2, train_steps=3, test_steps=3,
+                                 cache_dir=tmp_path / "data")
+    solver = builtin_solver(traj)
+    data = prepare_data(traj, solver)
+    sc = scenario_of(traj)
+    corr = make_corrector(2, data.train_fields.shape[1], data.stats, hidden=4, seed=1)
+    ref = traj.train_states
+    args = (torch.from_numpy(ref[:, 0]), traj.train_params, torch.from_numpy(data.train_fields),
             torch.from_numpy(ref[:, 1:3]))
     with torch.no_grad():
         want = float(unrolled_loss(corr, sc.source_step, *args, 2))
-    oracle = SOLOracle(corr, source_solver(sc), 2, max_batch=3).bind(*args)  # padded: 1 of 3 rows real
+    oracle = SOLOracle(corr, solver, 2, max_batch=3).bind(*args)  # padded: 1 of 3 rows real
     got = float(oracle.loss(oracle.theta()))
     assert abs(got - want) <= 1e-9 * want
-    src = sol_cli.run_method(cfg, "src", tmp_path, progress=False)
-    zo = sol_cli.run_method(cfg, "zo-sol", tmp_path, progress=False)
+    src = sol_cli.run_method(cfg, "src", tmp_path, traj, solver, progress=False)
+    zo = sol_cli.run_method(cfg, "zo-sol", tmp_path, traj, solver, progress=False)
     assert zo["queries"] > 0 and np.isfinite(zo["mae_mean"]) and zo["mae_mean"] != src["mae_mean"]
 
 
@@ -233,7 +241,7 @@ def test_wake2d_all_four_methods_tiny(tmp_path):
 
 def test_cli_rejects_an_unknown_solver_address(tmp_path):
     with pytest.raises(ValueError, match="grpc://"):
-        _cli("sol", "train", "--out", str(tmp_path), "--size", "tiny", "--method", "zo-sol", "--solver", "http://x:1")
+        _cli("sol", "train", "--out", str(tmp_path), "--method", "zo-sol", "--solver", "http://x:1")
 
 
 @pytest.mark.slow

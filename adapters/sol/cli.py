@@ -1,91 +1,64 @@
 """``deepzero-oracle sol generate | train | eval | report``: solver-in-the-loop correctors from the shell.
 
-``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). Layout of
-``--out DIR`` (one comparison):
-``config.json`` (the `SOLConfig`), ``data/`` (cached cases, reference trajectories, NON pairs),
+``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). A comparison
+is one data file (`trajectories.py` format: ``--data FILE.npz``, or ``OUT/trajectories.npz`` written by
+``sol generate`` for a built-in scenario) and a solver (``--solver SPEC``; the built-in scenario's
+in-process step by default). Layout of ``--out DIR``:
+``config.json`` (the recipe, `SOLConfig`, and the data file with its digest), ``trajectories.npz``
+(built-ins), ``data/`` (cached NON pairs; the built-ins' cases and reference runs),
 ``<method>/checkpoint.pt``, ``<method>/train.json``, ``<method>/eval.json``, and after ``report``:
 ``report.md``, ``report.json``, ``error_over_time.png``, ``snapshot.png``.
+
+Bad input (data, solver, corrector) is refused before anything is trained or written.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
+import os
+import shutil
 from pathlib import Path
 
 from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
 from deepzero_oracle.atomic import write_json, write_text
 
-__all__ = ["register", "report", "open_solver", "run_method"]
+__all__ = ["register", "report", "run_method", "write_config"]
+
+TRAJECTORIES = "trajectories.npz"  # what `sol generate` writes into --out
+_REPORT_FILES = ("report.md", "report.json", "error_over_time.png", "snapshot.png")
 
 
-def _config(args):
-    """Config from ``--out/config.json`` if present, overridden by flags given explicitly."""
-    from deepzero_oracle.adapters.sol.data import SOLConfig
-
-    out = Path(args.out)
-    base = SOLConfig.from_dict(json.loads((out / "config.json").read_text())) if (out / "config.json").exists() \
-        else SOLConfig()
-    fields = base.to_dict()
-    for k in fields:
-        v = getattr(args, k, None)
-        if v is not None:
-            fields[k] = v
-    cfg = SOLConfig.from_dict(fields).check()
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "config.json").exists() and json.loads((out / "config.json").read_text()) != cfg.to_dict():
-        old = json.loads((out / "config.json").read_text())
-        changed = {k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k]}
-        if changed & {"scenario", "size", "n_train", "n_test", "train_steps", "test_steps", "seed"}:
-            raise ValueError(f"{out} holds a comparison with different data settings ({sorted(changed)}); "
-                             "use another --out")
-    write_json(out / "config.json", cfg.to_dict(), indent=1)
-    return cfg
-
-
-@contextlib.contextmanager
-def open_solver(spec: str | None):
-    """``None``/``"local"`` -> None (in-process); ``grpc://host:port`` -> a `GrpcBlackBox` (closed on exit)."""
-    if not spec or spec == "local":
-        yield None
-        return
-    if not spec.startswith("grpc://"):
-        raise ValueError(f"--solver must be 'local' or grpc://host:port, got {spec!r}")
-    from deepzero_oracle.blackbox.grpc import GrpcBlackBox
-
-    box = GrpcBlackBox(spec[len("grpc://"):], timeout=120)
-    try:
-        yield box
-    finally:
-        box.close()
-
-
-def run_method(cfg, method: str, out, *, solver=None, progress: bool = True, restart: bool = False) -> dict:
-    """Train (if needed) and evaluate one method; writes ``<out>/<method>/eval.json``.
+def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = True, restart: bool = False) -> dict:
+    """Train (if needed) and evaluate one method of a comparison; writes ``<out>/<method>/eval.json``.
 
     Args:
         cfg: `SOLConfig`; method: ``src|non|fo-sol|zo-sol``; out: comparison folder.
-        solver: ZO-SOL's black box (None: in-process).
+        trajectories: the data (`Trajectories`).
+        solver: a `Solver` (or a plain callable): rolls out evaluation, computes NON's pairs (cached in
+            ``<out>/data``), answers ZO-SOL's queries and gives FO-SOL its torch step.
     Returns:
-        ``{"mae_mean", "mae_std", "queries", "seconds", "mae_over_time", "diverged"}``.
+        ``{"method", "mae_mean", "mae_std", "queries", "solver_calls", "seconds", "steps", "mae_per_sim",
+        "mae_over_time", "diverged"}``.
     """
     from deepzero_oracle.adapters.sol.data import prepare_data
     from deepzero_oracle.adapters.sol.methods import train_method
 
-    data = prepare_data(cfg, out, progress=progress)
     run = Path(out) / method
+    data = None if method == "src" else prepare_data(trajectories, solver, cache_dir=Path(out) / "data")
     summary = train_method(cfg, method, data, run, solver=solver, progress=progress, restart=restart)
-    return _evaluate(cfg, method, data, run, summary)
+    return _evaluate(cfg, method, trajectories, solver, run, summary)
 
 
-def _evaluate(cfg, method, data, run, summary):
+def _evaluate(cfg, method, trajectories, solver, run, summary) -> dict:
     import numpy as np
 
-    from deepzero_oracle.adapters.sol.methods import evaluate_method
+    from deepzero_oracle.adapters.sol.data import prepare_data
+    from deepzero_oracle.adapters.sol.methods import evaluate, load_corrector
 
-    ev = evaluate_method(cfg, method, data, run)
+    # the corrector's constants come back with its checkpoint: no solver pairs needed here
+    corrector = None if method == "src" else load_corrector(cfg, prepare_data(trajectories), run)
+    ev = evaluate(trajectories, solver, corrector)
     result = {"method": method, "mae_mean": ev["mae_mean"], "mae_std": ev["mae_std"],
               "queries": int(summary["queries"]), "solver_calls": int(summary["solver_calls"]),
               "seconds": float(summary["seconds"]), "steps": int(summary["step"]),
@@ -95,60 +68,138 @@ def _evaluate(cfg, method, data, run, summary):
     return result
 
 
+# ---------------------------------------------------------------------- the comparison folder
+def _saved_config(out: Path) -> dict:
+    path = out / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _recipe(args, saved: dict):
+    """The recipe: the folder's, overridden by flags given explicitly (in memory; nothing written)."""
+    from deepzero_oracle.adapters.sol.data import SOLConfig
+
+    fields = SOLConfig.from_dict(saved).to_dict()
+    for k in fields:
+        v = getattr(args, k, None)
+        if v is not None:
+            fields[k] = v
+    return SOLConfig.from_dict(fields).check()
+
+
+def _data(args, out: Path, saved: dict, unroll: int | None):
+    """(trajectories, path) of the comparison: ``--data``, else the folder's recorded file, else
+    ``OUT/trajectories.npz``; other data than the folder's is refused."""
+    from deepzero_oracle.adapters.sol.trajectories import load_trajectories
+
+    given = getattr(args, "data", None)
+    if given:
+        path = Path(given)
+    elif saved.get("data"):
+        path = out / saved["data"]  # relative to the folder, or absolute
+    elif (out / TRAJECTORIES).exists():
+        path = out / TRAJECTORIES
+    else:
+        raise FileNotFoundError(f"no data for {out}: pass --data FILE.npz (a SOL trajectories file) or run "
+                                f"`deepzero-oracle sol generate --out {out}` for a built-in scenario")
+    traj = load_trajectories(path, unroll=unroll)
+    if saved.get("data_digest") and saved["data_digest"] != traj.digest():
+        raise ValueError(f"{out} holds a comparison on other data ({saved.get('data')}, digest "
+                         f"{saved['data_digest'][:12]}); {path} has digest {traj.digest()[:12]}: use another --out")
+    return traj, path
+
+
+def write_config(out, cfg, trajectories, data_path) -> None:
+    """Record a comparison in ``<out>/config.json``: the recipe (`SOLConfig`) and the data file (relative to
+    ``out`` when inside it), its digest and label; `sol eval` and `sol report` read it back."""
+    out, data_path = Path(out), Path(data_path).resolve()
+    if data_path.is_relative_to(out.resolve()):
+        data_path = Path(os.path.relpath(data_path, out.resolve()))
+    write_json(out / "config.json", {**cfg.to_dict(), "data": str(data_path), "data_digest": trajectories.digest(),
+                                     "data_label": trajectories.label}, indent=1)
+
+
+# ---------------------------------------------------------------------- commands
 def _generate(args) -> int:
-    import shutil
-
-    from deepzero_oracle.adapters.sol.data import prepare_data
-
+    from deepzero_oracle.adapters.sol.builtin import GENERATION_KEYS, generate_trajectories
     from deepzero_oracle.adapters.sol.methods import METHODS
+    from deepzero_oracle.adapters.sol.trajectories import load_trajectories
 
     out = Path(args.out)
+    path = out / TRAJECTORIES
     if args.restart:  # a new comparison: remove only what `sol` itself wrote there
         for name in ("data", *METHODS):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("config.json", "report.md", "report.json", "error_over_time.png", "snapshot.png"):
+        for name in ("config.json", TRAJECTORIES, *_REPORT_FILES):
             (out / name).unlink(missing_ok=True)
-    cfg = _config(args)
-    data = prepare_data(cfg, args.out, progress=not args.quiet)
-    info = {"scenario": cfg.scenario, "size": cfg.size, "train_states": list(data.train_ref.shape),
-            "test_states": list(data.test_ref.shape), "data": str(Path(args.out) / "data")}
+    existing = load_trajectories(path).metadata if path.exists() else {}
+    defaults = {"scenario": "burgers", "size": "small", "n_train": 8, "n_test": 8, "train_steps": 32,
+                "test_steps": 32, "seed": 0}
+    wanted = {k: getattr(args, k) if getattr(args, k) is not None else existing.get(k, defaults[k])
+              for k in GENERATION_KEYS}
+    if existing:
+        changed = sorted(k for k in GENERATION_KEYS if existing.get(k) != wanted[k])
+        if changed:
+            raise ValueError(f"{path} holds trajectories generated with other settings ({changed}); use another "
+                             "--out, or --restart to start this comparison over")
+        traj = load_trajectories(path)
+    else:
+        traj = generate_trajectories(**wanted, cache_dir=out / "data", progress=not args.quiet)
+        traj.save(path)
+    info = {**{k: wanted[k] for k in ("scenario", "size")}, "train_states": list(traj.train_states.shape),
+            "test_states": list(traj.test_states.shape), "data": str(path)}
     print(json.dumps(info) if args.json else
-          f"sol generate: {cfg.scenario} ({cfg.size}): train {data.train_ref.shape}, test {data.test_ref.shape} "
-          f"in {info['data']}")
+          f"sol generate: {traj.label}: train {traj.train_states.shape}, test {traj.test_states.shape} in {path}")
     return 0
 
 
-def _summary_line(cfg, r) -> str:
-    return (f"{cfg.scenario} {r['method']}: test MAE {r['mae_mean']:.5f} +- {r['mae_std']:.5f}, "
-            f"{r['queries']} queries, {r['seconds']:.1f} s")
-
-
-def _print_result(args, cfg, r, command: str) -> None:
+def _print_result(args, label: str, r, command: str) -> None:
     keys = ("method", "mae_mean", "mae_std", "queries", "solver_calls", "seconds", "steps", "diverged")
-    print(json.dumps({k: r[k] for k in keys}) if args.json else f"sol {command}: {_summary_line(cfg, r)}")
+    print(json.dumps({k: r[k] for k in keys}) if args.json else
+          f"sol {command}: {label} {r['method']}: test MAE {r['mae_mean']:.5f} +- {r['mae_std']:.5f}, "
+          f"{r['queries']} queries, {r['seconds']:.1f} s")
 
 
 def _train(args) -> int:
-    cfg = _config(args)
-    with open_solver(args.solver) as box:
-        if box is not None and args.method != "zo-sol":
-            print("sol train: --solver only applies to zo-sol (the others need no solver queries or "
-                  "need the differentiable in-process solver)", file=sys.stderr)
-        r = run_method(cfg, args.method, args.out, solver=box, progress=not args.quiet, restart=args.restart)
-    _print_result(args, cfg, r, "train")
+    from deepzero_oracle.adapters.sol.data import prepare_data
+    from deepzero_oracle.adapters.sol.methods import build_corrector, check_resumable
+    from deepzero_oracle.adapters.sol.solver import open_solver
+    from deepzero_oracle.blackbox.spec import BlackBoxSpec
+
+    out = Path(args.out)
+    if args.solver:
+        BlackBoxSpec.parse(args.solver)  # a malformed spec fails before the data is read
+    saved = _saved_config(out)
+    cfg = _recipe(args, saved)
+    traj, path = _data(args, out, saved, cfg.unroll)
+    with open_solver(args.solver, traj, timeout=args.timeout) as solver:
+        # every check before anything is written: FO-SOL's gradient path, the corrector
+        if args.method == "fo-sol":
+            solver.gradient_step(traj)
+        if args.method != "src":
+            build_corrector(cfg, prepare_data(traj))
+            if not args.restart:
+                check_resumable(cfg, args.method, traj, solver, out / args.method)
+        write_config(out, cfg, traj, path)
+        r = run_method(cfg, args.method, out, traj, solver, progress=not args.quiet, restart=args.restart)
+    _print_result(args, traj.label, r, "train")
     return 0
 
 
 def _eval(args) -> int:
-    from deepzero_oracle.adapters.sol.data import prepare_data
+    from deepzero_oracle.adapters.sol.solver import BUILTIN, open_solver
 
-    cfg = _config(args)
-    run = Path(args.out) / args.method
-    if not (run / "train.json").exists():
+    out = Path(args.out)
+    saved = _saved_config(out)
+    run = out / args.method
+    if not saved or not (run / "train.json").exists():
         raise FileNotFoundError(f"no trained {args.method} in {run}; run `sol train --method {args.method}` first")
+    cfg = _recipe(args, saved)
+    traj, _ = _data(args, out, saved, None)
     summary = json.loads((run / "train.json").read_text())
-    r = _evaluate(cfg, args.method, prepare_data(cfg, args.out), run, summary)
-    _print_result(args, cfg, r, "eval")
+    spec = args.solver or (None if summary.get("solver", BUILTIN) == BUILTIN else summary["solver"])
+    with open_solver(spec, traj, timeout=args.timeout) as solver:
+        r = _evaluate(cfg, args.method, traj, solver, run, summary)
+    _print_result(args, traj.label, r, "eval")
     return 0
 
 
@@ -165,8 +216,8 @@ def report(out, *, plots: bool = True) -> dict:
     if not evals:
         raise FileNotFoundError(f"no evaluated methods under {out}; run `sol train` first")
     table = {m: {k: e[k] for k in ("mae_mean", "mae_std", "queries", "seconds")} for m, e in evals.items()}
-    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    lines = [f"# SOL comparison: {cfg.get('scenario', '?')} ({cfg.get('size', '?')})", "",
+    cfg = _saved_config(out)
+    lines = [f"# SOL comparison: {cfg.get('data_label', '?')}", "",
              "| method | test MAE (mean +- std over test sims) | queries | wall time (s) |", "|---|---|---|---|"]
     for m, r in table.items():
         lines.append(f"| {m.upper()} | {r['mae_mean']:.5f} +- {r['mae_std']:.5f} | {r['queries']:,} | {r['seconds']:.1f} |")
@@ -175,7 +226,7 @@ def report(out, *, plots: bool = True) -> dict:
         if gap > 0:
             closed = (table["src"]["mae_mean"] - table["zo-sol"]["mae_mean"]) / gap
             lines += ["", f"ZO-SOL closes {100 * closed:.0f}% of the SRC -> FO-SOL gap (DeepZero: 58%)."]
-    lines += ["", "MAE: mean |corrected source - down-sampled reference| over cells, channels and all test "
+    lines += ["", "MAE: mean |corrected source - reference| over cells, channels and all test "
               "time steps. Queries: loss evaluations at one theta (ZO-SOL only; each is a batch of unrolled "
               "solver rollouts). Wall time: training only.", f"Config: `{json.dumps(cfg)}`"]
     write_text(out / "report.md", "\n".join(lines) + "\n")
@@ -206,7 +257,7 @@ def _plots(out: Path, evals: dict) -> None:
     names = ["reference", "source", "corrected"]
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 3)
-    vmax = float(np.abs(snap["reference"][0]).max())
+    vmax = float(np.abs(snap["reference"][0]).max()) or 1.0
     for ax, k in zip(axes, names):
         im = ax.imshow(snap[k][0], origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         ax.set_title(k if k != "corrected" else f"corrected ({best.upper()})")
@@ -225,31 +276,14 @@ def _report(args) -> int:
     return 0
 
 
-def _common(p, *, method: bool = False, restart: bool = True):
-    from deepzero_oracle.adapters.sol.data import SIZES, SOLConfig
-    from deepzero_oracle.adapters.sol.methods import METHODS
+# ---------------------------------------------------------------------- parsers
+def _solver_flags(p, what: str, default: str) -> None:
+    from deepzero_oracle.blackbox.spec import SPEC_FORMS
 
-    d = SOLConfig()
-    if restart:
-        add_run_folder(p, "comparison")
-    else:
-        p.add_argument("--out", required=True, help="comparison folder (config, data, one subfolder per method)")
-    p.add_argument("--scenario", choices=tuple(SIZES), default=None,
-                   help=f"built-in scenario (default {d.scenario}, or the folder's)")
-    p.add_argument("--size", choices=("tiny", "small", "full"), default=None,
-                   help=f"scenario size preset (default {d.size}: burgers 16^2, wake2d 16x32; or the folder's)")
-    p.add_argument("--n-train", dest="n_train", type=int, default=None,
-                   help=f"training simulations (default {d.n_train})")
-    p.add_argument("--n-test", dest="n_test", type=int, default=None, help=f"test simulations (default {d.n_test})")
-    p.add_argument("--train-steps", dest="train_steps", type=int, default=None,
-                   help=f"reference steps per training simulation (default {d.train_steps})")
-    p.add_argument("--test-steps", dest="test_steps", type=int, default=None,
-                   help=f"rollout steps per test simulation (default {d.test_steps})")
-    p.add_argument("--seed", type=int, default=None, help=f"seeds data, corrector init and windows (default {d.seed})")
-    add_json(p)
-    add_quiet(p)
-    if method:
-        p.add_argument("--method", choices=METHODS, required=True, help="which corrector")
+    p.add_argument("--solver", default=None, metavar="SPEC",
+                   help=f"the source solver f(state [N, C, H, W], params [N, K]) -> [N, C, H, W] that {what}: "
+                        f"{', '.join(SPEC_FORMS)} (default: {default})")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a remote solver call may take")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -257,19 +291,41 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     Returns the ``sol`` parser; each leaf sets ``func(args) -> exit code``.
     """
+    from deepzero_oracle.adapters.sol.builtin import SIZES
     from deepzero_oracle.adapters.sol.data import LR_SCHEDULES, SOLConfig
+    from deepzero_oracle.adapters.sol.methods import METHODS
 
     d = SOLConfig()
     sol = add_command(subparsers, "sol", "solver-in-the-loop correctors: SRC / NON / FO-SOL / ZO-SOL")
     sub = sol.add_subparsers(dest="sol_command", required=True, metavar="COMMAND")
 
-    gen = add_command(sub, "generate", "cases and reference trajectories (cached in OUT/data)")
-    _common(gen)
+    gen = add_command(sub, "generate", f"trajectories of a built-in scenario (OUT/{TRAJECTORIES})")
+    add_run_folder(gen, "comparison")
+    gen.add_argument("--scenario", choices=tuple(SIZES), default=None, help="built-in scenario (default burgers)")
+    gen.add_argument("--size", choices=("tiny", "small", "full"), default=None,
+                     help="scenario size preset (default small: burgers 16^2, wake2d 16x32)")
+    gen.add_argument("--n-train", dest="n_train", type=int, default=None, help="training simulations (default 8)")
+    gen.add_argument("--n-test", dest="n_test", type=int, default=None, help="test simulations (default 8)")
+    gen.add_argument("--train-steps", dest="train_steps", type=int, default=None,
+                     help="reference steps per training simulation (default 32)")
+    gen.add_argument("--test-steps", dest="test_steps", type=int, default=None,
+                     help="reference steps per test simulation (default 32)")
+    gen.add_argument("--seed", type=int, default=None, help="cases are drawn with seed+1 (train), seed+2 (test) (default 0)")
+    add_json(gen)
+    add_quiet(gen)
     gen.set_defaults(func=_generate)
 
     train = add_command(sub, "train", "train one method's corrector (continues OUT/METHOD), then evaluate it")
-    _common(train, method=True)
-    train.add_argument("--solver", default=None, help="zo-sol's solver: local (default) or grpc://host:port")
+    add_run_folder(train, "comparison")
+    train.add_argument("--method", choices=METHODS, required=True, help="which corrector")
+    train.add_argument("--data", default=None, metavar="FILE.npz",
+                       help=f"SOL trajectories file (default: the folder's, or OUT/{TRAJECTORIES} from `sol generate`)")
+    _solver_flags(train, "rolls out evaluation, computes NON's pairs and answers ZO-SOL's queries "
+                         "(FO-SOL: MODULE:FUNCTION differentiable by torch)",
+                  "the built-in scenario's in-process step, for data from `sol generate`")
+    train.add_argument("--corrector", default=None, metavar="MODULE:FACTORY",
+                       help="your corrector: factory(channels, n_params) -> nn.Module with forward(state [B, C, H, W], "
+                            "param_fields [B, K, H, W]) -> correction [B, C, H, W] (default: the built-in CNN)")
     train.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
     train.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr:g})")
     train.add_argument("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=None,
@@ -286,10 +342,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--mu", type=float, default=None, help=f"CGE finite-difference step (default {d.mu:g})")
     train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None,
                        help=f"steps between checkpoints (default {d.checkpoint_every})")
+    train.add_argument("--seed", type=int, default=None, help=f"seeds the corrector init and windows (default {d.seed})")
+    add_json(train)
+    add_quiet(train)
     train.set_defaults(func=_train)
 
-    ev = add_command(sub, "eval", "re-evaluate a trained method on the test cases")
-    _common(ev, method=True, restart=False)
+    ev = add_command(sub, "eval", "re-evaluate a trained method on the test trajectories")
+    ev.add_argument("--out", required=True, help="comparison folder")
+    ev.add_argument("--method", choices=METHODS, required=True, help="which corrector")
+    _solver_flags(ev, "rolls out evaluation", "the one the method was trained with")
+    add_json(ev)
+    add_quiet(ev)
     ev.set_defaults(func=_eval)
 
     rep = add_command(sub, "report", "markdown table + plots of all evaluated methods in OUT")

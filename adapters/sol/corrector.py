@@ -1,7 +1,11 @@
-"""The SOL corrector: a small CNN mapping a source state (+ physics parameter fields) to a correction.
+"""The SOL corrector: a network mapping a source state (+ parameter fields) to a correction.
 
-One functional forward (`conv_stack`) serves both the plain module (P = 1) and P perturbed copies at
-once (grouped convolutions), so ZO queries and FO training run the very same arithmetic.
+The default `Corrector` is a small CNN: one functional forward (`conv_stack`) serves both the plain
+module (P = 1) and P perturbed copies at once (grouped convolutions, its ``batched`` method), so ZO
+queries and FO training run the very same arithmetic. Any other ``nn.Module`` with
+``forward(state [B, C, H, W], param_fields [B, F, H, W]) -> correction [B, C, H, W]`` works too
+(`load_factory`, ``--corrector MODULE:FACTORY``); `corrections` evaluates P parameter copies of it
+with ``torch.func.functional_call`` + ``vmap``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Corrector", "make_corrector", "conv_stack"]
+__all__ = ["Corrector", "check_corrector", "conv_stack", "corrections", "load_factory", "make_corrector"]
 
 
 def conv_stack(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], pad_mode: str) -> torch.Tensor:
@@ -42,7 +46,7 @@ class Corrector(nn.Module):
 
     Args:
         channels: C, state channels.
-        param_channels: number of parameter-field channels (``scenario.param_fields`` gives them).
+        param_channels: F, the static input fields (K params as constant fields, or the data's fields).
         hidden: channels of the hidden layers.
         depth: conv layers (>= 1); tanh between them.
         kernel: odd kernel size.
@@ -101,21 +105,76 @@ class Corrector(nn.Module):
         return self.batched(state[None], param_fields, params)[0]
 
 
-def make_corrector(scenario, stats: dict, *, hidden: int = 8, depth: int = 2, kernel: int = 3, seed: int = 0) -> Corrector:
-    """A float64 corrector for ``scenario`` with seeded initial weights.
+def make_corrector(channels: int, n_fields: int, stats: dict | None = None, *, periodic: bool = False,
+                   hidden: int = 8, depth: int = 2, kernel: int = 3, seed: int = 0) -> Corrector:
+    """The default float64 corrector with seeded initial weights.
 
     Args:
-        scenario: a `deepzero_oracle.simulators.Scenario`.
+        channels: C, state channels; n_fields: F, the corrector's static input fields (K params by default).
         stats: see `Corrector` (from `deepzero_oracle.adapters.sol.data.corrector_stats`).
+        periodic: the domain wraps around (circular padding; else zero padding).
         hidden, depth, kernel: architecture.
         seed: initialization seed.
     Returns:
         `Corrector` (parameters count: ``sum(p.numel() for p in c.parameters())``).
     """
-    pad = "circular" if scenario.name == "burgers" else "constant"
-    n_param = len(stats["param_mean"])
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return Corrector(len(scenario.channels), n_param, hidden=hidden, depth=depth, kernel=kernel,
-                         pad_mode=pad, stats=stats)
+        return Corrector(channels, n_fields, hidden=hidden, depth=depth, kernel=kernel,
+                         pad_mode="circular" if periodic else "constant", stats=stats)
 
+
+def load_factory(spec: str):
+    """The factory a ``--corrector MODULE:FACTORY`` names: ``factory(channels, n_params) -> nn.Module``."""
+    from deepzero_oracle.blackbox.spec import load_callable
+
+    try:
+        return load_callable(spec)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise ValueError(f"--corrector {spec}: cannot load it ({type(e).__name__}: {e}); expected MODULE:FACTORY "
+                         f"naming factory(channels, n_params) -> nn.Module") from e
+
+
+def check_corrector(module: nn.Module, state: torch.Tensor, param_fields: torch.Tensor, where: str) -> nn.Module:
+    """Check a corrector once on real inputs: trainable parameters, and ``module(state [B, C, H, W],
+    param_fields [B, F, H, W])`` returns a finite ``[B, C, H, W]``. Returns the module; ValueError else."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{where} returned {type(module).__name__}; it must return a torch nn.Module")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError(f"{where}: the corrector has no trainable parameters")
+    try:
+        with torch.no_grad():
+            out = module(state, param_fields)
+    except Exception as e:  # noqa: BLE001 - the user's module may fail in any way: bad input
+        raise ValueError(f"{where}: forward(state {list(state.shape)}, param_fields {list(param_fields.shape)}) "
+                         f"failed: {type(e).__name__}: {e}") from e
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(state.shape):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{where}: forward(state {list(state.shape)}, param_fields {list(param_fields.shape)}) "
+                         f"returned {got}; a correction has the state's shape {list(state.shape)}")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{where}: the corrector's output is NaN/Inf on training states")
+    return module
+
+
+def corrections(module: nn.Module, state: torch.Tensor, param_fields: torch.Tensor,
+                params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Corrections of P parameter copies of a corrector, each on its own states.
+
+    Args:
+        module: the corrector; one with a ``batched(state, param_fields, params)`` method (the default
+            `Corrector`) uses it, any other is run by ``torch.func.functional_call`` under ``vmap``.
+        state: ``[P, B, C, H, W]``.
+        param_fields: ``[B, F, H, W]`` (shared by all copies).
+        params: ``{name: [P, *shape]}``, the trainable parameters of each copy.
+    Returns:
+        ``[P, B, C, H, W]``.
+    """
+    batched = getattr(module, "batched", None)
+    if callable(batched):
+        return batched(state, param_fields, params)
+
+    def one_copy(weights, s):
+        return torch.func.functional_call(module, weights, (s, param_fields))
+
+    return torch.func.vmap(one_copy)(params, state)

@@ -1,46 +1,35 @@
-"""SOL data: train/test cases, down-sampled reference trajectories, source/reference pairs (NON).
+"""SOL data: a comparison's recipe (`SOLConfig`) and what training needs beyond the trajectories
+(`SOLData`: the corrector's input fields, NON's precomputed solver steps, normalization constants).
 
-Everything is seeded and cached as ``.npz`` under ``<out>/data`` (never pickle).
+The trajectories themselves come from a file in the common format (`trajectories.py`); NON's pairs
+are computed once through the comparison's solver and cached as ``.npz`` (never pickle).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from deepzero_oracle.simulators import Cases, get_scenario
+from .solver import Solver, solve_checked
+from .trajectories import Trajectories
 
-__all__ = ["LR_SCHEDULES", "SIZES", "SOLConfig", "SOLData", "prepare_data", "scenario_for"]
-
-# Scenario options per size preset: "tiny" for tests, "small" for the demo / this machine, "full" = defaults.
-SIZES = {
-    "burgers": {
-        "tiny": dict(source_resolution=8, factor=2, reference_substeps=2, length=16.0),
-        "small": dict(source_resolution=16),
-        "full": {},
-    },
-    "wake2d": {
-        "tiny": dict(source_resolution=8, factor=2, warmup_steps=20, re_range=(300.0, 1000.0)),
-        "small": dict(source_resolution=16, warmup_steps=150, re_range=(300.0, 2000.0)),
-        "full": {},
-    },
-}
-
+__all__ = ["LR_SCHEDULES", "SOLConfig", "SOLData", "corrector_stats", "prepare_data"]
 
 LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
 class SOLConfig:
-    """Everything that defines one SOL comparison (all methods share data, corrector and metric).
+    """The training recipe of one SOL comparison (all methods share corrector, windows and metric).
 
     Attributes:
-        scenario: ``"burgers"`` or ``"wake2d"``; size: a key of `SIZES`.
-        n_train / n_test: simulations; train_steps / test_steps: trajectory lengths (steps).
-        hidden, depth, kernel: corrector architecture.
+        hidden, depth, kernel: the default corrector's architecture.
+        corrector: ``MODULE:FACTORY`` of a user's corrector (``factory(channels, n_params) -> nn.Module``),
+            or "" for the default CNN.
         unroll: n of SOL-n (solver steps per training window).
         batch_size: windows per optimizer step (NON uses ``batch_size * unroll`` pairs, the same data
             volume).
@@ -51,18 +40,13 @@ class SOLConfig:
         redraw_every: steps between redraws of the random sparse coordinate mask.
         mu: CGE finite-difference step (the loss is float64 and deterministic, so small mu is safe).
         checkpoint_every: steps between checkpoints.
-        seed: seed of the corrector init and window sampling (data seeds: seed+1 train, seed+2 test).
+        seed: seed of the corrector init and window sampling.
     """
 
-    scenario: str = "burgers"
-    size: str = "small"
-    n_train: int = 8
-    n_test: int = 8
-    train_steps: int = 32
-    test_steps: int = 32
     hidden: int = 8
     depth: int = 2
     kernel: int = 3
+    corrector: str = ""
     unroll: int = 8
     batch_size: int = 4
     steps: int = 200
@@ -76,19 +60,17 @@ class SOLConfig:
 
     def check(self) -> "SOLConfig":
         """Validate; returns self. Raises ValueError naming the bad field."""
-        if self.scenario not in SIZES:
-            raise ValueError(f"scenario must be one of {sorted(SIZES)}, got {self.scenario!r}")
-        if self.size not in SIZES[self.scenario]:
-            raise ValueError(f"size must be one of {sorted(SIZES[self.scenario])}, got {self.size!r}")
-        if self.unroll < 1 or self.unroll > self.train_steps:
-            raise ValueError(f"unroll must be in [1, train_steps={self.train_steps}], got {self.unroll}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        for k in ("n_train", "n_test", "test_steps", "batch_size", "steps", "checkpoint_every", "redraw_every"):
+        if not self.lr > 0 or not self.mu > 0:
+            raise ValueError(f"lr and mu must be positive, got lr={self.lr}, mu={self.mu}")
+        for k in ("unroll", "batch_size", "steps", "checkpoint_every", "redraw_every", "hidden", "depth", "kernel"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd, got {self.kernel}")
         return self
 
     def to_dict(self) -> dict:
@@ -100,78 +82,73 @@ class SOLConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def scenario_for(cfg: SOLConfig):
-    """The `Scenario` of a config (its size preset applied)."""
-    return get_scenario(cfg.scenario, **SIZES[cfg.scenario][cfg.size])
-
-
 @dataclasses.dataclass
 class SOLData:
-    """Arrays of one comparison (float64, source grid).
+    """What training and evaluation need, on the source grid (float64).
 
     Attributes:
-        train_cases / test_cases: `Cases`.
-        train_ref: ``[N_train, T_train + 1, C, H, W]`` down-sampled reference trajectories.
-        test_ref: ``[N_test, T_test + 1, C, H, W]``.
-        train_src_next: ``[N_train, T_train, C, H, W]`` = source_step(train_ref[:, t]) (NON's inputs).
-        train_pf / test_pf: ``[N, P_f, H, W]`` param fields.
-        stats: normalization constants for `make_corrector`.
+        trajectories: the comparison's `Trajectories` (``train_states [S, T+1, C, H, W]``, ...).
+        train_fields / test_fields: ``[S, F, H, W]`` corrector input fields.
+        train_src_next: ``[S, T, C, H, W]`` = solver(train_states[:, t]) (NON's inputs), or None.
+        stats: normalization constants of the default corrector (`corrector_stats`).
     """
 
-    train_cases: Cases
-    test_cases: Cases
-    train_ref: np.ndarray
-    test_ref: np.ndarray
-    train_src_next: np.ndarray
-    train_pf: np.ndarray
-    test_pf: np.ndarray
+    trajectories: Trajectories
+    train_fields: np.ndarray
+    test_fields: np.ndarray
+    train_src_next: np.ndarray | None
     stats: dict
 
 
-def prepare_data(cfg: SOLConfig, out_dir, *, progress: bool = False) -> SOLData:
-    """Generate (or reload from ``<out_dir>/data``) the cases, reference trajectories and NON pairs.
+def prepare_data(trajectories: Trajectories, solver=None, *, cache_dir=None) -> SOLData:
+    """Compute (or reload from ``cache_dir``) NON's pairs through ``solver``, and the corrector's inputs.
 
     Args:
-        cfg: the comparison's config.
-        out_dir: run root; arrays are cached in ``out_dir/data``.
-        progress: tqdm bars for the reference solver.
+        trajectories: the data.
+        solver: a `Solver` or ``f(state [N, C, H, W], params [N, K]) -> [N, C, H, W]``; it is called on all
+            S x T training states (in one call), once per data and solver. None: no pairs (SRC, or a
+            corrector whose constants come from a checkpoint), and an output scale of 1.
+        cache_dir: if given, the pairs are kept there as ``pairs-<key>.npz``, keyed by the data's digest and
+            the solver's spec.
     Returns:
         `SOLData`.
     """
-    sc = scenario_for(cfg)
-    cache = Path(out_dir) / "data"
-    train = sc.generate_cases(cfg.n_train, seed=cfg.seed + 1, cache_dir=cache)
-    test = sc.generate_cases(cfg.n_test, seed=cfg.seed + 2, cache_dir=cache)
-    train_ref = sc.reference_trajectory(train, cfg.train_steps, cache_dir=cache, progress=progress)
-    test_ref = sc.reference_trajectory(test, cfg.test_steps, cache_dir=cache, progress=progress)
-    pairs = cache / f"pairs-{_key(cfg)}.npz"
-    if pairs.exists():
-        with np.load(pairs, allow_pickle=False) as z:
+    train_fields = trajectories.corrector_fields("train")
+    test_fields = trajectories.corrector_fields("test")
+    if solver is None:
+        return SOLData(trajectories, train_fields, test_fields, None,
+                       corrector_stats(trajectories, train_fields, None))
+    solver = Solver.of(solver)
+    ref = trajectories.train_states
+    n, t1 = ref.shape[:2]
+    key = hashlib.sha256(f"{trajectories.digest()} {solver.spec}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"pairs-{key}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        with np.load(path, allow_pickle=False) as z:
             src_next = z["src_next"]
     else:
-        n, t1 = train_ref.shape[:2]
-        flat = train_ref[:, :-1].reshape(n * (t1 - 1), *train_ref.shape[2:])
-        p = np.repeat(train.params, t1 - 1, axis=0)
-        src_next = np.asarray(sc.source_step(flat, p)).reshape(n, t1 - 1, *train_ref.shape[2:])
-        np.savez_compressed(pairs, src_next=src_next)
-    train_pf, test_pf = sc.param_fields(train.params), sc.param_fields(test.params)
-    err = train_ref[:, 1:] - src_next  # the per-step error the corrector must learn: sets its output scale
-    mask = None
-    if cfg.scenario == "wake2d":
-        fluid = sc.fluid_mask("source").astype(np.float64)
-        mask = np.stack([fluid, fluid])
-        mask[0, :, -1] = 0.0  # v_x's last column is the right wall (padding)
+        flat = torch.from_numpy(ref[:, :-1].reshape(n * (t1 - 1), *ref.shape[2:]))
+        params = np.repeat(trajectories.train_params, t1 - 1, axis=0)
+        src_next = solve_checked(solver, flat, params, "NON pairs").numpy().reshape(n, t1 - 1, *ref.shape[2:])
+        if path is not None:
+            from deepzero_oracle.atomic import atomic_write
+
+            atomic_write(path, lambda tmp: np.savez_compressed(tmp, src_next=src_next))
+    stats = corrector_stats(trajectories, train_fields, src_next)
+    return SOLData(trajectories, train_fields, test_fields, src_next, stats)
+
+
+def corrector_stats(trajectories: Trajectories, train_fields: np.ndarray, src_next: np.ndarray | None) -> dict:
+    """The default corrector's constants: per-channel state and field mean/std over the training data,
+    the output scale (std of the per-step error ``ref_{t+1} - solver(ref_t)`` the corrector must learn;
+    1 without ``src_next``) and the correction mask."""
+    ref = trajectories.train_states
+    out_scale = 1.0 if src_next is None else float((ref[:, 1:] - src_next).std()) + 1e-12
     stats = {
-        "state_mean": train_ref.mean(axis=(0, 1, 3, 4)), "state_std": train_ref.std(axis=(0, 1, 3, 4)) + 1e-8,
-        "param_mean": train_pf.mean(axis=(0, 2, 3)), "param_std": train_pf.std(axis=(0, 2, 3)) + 1e-8,
-        "out_scale": float(err.std()) + 1e-12, "mask": mask,
+        "state_mean": ref.mean(axis=(0, 1, 3, 4)), "state_std": ref.std(axis=(0, 1, 3, 4)) + 1e-8,
+        "param_mean": train_fields.mean(axis=(0, 2, 3)), "param_std": train_fields.std(axis=(0, 2, 3)) + 1e-8,
+        "out_scale": out_scale, "mask": trajectories.correction_mask,
     }
     for k in ("param_std", "state_std"):  # constant channels (a fixed mask, one Re): keep them O(1)
         stats[k] = np.where(stats[k] < 1e-6, 1.0, stats[k])
-    return SOLData(train, test, train_ref, test_ref, src_next, train_pf, test_pf, stats)
-
-
-def _key(cfg: SOLConfig) -> str:
-    import hashlib
-    keep = {k: getattr(cfg, k) for k in ("scenario", "size", "n_train", "train_steps", "seed")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return stats

@@ -3,17 +3,17 @@
 - SRC: the source solver alone (nothing to train).
 - NON: the corrector trained supervised on precomputed pairs ``(P_s(ref_t), ref_{t+1})``: the
   one-step SOL loss with the solver's step looked up, back-propagated through the corrector.
-- FO-SOL: the n-step unrolled loss, back-propagated through the differentiable torch solver.
+- FO-SOL: the n-step unrolled loss, back-propagated through a differentiable torch solver.
 - ZO-SOL: the same loss, estimated by sparse forward-difference CGE from queries of the black-box
-  solver only (``SOLOracle``); the solver runs in-process or behind a gRPC server.
+  solver only (``SOLOracle``); the solver runs in-process or behind any black-box spec.
 
 Each method is an (oracle, estimator) pair handed to ``Trainer`` with random training windows
-(``SampledBatches``), Adam and an optional cosine schedule; checkpoints, resume, progress and the
-per-step log (``steps.csv``) are the Trainer's.
+(`training_windows` in a ``SampledBatches``), Adam and an optional cosine schedule; checkpoints,
+resume, progress and the per-step log (``steps.csv``) are the Trainer's.
 
-Test metric: mean |s_t - ref_t| over cells and channels, for t = 1..T, of a corrected rollout from
-the test cases' initial source states; per simulation averaged over time, then mean +- std over
-simulations.
+Test metric (`evaluate`): mean |s_t - ref_t| over cells and channels, for t = 1..T', of a corrected
+rollout through the solver from the test trajectories' initial states; per simulation averaged over
+time, then mean +- std over simulations.
 """
 
 from __future__ import annotations
@@ -25,74 +25,101 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from deepzero_oracle import CGE, Autograd, MaskSchedule, SampledBatches, Trainer
 from deepzero_oracle.atomic import write_json
 from deepzero_oracle.pruning import uniform_ratios
 from deepzero_oracle.theta import parameter_slots
+from deepzero_oracle.train import check_settings
 
-from .corrector import Corrector, make_corrector
-from .data import SOLConfig, SOLData, scenario_for
+from .corrector import check_corrector, load_factory, make_corrector
+from .data import SOLConfig, SOLData
 from .oracle import SOLOracle
+from .solver import Solver, SolverDiverged, solve_checked
+from .trajectories import Trajectories
 
-__all__ = ["METHODS", "train_method", "evaluate_method", "source_solver", "load_corrector", "method_trainer"]
+__all__ = ["METHODS", "build_corrector", "check_resumable", "evaluate", "load_corrector", "method_settings",
+           "method_trainer", "rollout", "train_method", "training_windows"]
 
 METHODS = ("src", "non", "fo-sol", "zo-sol")
 
 
-def source_solver(scenario) -> Callable:
-    """The in-process black box: ``f(state [N, C, H, W] ndarray, params [N, K]) -> [N, C, H, W]``."""
-    def solve(state, params):
-        return np.asarray(scenario.source_step(np.asarray(state, np.float64), np.asarray(params, np.float64)))
-    return solve
+def build_corrector(cfg: SOLConfig, data: SOLData) -> nn.Module:
+    """The comparison's float64 corrector, seeded by ``cfg.seed``: the default CNN sized from C and F
+    (F = K params as constant fields, unless the data carries fields), or ``cfg.corrector``'s
+    ``factory(channels, n_params)``, checked once on two training states (ValueError if unfit)."""
+    traj = data.trajectories
+    if not cfg.corrector:
+        return make_corrector(traj.channels, data.train_fields.shape[1], data.stats, periodic=traj.periodic,
+                              hidden=cfg.hidden, depth=cfg.depth, kernel=cfg.kernel, seed=cfg.seed)
+    factory = load_factory(cfg.corrector)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        module = factory(traj.channels, data.train_fields.shape[1])
+    if isinstance(module, nn.Module):
+        module = module.to(torch.float64)
+    return check_corrector(module, torch.from_numpy(traj.train_states[:2, 0]),
+                           torch.from_numpy(data.train_fields[:2]), f"--corrector {cfg.corrector}")
 
 
-def _window_draw(cfg: SOLConfig, data: SOLData, method: str) -> Callable[[torch.Generator], tuple]:
-    """``draw(generator) -> SOLOracle.bind arguments`` for one step's random windows.
+def training_windows(data: SOLData, *, unroll: int, batch_size: int,
+                     pairs: bool = False) -> Callable[[torch.Generator], tuple]:
+    """``draw(generator) -> SOLOracle.bind arguments`` for one step's random training windows.
 
-    SOL methods: ``batch_size`` windows of ``unroll`` steps. NON: the same data volume as
-    ``batch_size * unroll`` one-step pairs, each with its precomputed solver step.
+    Args:
+        data: `SOLData`.
+        unroll: solver steps per window; batch_size: windows per step.
+        pairs: NON's one-step pairs instead (the same data volume: ``batch_size * unroll`` pairs, each
+            with its precomputed solver step).
+    Returns:
+        ``draw`` for ``SampledBatches``: ``(start [B, C, H, W], params [B, K], fields [B, F, H, W],
+        targets [B, n, C, H, W][, first_step [B, C, H, W]])``.
     """
-    ref, pf, params = data.train_ref, data.train_pf, data.train_cases.params
+    traj = data.trajectories.check_unroll(unroll)
+    ref, pf, params, n_sims = traj.train_states, data.train_fields, traj.train_params, traj.train_states.shape[0]
 
     def sol_windows(gen):
-        i = torch.randint(cfg.n_train, (cfg.batch_size,), generator=gen).numpy()
-        t0 = torch.randint(ref.shape[1] - cfg.unroll, (cfg.batch_size,), generator=gen).numpy()
-        targets = np.stack([ref[i, t0 + k + 1] for k in range(cfg.unroll)], axis=1)
+        i = torch.randint(n_sims, (batch_size,), generator=gen).numpy()
+        t0 = torch.randint(ref.shape[1] - unroll, (batch_size,), generator=gen).numpy()
+        targets = np.stack([ref[i, t0 + k + 1] for k in range(unroll)], axis=1)
         return torch.from_numpy(ref[i, t0]), params[i], torch.from_numpy(pf[i]), torch.from_numpy(targets)
 
     def non_pairs(gen):
-        n = cfg.batch_size * cfg.unroll
-        j = torch.randint(cfg.n_train, (n,), generator=gen).numpy()
+        n = batch_size * unroll
+        j = torch.randint(n_sims, (n,), generator=gen).numpy()
         t = torch.randint(data.train_src_next.shape[1], (n,), generator=gen).numpy()
         return (torch.from_numpy(ref[j, t]), params[j], torch.from_numpy(pf[j]),
                 torch.from_numpy(ref[j, t + 1])[:, None], torch.from_numpy(data.train_src_next[j, t]))
 
-    return non_pairs if method == "non" else sol_windows
+    return non_pairs if pairs else sol_windows
 
 
-def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver: Callable | None = None,
+def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver,
                    progress: bool = True) -> tuple[Trainer, SampledBatches]:
     """The ``Trainer`` and the window source of one trained method (``non``, ``fo-sol``, ``zo-sol``).
 
     Args:
-        cfg, data: the comparison's config and data (`prepare_data`).
+        cfg, data: the comparison's recipe and data (`prepare_data`).
         run_dir: the method's folder (checkpoint, logs).
-        solver: ZO-SOL's black box ``f(state, params)`` (default: the in-process source step).
+        solver: a `Solver` (or a plain callable): ZO-SOL's black box, FO-SOL's torch step.
+    Raises:
+        ValueError: FO-SOL with a solver that has no gradient path; an unfit ``--corrector``.
     """
-    sc = scenario_for(cfg)
-    corr = make_corrector(sc, data.stats, hidden=cfg.hidden, depth=cfg.depth, kernel=cfg.kernel, seed=cfg.seed)
+    solver = Solver.of(solver)
+    corr = build_corrector(cfg, data)
     masks = None
     if method == "non":
         oracle, estimator = SOLOracle(corr, None, 1), Autograd()
     elif method == "fo-sol":
-        oracle, estimator = SOLOracle(corr, None, cfg.unroll, differentiable_solver=sc.source_step), Autograd()
+        step = solver.gradient_step(data.trajectories)
+        oracle, estimator = SOLOracle(corr, None, cfg.unroll, differentiable_solver=step), Autograd()
     elif method == "zo-sol":
         slots = parameter_slots(corr)
         masks = MaskSchedule(slots, uniform_ratios(slots, cfg.sparsity), redraw_every=cfg.redraw_every, unit="step")
         # f(theta) rides in the same solver calls as its perturbations (CGE joint=True), so a
         # solver whose batch members interact cannot bias the differences
-        oracle = SOLOracle(corr, solver or source_solver(sc), cfg.unroll, max_batch=masks.active + 1)
+        oracle = SOLOracle(corr, solver, cfg.unroll, max_batch=masks.active + 1)
         estimator = CGE(mu=cfg.mu, joint=True)
     else:
         raise ValueError(f"method must be one of {METHODS[1:]} to train, got {method!r}")
@@ -101,20 +128,41 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda t: 0.5 * (1 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps)))
         if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
-    settings = {"method": method, **{k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}}
+    settings = method_settings(cfg, method, data.trajectories, solver)
     trainer = Trainer(oracle, estimator, opt, scheduler=schedule, scheduler_interval="step", mask_schedule=masks,
                       out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings, seed=cfg.seed,
-                      progress=progress, desc=f"{cfg.scenario} {method}")
-    return trainer, SampledBatches(_window_draw(cfg, data, method), seed=cfg.seed)
+                      progress=progress, desc=f"{data.trajectories.label} {method}")
+    windows = training_windows(data, unroll=cfg.unroll, batch_size=cfg.batch_size, pairs=method == "non")
+    return trainer, SampledBatches(windows, seed=cfg.seed)
 
 
-def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver: Callable | None = None,
+def method_settings(cfg: SOLConfig, method: str, trajectories: Trajectories, solver) -> dict:
+    """What a resumed run must share (the Trainer's ``settings``): the method, the recipe, the data's
+    content (digest) and the solver's identity (spec)."""
+    return {"method": method, **{k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"},
+            "data": trajectories.digest(), "solver": Solver.of(solver).spec}
+
+
+def check_resumable(cfg: SOLConfig, method: str, trajectories: Trajectories, solver, run_dir) -> None:
+    """Raise ``SettingsMismatch`` (naming each difference) if ``run_dir`` holds a run of other settings,
+    before anything is computed or written; nothing to check for a new run."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True).get("settings")
+        check_settings(saved, method_settings(cfg, method, trajectories, solver), path)
+
+
+def train_method(cfg: SOLConfig, method: str, data: SOLData | None, run_dir, *, solver,
                  progress: bool = True, restart: bool = False) -> dict:
-    """Train one method's corrector (``src`` trains nothing); resumes from ``run_dir``.
+    """Train one method's corrector (``src`` trains nothing, and needs no data); resumes from ``run_dir``.
 
+    Args:
+        cfg, data: recipe and `SOLData`; run_dir: the method's folder.
+        solver: a `Solver` (or a plain callable ``f(state, params)``).
+        restart: start over instead of continuing a checkpoint in ``run_dir``.
     Returns:
-        ``{"method", "step", "queries" (of the black-box solver: ZO-SOL only), "solver_calls",
-        "seconds", "history": [loss per step]}``.
+        ``{"method", "solver" (its spec), "step", "queries" (of the black-box solver: ZO-SOL only),
+        "solver_calls", "seconds", "history": [loss per step]}``; also written to ``run_dir/train.json``.
     Raises:
         TrainingDiverged: the rollout became non-finite; the last good checkpoint stays in run_dir.
     """
@@ -122,6 +170,7 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.set_num_threads(1)  # the solver is slower with 2 threads on a shared machine
     run_dir = Path(run_dir)
+    solver = Solver.of(solver)
     if method == "src":
         summary = {"method": method, "step": 0, "queries": 0, "solver_calls": 0, "seconds": 0.0, "history": []}
     else:
@@ -133,6 +182,7 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver:
         summary = {"method": method, "step": trainer.step, "queries": trainer.oracle.queries if black_box else 0,
                    "solver_calls": trainer.oracle.solver_calls, "seconds": trainer.seconds,
                    "history": step_losses(run_dir)}
+    summary["solver"] = solver.spec
     write_json(run_dir / "train.json", summary, indent=1)
     return summary
 
@@ -146,55 +196,70 @@ def step_losses(run_dir) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def load_corrector(cfg: SOLConfig, data: SOLData, run_dir) -> Corrector:
-    """The corrector trained by `train_method` (from ``run_dir/checkpoint.pt``); for ``src``
-    (no checkpoint) the untrained one, which `evaluate_method` does not use."""
-    corr = make_corrector(scenario_for(cfg), data.stats, hidden=cfg.hidden, depth=cfg.depth, kernel=cfg.kernel,
-                          seed=cfg.seed)
+def load_corrector(cfg: SOLConfig, data: SOLData, run_dir) -> nn.Module:
+    """The corrector trained by `train_method`, from ``run_dir/checkpoint.pt``, built by the recipe the
+    checkpoint records (``cfg`` for older checkpoints), whatever the folder's recipe is now."""
     path = Path(run_dir) / "checkpoint.pt"
     if not path.exists():
         raise FileNotFoundError(f"no trained corrector in {run_dir}: run `sol train` for this method first")
-    corr.load_state_dict(torch.load(path, weights_only=True)["learner"])
+    checkpoint = torch.load(path, weights_only=True)
+    recipe = SOLConfig.from_dict({**cfg.to_dict(), **(checkpoint.get("settings") or {})})
+    corr = build_corrector(recipe, data)
+    corr.load_state_dict(checkpoint["learner"])
     return corr
 
 
-def evaluate_method(cfg: SOLConfig, method: str, data: SOLData, run_dir=None, *, corrector: Corrector | None = None) -> dict:
-    """Test MAE of one method: corrected source rollouts of the test cases vs the down-sampled reference.
+def rollout(solver: Callable, start: torch.Tensor, params: np.ndarray, steps: int, *,
+            correct: Callable | None = None) -> torch.Tensor:
+    """``steps`` solver steps from ``start [N, C, H, W]`` with ``params [N, K]``, each followed by
+    ``correct(state) -> state`` if given. Returns ``[N, steps + 1, C, H, W]`` float64; raises
+    `SolverDiverged` when a state becomes NaN/Inf."""
+    states = [start]
+    for t in range(int(steps)):
+        nxt = solve_checked(solver, states[-1], params, f"rollout step {t + 1}")
+        states.append(correct(nxt) if correct is not None else nxt)
+    return torch.stack(states, dim=1)
+
+
+def evaluate(trajectories: Trajectories, solver, corrector: nn.Module | None = None, *,
+             test_fields: np.ndarray | None = None) -> dict:
+    """Test MAE: rollouts of the solver (corrected, with ``corrector``) from the test trajectories'
+    initial states, against the test trajectories.
 
     Args:
-        cfg, data: as for training; method: one of `METHODS`.
-        run_dir: where the trained corrector is (not needed for ``src`` or with ``corrector``).
-        corrector: use this corrector instead of loading one.
+        trajectories: the data; solver: ``f(state, params)`` (a `Solver` or any callable).
+        corrector: ``corrector(state [N, C, H, W], fields [N, F, H, W]) -> correction``; None: SRC.
+        test_fields: the corrector's test fields (default: ``trajectories.corrector_fields("test")``).
     Returns:
-        ``{"mae_mean", "mae_std", "mae_per_sim" [N_test], "mae_over_time" [T], "snapshot": {"reference",
-        "source", "corrected"} (each ``[C, H, W]`` of test case 0 at the last step), "diverged"}``.
+        ``{"mae_mean", "mae_std", "mae_per_sim" [S'], "mae_over_time" [T'], "snapshot": {"reference",
+        "source", "corrected"} (each ``[C, H, W]`` of test simulation 0 at the last step; velocities at
+        cell centres for built-in scenarios), "diverged"}``.
     """
+    from .builtin import scenario_of
+
     torch.set_num_threads(1)
-    sc = scenario_for(cfg)
-    ref = torch.from_numpy(data.test_ref)
-    params = torch.from_numpy(data.test_cases.params)
-    pf = torch.from_numpy(data.test_pf)
-    if method != "src" and corrector is None:
-        corrector = load_corrector(cfg, data, run_dir)
+    ref = torch.from_numpy(trajectories.test_states)
+    params, steps = trajectories.test_params, ref.shape[1] - 1
     correct = None
-    if method != "src":
-        def correct(s, p, t):
+    if corrector is not None:
+        pf = torch.from_numpy(trajectories.corrector_fields("test") if test_fields is None else test_fields)
+
+        def correct(s):
             return s + corrector(s, pf)
     diverged = False
     with torch.no_grad():
         try:
-            traj = sc.rollout(ref[:, 0], params, cfg.test_steps, correct=correct)
-        except ValueError as e:  # NaN state passed to the solver: the corrected rollout blew up
-            if "NaN" not in str(e):
-                raise
+            traj = rollout(solver, ref[:, 0], params, steps, correct=correct)
+        except SolverDiverged:  # the corrected rollout blew up
             diverged = True
             traj = torch.full_like(ref, float("inf"))
-        src = sc.rollout(ref[:, 0], params, cfg.test_steps) if method != "src" else traj
+        src = rollout(solver, ref[:, 0], params, steps) if corrector is not None else traj
     err = (traj[:, 1:] - ref[:, 1:]).abs().mean(dim=(2, 3, 4))  # [N, T]
     per_sim = err.mean(dim=1)
-    last = cfg.test_steps
+    scenario = scenario_of(trajectories)
+    centered = scenario.to_centered if scenario is not None else (lambda s: s)
     return {"mae_mean": float(per_sim.mean()), "mae_std": float(per_sim.std(unbiased=False)),
             "mae_per_sim": per_sim.tolist(), "mae_over_time": err.mean(dim=0).tolist(), "diverged": diverged,
-            "snapshot": {"reference": sc.to_centered(ref[:1, last])[0].numpy(),
-                         "source": sc.to_centered(src[:1, last])[0].numpy(),
-                         "corrected": sc.to_centered(traj[:1, last])[0].numpy()}}
+            "snapshot": {"reference": centered(ref[:1, steps])[0].numpy(),
+                         "source": centered(src[:1, steps])[0].numpy(),
+                         "corrected": centered(traj[:1, steps])[0].numpy()}}

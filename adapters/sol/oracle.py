@@ -16,33 +16,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from deepzero_oracle import LearnerOracle, NonFiniteLossError
+from deepzero_oracle import LearnerOracle
 from deepzero_oracle.theta import unflatten
 
-from .corrector import Corrector
+from .corrector import corrections
+from .solver import SolverDiverged, solve_checked, solver_inputs
 
 __all__ = ["SOLOracle", "SolverDiverged", "unrolled_loss"]
-
-
-class SolverDiverged(NonFiniteLossError):
-    """The solver produced (or was about to receive) non-finite states."""
-
-
-def solve_checked(solver: Callable, state: torch.Tensor, params: np.ndarray, where: str) -> torch.Tensor:
-    """Call a black-box solver on float64 arrays ``state [N, C, H, W]``, ``params [N, K]``;
-    non-finite in or out raises ``SolverDiverged``. Returns a fresh float64 tensor."""
-    s = state.detach().numpy()
-    if not np.isfinite(s).all():
-        raise SolverDiverged(f"{where}: the corrected state became NaN/Inf before the solver call")
-    res = solver(s, params)
-    # Always a fresh torch allocation: numpy buffers and wire buffers have other alignments, and torch's
-    # vectorized reductions then sum in another order (last-bit differences between in-process and gRPC).
-    out = torch.as_tensor(np.asarray(res) if not isinstance(res, torch.Tensor) else res.detach())
-    out = out.to(torch.float64).clone(memory_format=torch.contiguous_format)
-    if not torch.isfinite(out).all():
-        raise SolverDiverged(f"{where}: the solver returned NaN/Inf")
-    return out
 
 
 def unroll(step: Callable, correct: Callable, start: torch.Tensor, targets: torch.Tensor,
@@ -67,26 +49,37 @@ def unroll(step: Callable, correct: Callable, start: torch.Tensor, targets: torc
 
 
 class SOLOracle(LearnerOracle):
-    """theta (the corrector's parameters) -> SOL-n loss on the bound windows.
+    """theta (the corrector's parameters) -> SOL-n loss on the bound windows: a user's solver and
+    trajectories become an oracle the engine's ``Trainer`` trains.
 
     All P thetas of one request are rolled out together: per unroll step, the P x B states go to
     the black-box solver in *one* call, padded to ``max_batch * B`` rows so a JIT-compiled solver
-    sees one shape. ``autograd_gradient`` back-propagates the same loss through
-    ``differentiable_solver`` (FO-SOL), or through the corrector alone when the bound windows
-    carry their first solver step (NON).
+    sees one shape (the rows are independent simulations, so padding never changes an answer).
+    ``autograd_gradient`` back-propagates the same loss through ``differentiable_solver``
+    (FO-SOL), or through the corrector alone when the bound windows carry their first solver
+    step (NON).
 
     Args:
-        corrector: the `Corrector` (theta = its trainable parameters).
+        corrector: any ``nn.Module`` with ``forward(state [B, C, H, W], param_fields [B, F, H, W]) ->
+            correction [B, C, H, W]`` (theta = its trainable parameters); the default `Corrector`
+            evaluates P copies by grouped convolutions, others by ``functional_call`` + ``vmap``.
         solver: the black box ``f(state [N, C, H, W], params [N, K]) -> [N, C, H, W]`` (float64
-            arrays); None when only precomputed steps are used (NON).
+            NumPy arrays in; ``f(state)`` when K = 0), local or remote; None when only precomputed
+            steps are used (NON).
         unroll: n, the solver steps per window.
         differentiable_solver: ``g(state tensor, params tensor) -> next state``, differentiable
             by torch (an in-process solver); needed for ``autograd_gradient`` with n > 1.
         max_batch: thetas per solver call (the base class splits larger requests).
         budget: optional query budget.
+
+    Example (ZO-SOL, windows from `deepzero_oracle.adapters.sol.methods.training_windows`)::
+
+        oracle = SOLOracle(corrector, my_step, unroll=4)
+        trainer = Trainer(oracle, CGE(mu=1e-4, joint=True), torch.optim.Adam(corrector.parameters(), 3e-3))
+        trainer.fit(SampledBatches(training_windows(data, unroll=4, batch_size=4)), max_steps=100)
     """
 
-    def __init__(self, corrector: Corrector, solver: Callable | None = None, unroll: int = 1, *,
+    def __init__(self, corrector: nn.Module, solver: Callable | None = None, unroll: int = 1, *,
                  differentiable_solver: Callable | None = None, max_batch: int = 64, budget: int | None = None):
         super().__init__(corrector, budget=budget, max_batch=max_batch)
         if int(unroll) < 1:
@@ -101,8 +94,8 @@ class SOLOracle(LearnerOracle):
 
         Args:
             start: ``[B, C, H, W]`` initial states (reference at t0).
-            params: ``[B, K]`` physics parameters.
-            param_fields: ``[B, P_f, H, W]`` (the corrector's extra inputs).
+            params: ``[B, K]`` physical parameters (K may be 0).
+            param_fields: ``[B, F, H, W]`` (the corrector's extra inputs).
             targets: ``[B, n, C, H, W]`` reference states at t0+1..t0+n.
             first_step: optional ``[B, C, H, W]``, the solver's step from ``start``, precomputed.
         Returns:
@@ -140,7 +133,7 @@ class SOLOracle(LearnerOracle):
             return nxt[: P * B].reshape(P, B, *start.shape[1:])
 
         with torch.no_grad():
-            return unroll(step, lambda s: self.learner.batched(s, pf, weights), start.expand(P, *start.shape),
+            return unroll(step, lambda s: corrections(self.learner, s, pf, weights), start.expand(P, *start.shape),
                           targets, first)
 
     def evaluate_gradient(self, theta: torch.Tensor):
@@ -157,10 +150,10 @@ class SOLOracle(LearnerOracle):
             if not torch.isfinite(state).all():
                 raise SolverDiverged(f"FO-SOL: the corrected state became NaN/Inf at unroll step {k + 1}")
             self.solver_calls += 1
-            return self.differentiable_solver(state[0], p)[None]
+            return self.differentiable_solver(*solver_inputs(state[0], p))[None]
 
         weights = unflatten(theta[None], self.slots)
-        loss = unroll(step, lambda s: self.learner.batched(s, pf, weights), start[None], targets, first)[0]
+        loss = unroll(step, lambda s: corrections(self.learner, s, pf, weights), start[None], targets, first)[0]
         return torch.autograd.grad(loss, theta)[0], loss
 
     def state_dict(self) -> dict:
@@ -171,16 +164,16 @@ class SOLOracle(LearnerOracle):
         self.solver_calls = int(state.get("solver_calls", 0))
 
 
-def unrolled_loss(corrector: Corrector, solver: Callable, start, params, param_fields, targets,
+def unrolled_loss(corrector: nn.Module, solver: Callable, start, params, param_fields, targets,
                   unroll_steps: int) -> torch.Tensor:
-    """The SOL-n loss with autograd through a differentiable torch ``solver(state, params)``
-    (FO-SOL's loss, and the reference the tests hold the ZO oracle to). Returns a 0-d tensor."""
+    """The SOL-n loss with autograd through a differentiable torch ``solver(state, params)`` (``solver(state)``
+    when K = 0): FO-SOL's loss, and the reference the tests hold the ZO oracle to. Returns a 0-d tensor."""
     p = torch.as_tensor(np.asarray(params), dtype=torch.float64)
     targets = torch.as_tensor(targets)[:, :unroll_steps]
 
     def step(state, k):
         if not torch.isfinite(state).all():
             raise SolverDiverged(f"FO-SOL: the corrected state became NaN/Inf at unroll step {k + 1}")
-        return solver(state[0], p)[None]
+        return solver(*solver_inputs(state[0], p))[None]
 
     return unroll(step, lambda s: corrector(s[0], param_fields)[None], torch.as_tensor(start)[None], targets)[0]
