@@ -10,8 +10,6 @@ finer version of the same PDE.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -276,20 +274,9 @@ def test_port_zero_and_sigterm(node_example):
 
 
 # -- (c) a SOL corrector trained against the Node solver, through the command line -------------
-def _sol_train_takes_data() -> bool:
-    from deepzero_oracle.apps.cli import build_parser
-
-    shown = io.StringIO()
-    with contextlib.redirect_stdout(shown), contextlib.suppress(SystemExit):
-        build_parser().parse_args(["sol", "train", "--help"])
-    return "--data" in shown.getvalue()
-
-
 def test_sol_trains_against_node_solver(node_server, tmp_path, monkeypatch, capsys):
     from deepzero_oracle.apps.cli import main
 
-    if not _sol_train_takes_data():
-        pytest.skip("this checkout's `sol train` takes no --data FILE.npz yet")
     rng = np.random.default_rng(1)
     train_states, train_params = reference_trajectories(rng, sims=4, steps=6)
     test_states, test_params = reference_trajectories(rng, sims=2, steps=6)
