@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
     results["config"]["dim"] = DIM
-    with child_server("bench_grpc:MODELS", "--max-concurrency", "1") as (address, pid):
+    with child_server("bench_grpc:MODELS", "--max-concurrency", "1", "--torch") as (address, pid):
         results["config"]["server_pid"] = pid
         box = GrpcBlackBox(address, model="trivial", timeout=120)
         one = torch.randn(1, DIM)

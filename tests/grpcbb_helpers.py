@@ -15,11 +15,13 @@ from server_process import ServerProcess
 TESTS = Path(__file__).resolve().parent
 
 
-def start_server(*args: str, env_extra: dict | None = None, target: str = "grpcbb_functions:MODELS"):
-    """Our server in a child process on 127.0.0.1 (free port), serving tests/grpcbb_functions."""
+def start_server(*args: str, env_extra: dict | None = None, target: str = "grpcbb_functions:MODELS",
+                 torch: bool = True):
+    """Our server in a child process on 127.0.0.1 (free port), serving tests/grpcbb_functions
+    (torch functions, hence ``--torch``; ``torch=False`` serves NumPy functions)."""
     env = dict(os.environ)
     env.update(env_extra or {})
-    return ServerProcess(target, *args, cwd=TESTS, env=env)
+    return ServerProcess(target, *args, *(["--torch"] if torch else []), cwd=TESTS, env=env)
 
 
 def raw_unary(channel: grpc.Channel, method: str):

@@ -114,6 +114,16 @@ def test_describe_and_ready(server, box):
     assert box.ready()
 
 
+def test_metadata_is_the_standard_v2_dict_fetched_once(server, box):
+    md = box.metadata()
+    assert md["name"] == "affine" and md["versions"] == ["1"] and md["platform"] == "deepzero-oracle"
+    assert [t["name"] for t in md["inputs"]] == ["x"] and box.metadata() is md
+    with GrpcBlackBox(server.address, model="pair", timeout=30) as b:
+        assert [t["name"] for t in b.metadata()["inputs"]] == ["x", "y"]
+    with pytest.raises(BlackBoxNotFound, match="nope"):
+        GrpcBlackBox(server.address, model="nope", timeout=30).metadata()
+
+
 def test_errors_are_black_box_errors(server, box):
     with pytest.raises(BlackBoxNotFound, match="unknown model 'nope'"):
         GrpcBlackBox(server.address, model="nope", timeout=30)(torch.ones(1, 1))

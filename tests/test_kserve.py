@@ -1,4 +1,4 @@
-"""KServeBlackBox against real KServe v2 servers: MLServer (its own venv) and ours.
+"""KServeBlackBox and GrpcBlackBox against real KServe v2 servers: MLServer (its own venv) and ours.
 
 The MLServer fixture creates .venv-mlserver with tests/mlserver/setup_venv.sh when it is
 missing (~45 s once; MLServer pins protobuf<7, so it cannot share the project's venv), starts
@@ -29,6 +29,7 @@ from deepzero_oracle.blackbox import (
     BlackBoxInvalidArgument,
     BlackBoxNotFound,
     BlackBoxUnavailable,
+    GrpcBlackBox,
     KServeBlackBox,
     LocalBlackBox,
 )
@@ -40,9 +41,11 @@ REPO = TESTS.parent
 MLSERVER_DIR = TESTS / "mlserver"
 VENV = Path(os.environ.get("DEEPZERO_MLSERVER_VENV", REPO / ".venv-mlserver"))
 MODEL = "deepzero-affine"
+STEP_MODEL = "deepzero-step"
 
-# the function MLServer serves, loaded from its file (MLServer imports it the same way)
-affine = runpy.run_path(str(MLSERVER_DIR / "kserve_function.py"))["affine"]
+# the functions MLServer serves, loaded from their file (MLServer imports them the same way)
+_functions = runpy.run_path(str(MLSERVER_DIR / "kserve_function.py"))
+affine, step = _functions["affine"], _functions["step"]
 
 
 def _free_port() -> int:
@@ -105,7 +108,8 @@ def mlserver(tmp_path_factory):
     work = tmp_path_factory.mktemp("mlserver")
     for name in ("kserve_runtime.py", "kserve_function.py"):
         shutil.copy(MLSERVER_DIR / name, work / name)
-    shutil.copytree(MLSERVER_DIR / MODEL, work / MODEL)
+    for model in (MODEL, STEP_MODEL):
+        shutil.copytree(MLSERVER_DIR / model, work / model)
     for _attempt in range(2):  # a free port can be taken between choosing and binding it
         proc, info = _start_mlserver(work)
         if proc is not None:
@@ -141,6 +145,24 @@ def test_mlserver_metadata_ready_and_errors(mlserver, protocol):
     with pytest.raises(BlackBoxNotFound, match="no-such-model"):
         unknown(torch.ones(2, 2))
     box.close()
+
+
+def test_grpc_black_box_against_mlserver_two_input_solver(mlserver):
+    """GrpcBlackBox speaks the standard service to MLServer: inputs named from the model's
+    metadata (the runtime finds them by name), answers bit-identical to the step in process."""
+    rng = np.random.default_rng(5)
+    state = rng.normal(size=(6, 2, 8, 8))
+    params = np.column_stack([rng.uniform(0.05, 0.2, 6), rng.uniform(0.0, 0.1, 6)])
+    want = LocalBlackBox(step, numpy=True)(state, params)
+    with GrpcBlackBox(mlserver["grpc"], model=STEP_MODEL, timeout=30, max_batch_rows=4) as box:
+        md = box.metadata()
+        assert [(t["name"], t["datatype"]) for t in md["inputs"]] == [("state", "FP64"), ("params", "FP64")]
+        assert md["outputs"][0]["name"] == "next_state"
+        got = box(torch.from_numpy(state), params)
+        assert got.dtype == torch.float64 and torch.equal(got, want)
+        assert box.calls == 1 and box.rows == 6  # two messages underneath
+        with pytest.raises(BlackBoxNotFound, match="no-such-model"):
+            GrpcBlackBox(mlserver["grpc"], model="no-such-model", timeout=30)(state, params)
 
 
 def test_rest_refuses_nan_instead_of_sending_invalid_json(mlserver):

@@ -1,13 +1,15 @@
-"""The gRPC server: statuses, fuzzing, auth, TLS, limits, health, reflection, SIGTERM."""
+"""The server: statuses, fuzzing (gRPC and REST), auth, TLS, limits, health, reflection, SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import threading
 import time
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,7 @@ from deepzero_oracle.blackbox import (
 )
 from deepzero_oracle.blackbox.grpc import request_for
 from deepzero_oracle.server import TensorSpec, load_callable, register, serve_blackbox
-from deepzero_oracle.server.cli import run_serve, serving_address
+from deepzero_oracle.server.cli import run_serve, serving_address, serving_rest_url
 from deepzero_oracle.wire import oracle_pb2 as pb
 from grpcbb_helpers import raw_unary, self_signed_cert, start_server
 
@@ -31,12 +33,14 @@ MAX_MB = 1
 KSERVE = "/inference.GRPCInferenceService/"
 ORACLE = "/deepzero_oracle.v1.Oracle/"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
+REST_AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def server():
-    """Our server as a child process, with a token (from the environment) and a 1 MiB limit."""
-    proc = start_server("--max-message-mb", str(MAX_MB), "--max-concurrency", "2",
+    """Our server as a child process (gRPC and REST), with a token (from the environment) and a
+    1 MiB limit."""
+    proc = start_server("--max-message-mb", str(MAX_MB), "--max-concurrency", "2", "--http-port", "0",
                         env_extra={"DEEPZERO_ORACLE_TOKEN": TOKEN})
     yield proc
     proc.stop()
@@ -243,6 +247,124 @@ def test_fuzz_malformed_requests(server, channel):
     np.testing.assert_array_equal(np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(x.shape), x * 2 + 1)
 
 
+def _malformed_rest(rng: random.Random, i: int):
+    """One malformed REST infer request: (path, body, headers, allowed statuses, category)."""
+    kind = i % 12
+    rows, cols = rng.randint(1, 4), rng.randint(1, 5)
+    x = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    tensor = {"name": "x", "datatype": "FP32", "shape": [rows, cols], "data": x.ravel().tolist()}
+    body = {"inputs": [tensor]}
+    path, headers = "/v2/models/affine/infer", dict(REST_AUTH)
+
+    def as_json(**more):
+        return path, json.dumps(body).encode(), {**headers, **more}
+
+    if kind == 0:
+        junk = rng.choice([rng.randbytes(rng.randint(1, 300)), b"[" * 50_000 + b"]" * 50_000,
+                           b'{"inputs": [', json.dumps(rng.random()).encode(), b"\xff\xfe{}"])
+        return path, junk, headers, {400}, "not JSON / not an object"
+    if kind == 1:
+        tensor["datatype"] = rng.choice(["FP33", "fp32", "", "BYTES", "BF16", 32, None])
+        return (*as_json(), {400}, "wrong datatype")
+    if kind == 2:
+        variant = rng.randrange(3)
+        if variant == 0:
+            tensor["shape"][0] += rng.randint(1, 3)
+        elif variant == 1:
+            tensor["data"] = tensor["data"][:-1] or [1.0, 2.0]
+        else:  # binary contents of the wrong size
+            del tensor["data"]
+            raw = x.tobytes()[:-rng.randint(1, 4)]
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            head = json.dumps(body).encode()
+            framing = {**headers, "Inference-Header-Content-Length": str(len(head))}
+            return path, head + raw, framing, {400}, "byte count"
+        return (*as_json(), {400}, "shape/value-count mismatch")
+    if kind == 3:
+        bad = rng.choice(["NaN", "Infinity", "-Infinity", "1e999"])
+        text = json.dumps(body).replace(str(tensor["data"][0]), bad, 1)
+        return path, text.encode(), headers, {400}, "NaN/Inf"
+    if kind == 4:
+        if i % 48 == 4:  # 1+ MiB bodies: a few dozen, not hundreds
+            big = np.ones((MAX_MB * 2**20 // 16 + 1000, 4), np.float32)
+            del tensor["data"]
+            tensor.update(shape=list(big.shape), parameters={"binary_data_size": big.nbytes})
+            head = json.dumps(body).encode()
+            return (path, head + big.tobytes(), {**headers, "Inference-Header-Content-Length": str(len(head))},
+                    {413}, "oversize")
+        tensor["shape"] = [rng.choice([-1, -7]), cols]
+        return (*as_json(), {400}, "negative dimension")
+    if kind == 5:
+        variant = rng.randrange(6)
+        if variant == 0:
+            body["inputs"] = rng.choice([[], {}, "x", None])
+        elif variant == 1:
+            tensor["name"] = rng.choice(["", 7, None])
+        elif variant == 2:
+            del tensor["data"]
+        elif variant == 3:
+            tensor["shape"] = rng.choice([None, "2,3", [2.0, 3], [True, 3], ["2", "3"]])
+        elif variant == 4:
+            tensor["data"] = rng.choice([None, "1,2", {"a": 1}, 3.0])
+        else:
+            body["outputs"] = rng.choice([[{"name": "nope"}], "y", [7], [{"name": "output_0", "parameters": 1}]])
+        return (*as_json(), {400}, "missing or malformed fields")
+    if kind == 6:
+        headers.pop("Authorization")
+        headers.update(rng.choice([{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                                   {"Authorization": f"Bearer {TOKEN}x"}]))
+        return (*as_json(), {401}, "bad token")
+    if kind == 7:
+        path = rng.choice(["/v2/models/no-such-%d/infer" % rng.randint(0, 999),
+                           "/v2/models/affine/versions/%d/infer" % rng.randint(2, 99)])
+        return (*as_json(), {404}, "unknown model/version")
+    if kind == 8:
+        tensor["shape"] = rng.choice([[2**62, 2**62], [0, 3], [2**40, 0, 3], [1, 2**63 - 1], [2**70]])
+        return (*as_json(), {400}, "hostile shape")
+    if kind == 9:
+        del tensor["data"]
+        tensor["parameters"] = {"binary_data_size": rng.choice([-1, 10**12, "8", 1.5])}
+        head = json.dumps(body).encode()
+        length = rng.choice([str(len(head)), "abc", "0", str(10**9), "-5"])
+        framing = {**headers, "Inference-Header-Content-Length": length}
+        return path, head + x.tobytes(), framing, {400}, "bad binary framing"
+    if kind == 10:
+        variant = rng.randrange(4)
+        if variant == 0:
+            tensor["data"][0] = rng.choice(["1", True, None, [1]])
+        elif variant == 1:
+            tensor["data"] = [tensor["data"]] * 2  # nested, but not as the shape
+        elif variant == 2:
+            tensor.update(datatype="INT8", data=[300] * x.size)
+        else:
+            tensor.update(datatype="INT32", data=[0.5] * x.size)
+        return (*as_json(), {400}, "bad values")
+    # kind == 11: wrong number of inputs for a two-input model
+    path = "/v2/models/pair/infer"
+    return (*as_json(), {400}, "wrong input count")
+
+
+def test_fuzz_malformed_rest_requests(server):
+    """600 malformed REST requests: each gets its status and a message; the server survives."""
+    rng = random.Random(4321)
+    mismatches, seen = [], {}
+    with httpx.Client(base_url=server.rest_url, timeout=30) as http:
+        for i in range(600):
+            path, body, headers, allowed, category = _malformed_rest(rng, i)
+            r = http.post(path, content=body, headers=headers)
+            seen[category] = seen.get(category, 0) + 1
+            if r.status_code not in allowed or not r.json().get("error"):
+                mismatches.append((i, category, r.status_code, r.text[:200]))
+        assert not mismatches, f"{len(mismatches)} unexpected statuses, first: {mismatches[:5]}"
+        assert server.proc.poll() is None, "the server died"
+        assert seen["oversize"] >= 10 and seen["not JSON / not an object"] >= 45, seen
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        r = http.post("/v2/models/affine/infer", headers=REST_AUTH, json={"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [2, 3], "data": x.ravel().tolist()}]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3), x * 2 + 1)
+
+
 def test_stream_survives_malformed_messages(server, channel):
     """Garbage on the stream is answered in-band (index -1) and the stream goes on."""
     stream = channel.stream_stream(ORACLE + "QueryStream", request_serializer=None,
@@ -337,7 +459,7 @@ def test_concurrency_limit_answers_resource_exhausted():
 
 
 def test_declared_inputs_are_enforced_and_reported():
-    with serve_blackbox(lambda x: x.sum(1, keepdim=True), model_name="sum",
+    with serve_blackbox(lambda x: x.sum(1, keepdims=True), model_name="sum",
                         inputs=["x:FP32:-1,3"], outputs=[("total", "FP32", (-1, 1))]) as srv:
         box = GrpcBlackBox(srv.address, timeout=20)
         md = box.describe()
@@ -355,9 +477,49 @@ def test_reflection_lists_services():
 
     with serve_blackbox(lambda x: x) as srv:
         with grpc.insecure_channel(srv.address) as ch:
-            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+            database = ProtoReflectionDescriptorDatabase(ch)
+            services = set(database.get_services())
+            standard = database.FindFileContainingSymbol("inference.GRPCInferenceService")
     assert {"deepzero_oracle.v1.Oracle", "deepzero_oracle.v1.GRPCInferenceService",
-            "grpc.health.v1.Health"} <= services
+            "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+    # the standard service resolves to a file of its own package, with the v2 methods and messages
+    assert standard.package == "inference"
+    assert {m.name for m in standard.service[0].method} >= {"ModelInfer", "ModelMetadata", "ServerLive"}
+    assert {"ModelInferRequest", "InferTensorContents"} <= {m.name for m in standard.message_type}
+    assert "QueryBatchRequest" not in {m.name for m in standard.message_type}
+
+
+def test_callables_get_numpy_arrays_unless_torch_is_asked():
+    seen = []
+
+    def step(state, params):
+        seen.append((type(state), type(params)))
+        return state * params[:, :1, None, None]
+
+    state, params = torch.ones(2, 1, 3, 3, dtype=torch.float64), torch.full((2, 2), 2.0, dtype=torch.float64)
+    with serve_blackbox(step) as srv, GrpcBlackBox(srv.address, timeout=20) as box:
+        assert torch.equal(box(state, params), 2 * state)
+    with serve_blackbox(lambda x: x.clamp(min=0), numpy=False) as srv, GrpcBlackBox(srv.address, timeout=20) as box:
+        assert torch.equal(box(-torch.ones(2, 2)), torch.zeros(2, 2))
+    assert seen == [(np.ndarray, np.ndarray)]
+
+
+def test_metadata_reports_declared_and_observed_tensors():
+    def step(state, params):
+        return state + params.sum(1)[:, None, None, None]
+
+    with serve_blackbox(step, inputs=["state::-1,1,4,4", "params:FP64"]) as srv, \
+            GrpcBlackBox(srv.address, timeout=20) as box:
+        before = box.describe()
+        assert before["inputs"] == [{"name": "state", "datatype": "", "shape": [-1, 1, 4, 4]},
+                                    {"name": "params", "datatype": "FP64", "shape": []}]
+        assert before["outputs"] == []  # undeclared outputs: unknown before a call
+        box(np.zeros((3, 1, 4, 4)), np.ones((3, 2)))
+        after = box.describe()
+        assert after["inputs"] == [{"name": "state", "datatype": "FP64", "shape": [-1, 1, 4, 4]},
+                                   {"name": "params", "datatype": "FP64", "shape": [-1, 2]}]
+        assert after["outputs"] == [{"name": "output_0", "datatype": "FP64", "shape": [-1, 1, 4, 4]}]
+        assert box.metadata()["inputs"][0]["name"] == "state"  # the standard ModelMetadata
 
 
 def test_cli_register_and_spec_parsing():
@@ -367,7 +529,11 @@ def test_cli_register_and_spec_parsing():
     args = parser.parse_args(["serve", "grpcbb_functions:affine", "--port", "0", "--max-concurrency", "2",
                               "--input", "x:FP32:-1,3", "--max-message-mb", "8"])
     assert args.func is run_serve and args.max_concurrency == 2 and args.input == ["x:FP32:-1,3"]
-    assert args.host == "127.0.0.1"
+    assert args.host == "127.0.0.1" and args.http_port is None and not args.torch
+    args = parser.parse_args(["serve", "m:f", "--torch", "--http-port", "0"])
+    assert args.torch and args.http_port == 0
+    with pytest.raises(SystemExit):  # NumPy is the default: there is no --numpy
+        parser.parse_args(["serve", "m:f", "--numpy"])
     assert TensorSpec.parse("x:fp64:-1,2") == TensorSpec("x", "FP64", (-1, 2))
     with pytest.raises(ValueError, match="unknown datatype"):
         TensorSpec.parse("x:FP33")
@@ -379,7 +545,9 @@ def test_cli_register_and_spec_parsing():
 
 def test_serving_line_address():
     line = "deepzero-oracle: serving 'affine', 'pair' at 127.0.0.1:50051 (insecure, token on)\n"
-    assert serving_address(line) == "127.0.0.1:50051"
+    assert serving_address(line) == "127.0.0.1:50051" and serving_rest_url(line) is None
+    line = "deepzero-oracle: serving 'm' at 127.0.0.1:5 (tls, token on); REST at https://127.0.0.1:6\n"
+    assert serving_address(line) == "127.0.0.1:5" and serving_rest_url(line) == "https://127.0.0.1:6"
     assert serving_address("deepzero-oracle: serving 'm' at [::1]:7 (tls, token off)") == "[::1]:7"
     assert serving_address("deepzero-oracle: stopped\n") is None
 
@@ -392,7 +560,7 @@ def test_server_never_unpickles():
     import deepzero_oracle.server as server
 
     files = sorted(Path(server.__file__).parent.glob("*.py")) + [Path(protocol.__file__)]
-    assert len(files) >= 7  # __init__, __main__, specs, servicer, lifecycle, cli + protocol
+    assert len(files) >= 8  # __init__, __main__, specs, servicer, rest, lifecycle, cli + protocol
     for path in files:
         source = path.read_text()
         assert "pickle" not in source.replace("unpickle", "").replace("Never pickle", ""), path

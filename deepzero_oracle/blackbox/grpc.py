@@ -1,15 +1,20 @@
-"""A black box served over gRPC by ``deepzero-oracle serve`` (or :func:`deepzero_oracle.server.serve_blackbox`).
+"""A black box behind any KServe v2 gRPC server: ``deepzero-oracle serve`` (or
+:func:`deepzero_oracle.server.serve_blackbox`), MLServer, Triton, KServe.
 
     box = GrpcBlackBox("127.0.0.1:50051", timeout=10)
     y = box(x)                         # x [N, ...] -> y [N, ...], like LocalBlackBox
-    ys = box.query_batch([x1, x2])     # many queries in one call, per-query errors
-    for y in box.stream(xs): ...       # bidirectional stream for high query rates
+    box.metadata()                     # the model's KServe v2 metadata (names, datatypes, shapes)
+    ys = box.query_batch([x1, x2])     # our server: many queries in one call, per-query errors
+    for y in box.stream(xs): ...       # our server: bidirectional stream for high query rates
 
-One channel is opened per black box and reused by every call. Every call has a deadline
-(``timeout=``). Idempotent calls (inference, metadata, batches) are retried on UNAVAILABLE by
-gRPC itself through a service-config retry policy; streams are not retried. Failures raise
-:class:`~deepzero_oracle.blackbox.errors.BlackBoxRemoteError` subclasses, which are
-``BlackBoxError`` like every black box's errors.
+Calls go to the standard ``inference.GRPCInferenceService`` (ModelInfer, ModelMetadata) with
+raw contents, the inputs named after the model's metadata and matched by position, so any v2
+server answers them; ``query_batch``, ``stream`` and ``describe`` use our ``Oracle`` service,
+the fast paths of our own server. One channel is opened per black box and reused by every
+call. Every call has a deadline (``timeout=``). Idempotent calls (inference, metadata,
+batches) are retried on UNAVAILABLE by gRPC itself through a service-config retry policy;
+streams are not retried. Failures raise :class:`~deepzero_oracle.blackbox.errors.BlackBoxRemoteError`
+subclasses, which are ``BlackBoxError`` like every black box's errors.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from deepzero_oracle.blackbox.errors import BlackBoxInvalidArgument, BlackBoxRem
 from deepzero_oracle.blackbox.local import BlackBoxError
 from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
-    MIRROR_SERVICE,
     ORACLE_SERVICE,
     WireError,
     bearer,
@@ -47,7 +51,7 @@ def _service_config(retries: int) -> str:
     """Retry UNAVAILABLE for the idempotent methods only (never the stream)."""
     if retries <= 0:
         return json.dumps({"methodConfig": []})
-    idempotent = [{"service": KSERVE_SERVICE}, {"service": MIRROR_SERVICE},
+    idempotent = [{"service": KSERVE_SERVICE},
                   {"service": ORACLE_SERVICE, "method": "Describe"},
                   {"service": ORACLE_SERVICE, "method": "QueryBatch"}]
     return json.dumps({"methodConfig": [{
@@ -158,15 +162,26 @@ def decode_response(resp: pb.ModelInferResponse, target: str) -> dict[str, np.nd
     return out
 
 
+def metadata_dict(md: pb.ModelMetadataResponse) -> dict:
+    """A ModelMetadataResponse as the v2 metadata dict ``{"name", "versions", "platform",
+    "inputs": [{"name", "datatype", "shape"}], "outputs": [...]}``."""
+    def tensors(ts):
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
+
+    return {"name": md.name, "versions": list(md.versions), "platform": md.platform,
+            "inputs": tensors(md.inputs), "outputs": tensors(md.outputs)}
+
+
 class GrpcBlackBox(RemoteBlackBox):
-    """A black box behind ``deepzero-oracle serve``: ``box(*inputs [N, ...]) -> [N, ...]``.
+    """A black box behind a KServe v2 gRPC server: ``box(*inputs [N, ...]) -> [N, ...]``.
 
     Behaves like :class:`~deepzero_oracle.blackbox.LocalBlackBox`: same call, a torch tensor
-    back (a tuple for several outputs), ``BlackBoxError`` subclasses on failure.
+    back (a tuple for several outputs), ``BlackBoxError`` subclasses on failure. Inputs are
+    sent under the names the model's metadata declares, matched by position.
 
     Args:
         target: ``host:port`` of the server.
-        model: model name ("" = the server's only model).
+        model: model name ("" = our server's only model; other servers need the name).
         timeout: deadline of every call, in seconds (each chunk of a large call gets its own).
         token, tls, tls_server_name, max_message_mb, retries, wait_for_ready: see GrpcTransport.
         max_batch_rows: most rows per message; larger calls are split and pipelined.
@@ -187,7 +202,8 @@ class GrpcBlackBox(RemoteBlackBox):
         self.max_inflight = max(1, int(max_inflight))
         self.stream_timeout = stream_timeout
         t = self.transport
-        self._infer = t.unary(MIRROR_SERVICE, "ModelInfer", pb.ModelInferResponse)
+        self._infer = t.unary(KSERVE_SERVICE, "ModelInfer", pb.ModelInferResponse)
+        self._model_metadata = t.unary(KSERVE_SERVICE, "ModelMetadata", pb.ModelMetadataResponse)
         self._batch = t.unary(ORACLE_SERVICE, "QueryBatch", pb.QueryBatchResponse)
         self._describe = t.unary(ORACLE_SERVICE, "Describe", pb.OracleMetadata)
         self._stream = t.channel.stream_stream(
@@ -199,10 +215,12 @@ class GrpcBlackBox(RemoteBlackBox):
         return dict(timeout=self.timeout if timeout is None else timeout,
                     metadata=self.transport.metadata, wait_for_ready=self.transport.wait_for_ready)
 
-    def _names(self, count: int) -> list[str]:
-        # Positional names: the server matches inputs by position unless every name is one
-        # of its declared names.
-        return [f"input_{i}" for i in range(count)]
+    def _fetch_metadata(self) -> dict:
+        try:
+            md = self._model_metadata(pb.ModelMetadataRequest(name=self.model), **self._kw())
+        except grpc.RpcError as e:
+            raise self.transport.error(e, f"ModelMetadata({self.model!r})") from None
+        return metadata_dict(md)
 
     def _pipelined(self, rpc, requests: list, context: str) -> list:
         """Send requests with at most ``max_inflight`` outstanding; answers in order."""
@@ -379,12 +397,8 @@ class GrpcBlackBox(RemoteBlackBox):
         except grpc.RpcError as e:
             raise self.transport.error(e, "Describe") from None
 
-        def tensors(ts):
-            return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
-
         return {
-            "name": md.model.name, "versions": list(md.model.versions), "platform": md.model.platform,
-            "inputs": tensors(md.model.inputs), "outputs": tensors(md.model.outputs),
+            **metadata_dict(md.model),
             "cost_hint_seconds_per_row": md.cost_hint_seconds_per_row,
             "measured_seconds_per_row": md.measured_seconds_per_row,
             "max_message_bytes": md.max_message_bytes, "max_concurrency": md.max_concurrency,
@@ -418,4 +432,4 @@ class GrpcBlackBox(RemoteBlackBox):
         return f"GrpcBlackBox({self.target!r}, model={self.model!r})"
 
 
-__all__ = ["GrpcBlackBox", "GrpcTransport"]
+__all__ = ["GrpcBlackBox", "GrpcTransport", "metadata_dict"]

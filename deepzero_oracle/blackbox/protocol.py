@@ -8,9 +8,12 @@
   files or bytes (:func:`read_pem`).
 * gRPC message size limits (:func:`message_limit_options`) and status codes by name and by
   number (:func:`status_number`, :func:`status_name`).
-* Arrays <-> KServe v2 tensors (datatype string + int64 shape + raw little-endian bytes, or
-  typed contents). Decoding never unpickles: raw bytes become a NumPy view of an explicit
-  numeric dtype, after the byte count has been checked against the shape.
+* HTTP statuses <-> gRPC status names (:data:`GRPC_CODE_OF_HTTP`, :func:`http_status`), so
+  the REST and gRPC endpoints and clients report the same errors.
+* Arrays <-> KServe v2 tensors (datatype string + int64 shape + raw little-endian bytes, typed
+  contents, or REST JSON data: :func:`decode_json`, :func:`json_tensor`). Decoding never
+  unpickles: raw bytes become a NumPy view of an explicit numeric dtype, after the byte count
+  has been checked against the shape; JSON values must be numbers of the declared kind.
 
 Imports neither grpc (only the status helpers load it, when called) nor the generated code, so
 the REST client stays light. The server lives in :mod:`deepzero_oracle.server`, the clients in
@@ -29,6 +32,28 @@ MIRROR_SERVICE = "deepzero_oracle.v1.GRPCInferenceService"
 ORACLE_SERVICE = "deepzero_oracle.v1.Oracle"
 DEFAULT_PORT = 50051
 TOKEN_ENV = "DEEPZERO_ORACLE_TOKEN"
+# The KServe v2 REST binary-data extension: the length of the JSON header that precedes the
+# raw tensor bytes in a request or response body.
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+# HTTP status -> the gRPC status it means (so REST and gRPC raise the same errors).
+GRPC_CODE_OF_HTTP = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}
+# gRPC status name -> the HTTP status the REST endpoint answers with.
+_HTTP_OF_CODE = {
+    "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 413, "INTERNAL": 500, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status for gRPC status name ``code`` (``"NOT_FOUND" -> 404``; 500 if unmapped)."""
+    return _HTTP_OF_CODE.get(code, 500)
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -215,6 +240,56 @@ def decode_typed(contents, datatype: str, shape, name: str) -> np.ndarray:
             raise WireError(f"tensor {name!r}: values out of range for {datatype}")
         return wide.astype(dt).reshape(dims)
     return np.asarray(values, dtype=dt).reshape(dims)
+
+
+# Python types a JSON value may have for each NumPy kind (bool is not an int here).
+_JSON_TYPES = {"b": {bool}, "i": {int}, "u": {int}, "f": {int, float}}
+
+
+def _flat_values(data, dims: tuple[int, ...], name: str) -> list:
+    """REST ``data``: a flat list, or lists nested exactly as ``dims`` -> a flat list (row-major)."""
+    if not isinstance(data, list):
+        raise WireError(f"tensor {name!r}: 'data' must be a JSON array of numbers")
+    if not data or not isinstance(data[0], list):
+        return data
+    level = [data]
+    for depth, size in enumerate(dims):
+        for node in level:
+            if not isinstance(node, list) or len(node) != size:
+                raise WireError(f"tensor {name!r}: nested 'data' does not follow shape {list(dims)} "
+                                f"at depth {depth}; send a flat row-major array or nest it exactly")
+        level = [child for node in level for child in node]
+    return level
+
+
+def decode_json(data, datatype: str, shape, name: str) -> np.ndarray:
+    """REST JSON tensor ``data`` (flat or nested as the shape, row-major) -> array ``shape`` of ``datatype``.
+
+    Raises:
+        WireError: unknown datatype, bad shape, wrong value count, a value of the wrong kind
+            (a string, a bool for a number, a fraction for an integer) or out of range.
+    """
+    dt = _dtype_for(datatype, name)
+    dims = check_shape(shape, name)
+    values = _flat_values(data, dims, name)
+    if len(values) != _count(dims):
+        raise WireError(f"tensor {name!r}: {len(values)} values in 'data', but shape {list(dims)} "
+                        f"needs {_count(dims)}")
+    allowed = _JSON_TYPES[dt.kind]
+    kinds = set(map(type, values))
+    if not kinds <= allowed:
+        bad = next(v for v in values if type(v) not in allowed)
+        raise WireError(f"tensor {name!r} of {datatype}: value {str(bad)[:40]!r} is a "
+                        f"{type(bad).__name__}; send {' or '.join(sorted(t.__name__ for t in allowed))} values")
+    try:
+        return np.array(values, dtype=dt).reshape(dims)
+    except OverflowError as e:
+        raise WireError(f"tensor {name!r}: values out of range for {datatype}: {e}") from None
+
+
+def json_tensor(name: str, arr: np.ndarray) -> dict:
+    """A REST JSON tensor ``{"name", "datatype", "shape", "data"}`` (flat row-major data)."""
+    return {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape), "data": arr.ravel().tolist()}
 
 
 def encode_raw(arr: np.ndarray) -> bytes:

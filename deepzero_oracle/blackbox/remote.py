@@ -1,4 +1,5 @@
-"""What every remote black box shares: argument checks, row chunking, answer checks, counters.
+"""What every remote black box shares: argument checks, row chunking, answer checks, counters,
+the model's metadata (fetched once) and the input names taken from it.
 
 The base of :class:`~deepzero_oracle.blackbox.grpc.GrpcBlackBox` and
 :class:`~deepzero_oracle.blackbox.kserve.KServeBlackBox`.
@@ -27,18 +28,45 @@ class RemoteBlackBox:
 
     target: str = ""
 
-    def __init__(self, *, max_batch_rows: int = 65536, max_message_mb: float = 64):
+    def __init__(self, *, max_batch_rows: int = 65536, max_message_mb: float = 64,
+                 input_names: list[str] | None = None):
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
         self.max_batch_rows = int(max_batch_rows)
         self.max_message_bytes = int(max_message_mb * 2**20)
+        self.input_names = list(input_names) if input_names is not None else None
+        self._metadata: dict | None = None
         self.calls = 0
         self.rows = 0
 
-    # -- subclass hook ---------------------------------------------------------------------
+    # -- subclass hooks --------------------------------------------------------------------
     def _infer_chunks(self, chunks: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Answer each chunk (a list of input arrays ``[n_i, ...]``) with its output arrays."""
         raise NotImplementedError
+
+    def _fetch_metadata(self) -> dict:
+        """Ask the server for the model's KServe v2 metadata (see :meth:`metadata`)."""
+        raise NotImplementedError
+
+    # -- metadata --------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        """The model's KServe v2 metadata, fetched once: ``{"name", "versions", "platform",
+        "inputs": [{"name", "datatype", "shape"}], "outputs": [...]}`` (-1: any size)."""
+        if self._metadata is None:
+            self._metadata = self._fetch_metadata()
+        return self._metadata
+
+    def _names(self, count: int) -> list[str]:
+        """Wire names of ``count`` inputs, matched by position: ``input_names`` if given, else
+        the names the model's metadata declares (when it declares ``count`` inputs), else
+        ``input_0``, ``input_1``, ... (our server then matches by position)."""
+        if self.input_names is not None:
+            if len(self.input_names) != count:
+                raise BlackBoxError(f"black box at {self.target}: called with {count} inputs but "
+                                    f"input_names has {len(self.input_names)}: {self.input_names}")
+            return self.input_names
+        declared = [t["name"] for t in self.metadata().get("inputs", [])]
+        return declared if len(declared) == count else [f"input_{i}" for i in range(count)]
 
     # -- shared ----------------------------------------------------------------------------
     def _arrays(self, inputs) -> list[np.ndarray]:

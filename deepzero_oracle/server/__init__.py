@@ -1,6 +1,6 @@
-"""Serve any black box over gRPC (KServe v2 layout, plus batched and streamed oracle queries).
+"""Serve any black box over gRPC (KServe v2, plus batched and streamed oracle queries) and REST.
 
-    deepzero-oracle serve MODULE:CALLABLE --port 50051
+    deepzero-oracle serve MODULE:CALLABLE --port 50051 [--http-port 8000]
     python -m deepzero_oracle.server MODULE:CALLABLE --port 50051      (same, without the CLI)
 
 or, in Python::
@@ -9,15 +9,18 @@ or, in Python::
         box = GrpcBlackBox(server.address)
         y = box(x)
 
-The callable follows the black-box contract: ``f(*inputs) -> outputs``, each input an array
-``[N, ...]`` (a torch.Tensor, or a numpy.ndarray with ``numpy=True``), returning one array
-``[N, ...]`` or a tuple of them. The server answers
+The callable follows the black-box contract: ``f(*inputs) -> outputs``, each input a NumPy
+array ``[N, ...]`` (torch tensors with ``numpy=False`` / ``serve --torch``), returning one
+array ``[N, ...]`` (NumPy or torch) or a tuple of them. The server answers
 
-* ``inference.GRPCInferenceService`` (KServe v2: ServerLive/Ready, ModelReady, ModelMetadata,
-  ModelInfer), under the standard name and under ``deepzero_oracle.v1.GRPCInferenceService``;
+* ``inference.GRPCInferenceService`` (KServe v2: ServerLive/Ready, ModelReady, ServerMetadata,
+  ModelMetadata, ModelInfer), under the standard name and under
+  ``deepzero_oracle.v1.GRPCInferenceService``;
 * ``deepzero_oracle.v1.Oracle`` (Describe, QueryBatch, QueryStream): many queries per call,
   in-band per-query errors;
-* ``grpc.health.v1.Health`` and server reflection.
+* ``grpc.health.v1.Health`` and server reflection;
+* with ``http_port`` / ``--http-port``: the KServe v2 REST protocol (:mod:`.rest`), JSON or
+  binary tensors, with the same models, token, TLS and limits.
 
 Bad requests get precise statuses and never take the server down: INVALID_ARGUMENT for a
 malformed protobuf, datatype, shape, byte count or NaN/Inf input; RESOURCE_EXHAUSTED for
@@ -25,8 +28,8 @@ messages over the size limit (on both ends) or when the server is full; UNAUTHEN
 missing or wrong token; NOT_FOUND for an unknown model. Nothing from the wire is unpickled.
 
 Modules: ``deepzero_oracle.server.specs`` (what is served), ``.servicer`` (the service methods
-and their handlers), ``.lifecycle`` (starting and stopping a server), ``.cli`` (the ``serve``
-subcommand). What the clients share with the server (service
+and their handlers), ``.rest`` (the REST endpoint), ``.lifecycle`` (starting and stopping a
+server), ``.cli`` (the ``serve`` subcommand). What the clients share with the server (service
 names, token variable, tensor codec) is in :mod:`deepzero_oracle.blackbox.protocol`.
 """
 

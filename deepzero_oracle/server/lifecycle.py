@@ -5,9 +5,12 @@
         y = box(x)
 
 Besides the services of :mod:`deepzero_oracle.server.servicer`, a server answers
-``grpc.health.v1.Health`` and server reflection, checks the shared token
+``grpc.health.v1.Health`` and server reflection (which lists the KServe v2 service under its
+standard name ``inference.GRPCInferenceService`` too), checks the shared token
 (``authorization: Bearer <token>``, UNAUTHENTICATED otherwise; health checks are exempt),
-serves TLS when given a certificate and key, and answers RESOURCE_EXHAUSTED when full.
+serves TLS when given a certificate and key, and answers RESOURCE_EXHAUSTED when full. With
+``http_port`` it also serves the KServe v2 REST endpoint (:mod:`deepzero_oracle.server.rest`)
+over the same models, token, TLS and limits.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from concurrent import futures
 from typing import Callable, Mapping
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
@@ -31,6 +35,7 @@ from deepzero_oracle.blackbox.protocol import (
 )
 from deepzero_oracle.server.servicer import OracleServicer, generic_handlers
 from deepzero_oracle.server.specs import ServedModel
+from deepzero_oracle.wire import oracle_pb2 as pb
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):
@@ -69,16 +74,28 @@ class _TokenInterceptor(grpc.ServerInterceptor):
 
 
 class OracleServer:
-    """A running server. ``port``/``address`` say where; ``stop()`` ends it gracefully.
+    """A running server. ``port``/``address`` say where (gRPC), ``http_port``/``rest_url`` where
+    the REST endpoint is (None without one); ``stop()`` ends both gracefully.
 
     Use as a context manager to stop it on exit.
     """
 
     def __init__(self, server: grpc.Server, servicer: OracleServicer, health_servicer, host: str, port: int,
-                 tls: bool):
+                 tls: bool, rest=None):
         self._server, self._servicer, self._health = server, servicer, health_servicer
         self.host, self.port, self.tls = host, port, tls
+        self._rest = rest
         self._stopped = False
+
+    @property
+    def http_port(self) -> int | None:
+        """The REST endpoint's port (None if it has none)."""
+        return self._rest.port if self._rest is not None else None
+
+    @property
+    def rest_url(self) -> str | None:
+        """``http(s)://host:port`` of the REST endpoint (None if it has none)."""
+        return self._rest.url if self._rest is not None else None
 
     @property
     def address(self) -> str:
@@ -98,7 +115,10 @@ class OracleServer:
         self._stopped = True
         self._servicer.ready = False
         self._health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
+        stopping = self._server.stop(grace)
+        if self._rest is not None:
+            self._rest.stop(grace)
+        stopping.wait()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` s); True if it stopped."""
@@ -112,12 +132,12 @@ class OracleServer:
 
 
 def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.0.1", port: int = 0,
-                   model_name: str | None = None, inputs=None, outputs=None, numpy: bool = False,
+                   model_name: str | None = None, inputs=None, outputs=None, numpy: bool = True,
                    token: str | None = None, tls_cert: str | bytes | None = None,
                    tls_key: str | bytes | None = None, max_message_mb: float = 64,
                    max_concurrency: int = 1, max_pending: int = 64, allow_nonfinite: bool = False,
-                   cost_hint: float | None = None) -> OracleServer:
-    """Start a gRPC server for a black box; returns once it listens.
+                   cost_hint: float | None = None, http_port: int | None = None) -> OracleServer:
+    """Start a gRPC server (and optionally a REST endpoint) for a black box; returns once it listens.
 
     Args:
         fn: ``fn(*inputs [N, ...]) -> [N, ...]`` (or a tuple of arrays), or a dict
@@ -127,7 +147,7 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         model_name: name on the wire (default: the function's name, else "model").
         inputs / outputs: tensor specs (``TensorSpec``, ``"x:FP32:-1,64"`` or tuples) used for
             metadata and request checks; inputs default to ``fn``'s parameter names.
-        numpy: give ``fn`` numpy arrays instead of torch tensors.
+        numpy: give ``fn`` NumPy arrays (the default); False gives it torch tensors.
         token: shared secret; clients must send ``authorization: Bearer <token>``.
         tls_cert / tls_key: PEM paths or bytes; both or neither.
         max_message_mb: largest message received or sent, both directions.
@@ -135,8 +155,11 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         max_pending: RPCs admitted at once (running or waiting); more get RESOURCE_EXHAUSTED.
         allow_nonfinite: accept NaN/Inf inputs (default: INVALID_ARGUMENT).
         cost_hint: seconds per row, reported in the metadata for schedulers.
+        http_port: also serve the KServe v2 REST endpoint on this port of ``host`` (0: a free
+            one) with the same token, TLS and limits; needs the ``rest`` extra.
     Returns:
-        An :class:`OracleServer` (context manager) with ``.port``, ``.address``, ``.stop()``.
+        An :class:`OracleServer` (context manager) with ``.port``, ``.address``, ``.http_port``,
+        ``.rest_url``, ``.stop()``.
     """
     if isinstance(fn, Mapping):
         items = dict(fn)
@@ -151,6 +174,10 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         raise ValueError("TLS needs both tls_cert and tls_key")
     if max_concurrency < 1 or max_pending < 1:
         raise ValueError("max_concurrency and max_pending must be >= 1")
+    if http_port is not None:
+        from deepzero_oracle.server.rest import require_rest_extra
+
+        require_rest_extra()  # before anything listens
     max_bytes = int(max_message_mb * 2**20)
     servicer = OracleServicer(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency)
     options = [
@@ -170,7 +197,8 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
     for name in ("", MIRROR_SERVICE, KSERVE_SERVICE, ORACLE_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (MIRROR_SERVICE, ORACLE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (KSERVE_SERVICE, MIRROR_SERVICE, ORACLE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server, pool=reflection_pool())
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls_cert is not None:
         creds = grpc.ssl_server_credentials([(read_pem(tls_key), read_pem(tls_cert))])
@@ -180,7 +208,64 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
     if not bound:
         raise OSError(f"could not bind {bind} (port in use?)")
     server.start()
-    return OracleServer(server, servicer, health_servicer, host, bound, tls=tls_cert is not None)
+    rest = None
+    if http_port is not None:
+        from deepzero_oracle.server.rest import RestEndpoint, rest_app
+
+        try:
+            rest = RestEndpoint(rest_app(servicer, token=token, max_body_bytes=max_bytes, max_pending=max_pending),
+                                host=host, port=http_port, tls_cert=tls_cert, tls_key=tls_key)
+        except BaseException:
+            server.stop(0)
+            raise
+    return OracleServer(server, servicer, health_servicer, host, bound, tls=tls_cert is not None, rest=rest)
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The descriptors reflection serves: ours, health, reflection, and the KServe v2 service
+    under its standard package ``inference`` (a copy of our mirror's file with the package
+    renamed). A pool of its own, so the ``inference.*`` names never clash in this process with
+    those tritonclient or MLServer register in the default pool."""
+    pool = descriptor_pool.DescriptorPool()
+    for module in (pb, health_pb2, reflection_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    pool.AddSerializedFile(_standard_kserve_file().SerializeToString())
+    return pool
+
+
+def _standard_kserve_file() -> descriptor_pb2.FileDescriptorProto:
+    """oracle.proto's GRPCInferenceService and the messages it reaches, in package ``inference``."""
+    ours = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(ours)
+    old, new = f".{ours.package}.", ".inference."
+    service = next(s for s in ours.service if s.name == "GRPCInferenceService")
+    by_name = {m.name: m for m in ours.message_type}
+    needed, todo = set(), [t for m in service.method for t in (m.input_type, m.output_type)]
+    while todo:  # top-level messages reachable from the service's requests and responses
+        name = todo.pop()[len(old):].split(".")[0]
+        if name in needed:
+            continue
+        needed.add(name)
+        stack = [by_name[name]]
+        while stack:
+            message = stack.pop()
+            stack.extend(message.nested_type)
+            todo.extend(f.type_name for f in message.field if f.type_name.startswith(old))
+    std = descriptor_pb2.FileDescriptorProto(name="deepzero_oracle/kserve_v2_inference.proto",
+                                             package="inference", syntax=ours.syntax)
+    std.message_type.extend(m for m in ours.message_type if m.name in needed)
+    std.service.add().CopyFrom(service)
+    stack = list(std.message_type)
+    while stack:  # point every type reference at the new package
+        message = stack.pop()
+        stack.extend(message.nested_type)
+        for f in message.field:
+            if f.type_name.startswith(old):
+                f.type_name = new + f.type_name[len(old):]
+    for method in std.service[0].method:
+        method.input_type = new + method.input_type[len(old):]
+        method.output_type = new + method.output_type[len(old):]
+    return std
 
 
 def _default_name(fn: Callable) -> str:

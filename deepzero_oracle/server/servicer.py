@@ -6,8 +6,9 @@ Ready, ModelReady, ModelMetadata, ModelInfer; also answered as
 QueryBatch, QueryStream: many queries per call, in-band per-query errors). Its methods raise
 :class:`~deepzero_oracle.blackbox.protocol.WireError` with the status to answer;
 :func:`generic_handlers` turns that into the status, and parses requests from bytes itself, so
-a malformed protobuf gets INVALID_ARGUMENT. Starting a server is
-:mod:`deepzero_oracle.server.lifecycle`'s job.
+a malformed protobuf gets INVALID_ARGUMENT. The REST endpoint (:mod:`deepzero_oracle.server.rest`)
+decodes its JSON or binary tensors and then takes the same path: :meth:`OracleServicer.validate`
+and :meth:`OracleServicer.infer`. Starting a server is :mod:`deepzero_oracle.server.lifecycle`'s job.
 """
 
 from __future__ import annotations
@@ -102,11 +103,35 @@ class OracleServicer:
                 arrays.append(decode_raw(raw, t.datatype, t.shape, t.name))
         else:
             arrays = [decode_typed(t.contents, t.datatype, t.shape, t.name) for t in request.inputs]
+        names, arrays = self.validate(model, names, arrays)
+        return model, names, arrays, bool(raws)
+
+    def validate(self, model: ServedModel, names: list[str], arrays: list[np.ndarray]):
+        """Decoded request tensors (gRPC or REST) -> ``(names, arrays)`` in call order, checked
+        against the model (count, names, rows, declared datatypes and shapes)."""
         for name in names:
             if not name:
                 raise WireError("an input tensor has no name")
-        names, arrays = model.order_inputs(names, arrays)
-        return model, names, arrays, bool(raws)
+        return model.order_inputs(names, arrays)
+
+    def infer(self, model: ServedModel, names: list[str], arrays: list[np.ndarray], requested=(),
+              context=None) -> list[tuple[str, np.ndarray]]:
+        """Validated inputs ``[N, ...]`` -> the requested outputs as ``(name, array [N, ...])``.
+
+        The one inference path of both endpoints: NaN/Inf inputs are INVALID_ARGUMENT, the call
+        runs under the concurrency limit (``context``: the gRPC deadline, None for REST), and
+        answers over the message limit are RESOURCE_EXHAUSTED.
+        """
+        bad, where = model.nonfinite(names, arrays)
+        if bad is not None:
+            rows = np.flatnonzero(bad)
+            raise WireError(f"input {where!r} has NaN or Inf in {len(rows)} row(s) (first: row "
+                            f"{rows[0]}); the server rejects non-finite inputs")
+        try:
+            outs = self.run(model, arrays, context)
+        except CallError as e:
+            raise WireError(str(e), e.code) from e
+        return self.select_outputs(model, outs, requested)
 
     def run(self, model: ServedModel, arrays, context) -> list[np.ndarray]:
         """Call the model under the concurrency limit, giving up at the client's deadline."""
@@ -121,16 +146,15 @@ class OracleServicer:
         finally:
             self.slots.release()
 
-    def response(self, model: ServedModel, outs: list[np.ndarray], raw: bool, request_id: str,
-                 requested=()) -> pb.ModelInferResponse:
-        """Outputs ``[N, ...]`` -> ModelInferResponse (raw if the request was raw), size-checked."""
+    def select_outputs(self, model: ServedModel, outs: list[np.ndarray],
+                       requested=()) -> list[tuple[str, np.ndarray]]:
+        """``(name, array)`` pairs of the ``requested`` output names (all if empty), size-checked."""
         names = model.output_names(len(outs))
         if requested:
-            wanted = [r.name for r in requested]
-            unknown = [w for w in wanted if w not in names]
+            unknown = [w for w in requested if w not in names]
             if unknown:
                 raise WireError(f"unknown output(s) {unknown}; model {model.name!r} has {names}")
-            pairs = [(n, outs[names.index(n)]) for n in wanted]
+            pairs = [(n, outs[names.index(n)]) for n in requested]
         else:
             pairs = list(zip(names, outs))
         size = sum(o.nbytes for _, o in pairs)
@@ -138,6 +162,11 @@ class OracleServicer:
             raise WireError(f"the answer has {size / 2**20:.1f} MiB, over the server's "
                             f"{self.max_message_bytes / 2**20:.0f} MiB message limit; send fewer "
                             "rows per call or raise --max-message-mb", "RESOURCE_EXHAUSTED")
+        return pairs
+
+    def response(self, model: ServedModel, pairs: list[tuple[str, np.ndarray]], raw: bool,
+                 request_id: str) -> pb.ModelInferResponse:
+        """Output pairs -> ModelInferResponse (raw contents if the request was raw)."""
         resp = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request_id)
         for name, arr in pairs:
             t = resp.outputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)
@@ -146,6 +175,10 @@ class OracleServicer:
             else:
                 fill_typed(t.contents, arr)
         return resp
+
+    def server_info(self) -> dict:
+        """``{"name", "version"}`` of this server (both endpoints add their extensions)."""
+        return {"name": "deepzero-oracle", "version": _version()}
 
     # -- KServe v2 -----------------------------------------------------------------------
     def ServerLive(self, request, context):
@@ -163,33 +196,24 @@ class OracleServicer:
 
     def ServerMetadata(self, request, context):
         """Server name, version and extensions."""
-        return pb.ServerMetadataResponse(name="deepzero-oracle", version=_version(),
-                                         extensions=["oracle_batch", "oracle_stream"])
+        return pb.ServerMetadataResponse(**self.server_info(), extensions=["oracle_batch", "oracle_stream"])
 
     def ModelMetadata(self, request, context):
         """The model's tensors and cost figures (NOT_FOUND for an unknown model)."""
-        return self.model(request.name, request.version).metadata()
+        return metadata_message(self.model(request.name, request.version).metadata())
 
     def ModelInfer(self, request, context):
         """One batch ``[N, ...]`` in, outputs ``[N, ...]`` out; NaN/Inf inputs are INVALID_ARGUMENT."""
         model, names, arrays, raw = self.decode(request)
-        bad, where = model.nonfinite(names, arrays)
-        if bad is not None:
-            rows = np.flatnonzero(bad)
-            raise WireError(f"input {where!r} has NaN or Inf in {len(rows)} row(s) (first: row "
-                            f"{rows[0]}); the server rejects non-finite inputs")
-        try:
-            outs = self.run(model, arrays, context)
-        except CallError as e:
-            raise WireError(str(e), e.code) from e
-        return self.response(model, outs, raw, request.id, request.outputs)
+        pairs = self.infer(model, names, arrays, [r.name for r in request.outputs], context)
+        return self.response(model, pairs, raw, request.id)
 
     # -- Oracle --------------------------------------------------------------------------
     def Describe(self, request, context):
         """The model's metadata plus the server's limits and cost figures."""
         model = self.model(request.name, request.version)
         return pb.OracleMetadata(
-            model=model.metadata(), cost_hint_seconds_per_row=model.cost_hint,
+            model=metadata_message(model.metadata()), cost_hint_seconds_per_row=model.cost_hint,
             measured_seconds_per_row=model.measured_seconds_per_row(),
             max_message_bytes=self.max_message_bytes, max_concurrency=self.max_concurrency,
             allow_nonfinite=model.allow_nonfinite, server_version=_version())
@@ -248,7 +272,8 @@ class OracleServicer:
                                 f"shapes: {e}", "INTERNAL") from e
         request = prep.request
         if stacked is not None:
-            resp = self.response(model, stacked, prep.raw, request.id, request.outputs)
+            pairs = self.select_outputs(model, stacked, [r.name for r in request.outputs])
+            resp = self.response(model, pairs, prep.raw, request.id)
         else:
             resp = pb.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
         out = pb.QueryBatchResponse(response=resp)
@@ -335,6 +360,22 @@ class _Prepared:
 _END_OF_STREAM = object()
 # Messages of one stream decoded ahead of the black box (bounds memory per stream).
 _STREAM_WINDOW = 8
+
+
+def metadata_message(md: dict) -> pb.ModelMetadataResponse:
+    """A model's metadata dict (``ServedModel.metadata()``) as a ModelMetadataResponse."""
+    def tensors(ts):
+        return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"],
+                                                        shape=t["shape"]) for t in ts]
+
+    message = pb.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"],
+                                       inputs=tensors(md["inputs"]), outputs=tensors(md["outputs"]))
+    for key, value in md.get("parameters", {}).items():
+        if isinstance(value, bool):
+            message.parameters[key].bool_param = value
+        else:
+            message.parameters[key].double_param = float(value)
+    return message
 
 
 def _whole_request_error(code: str, message: str) -> pb.QueryBatchResponse:

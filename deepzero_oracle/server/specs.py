@@ -2,8 +2,9 @@
 
 A :class:`ServedModel` wraps one callable ``fn(*inputs [N, ...]) -> [N, ...]`` (or a tuple of
 such arrays): it matches request tensors to the callable's arguments, checks them against the
-declared :class:`TensorSpec` s, runs the callable and keeps its cost figures. The gRPC side is
-in :mod:`deepzero_oracle.server.servicer`.
+declared :class:`TensorSpec` s, runs the callable and keeps its cost figures and what its calls
+have shown (for the metadata). The gRPC side is in :mod:`deepzero_oracle.server.servicer`, the
+REST side in :mod:`deepzero_oracle.server.rest`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 
 from deepzero_oracle.blackbox.protocol import DATATYPES, WireError, datatype_of, nonfinite_rows, to_numpy
-from deepzero_oracle.wire import oracle_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,18 @@ class ServedModel:
         name: model name on the wire.
         fn: ``fn(*inputs [N, ...]) -> [N, ...]`` or a tuple of such arrays.
         inputs / outputs: TensorSpec-likes; inputs default to ``fn``'s positional parameters.
-        numpy: pass ``numpy.ndarray`` inputs instead of ``torch.Tensor``.
+        numpy: pass ``numpy.ndarray`` inputs (the default); False passes ``torch.Tensor`` s.
         allow_nonfinite: accept NaN/Inf inputs instead of answering INVALID_ARGUMENT.
         cost_hint: declared seconds per row, reported in the metadata.
+
+    The metadata reports each tensor as declared; what a declaration leaves open (the datatype,
+    the shape, or a whole undeclared output) is filled in from the last successful call: its
+    datatype and its shape with the batch dimension as -1. Before the first call an undeclared
+    tensor reports datatype "" (any numeric datatype accepted) and shape [] (rank not declared),
+    and undeclared outputs are not listed. Observations never become checks: only declarations do.
     """
 
-    def __init__(self, name: str, fn: Callable, *, inputs=None, outputs=None, numpy: bool = False,
+    def __init__(self, name: str, fn: Callable, *, inputs=None, outputs=None, numpy: bool = True,
                  allow_nonfinite: bool = False, cost_hint: float | None = None):
         if not callable(fn):
             raise TypeError(f"model {name!r}: expected a callable, got {type(fn).__name__}")
@@ -103,34 +109,44 @@ class ServedModel:
             names, self.arity = _positional_names(fn)
             self.inputs = [TensorSpec(n) for n in names]
         self.outputs = [TensorSpec.coerce(s) for s in outputs] if outputs is not None else None
-        self._observed_outputs: list[TensorSpec] | None = None
+        self._seen_inputs: list[TensorSpec] | None = None
+        self._seen_outputs: list[TensorSpec] | None = None
         self._lock = threading.Lock()
         self.seconds = 0.0
         self.rows = 0
 
     # -- metadata ------------------------------------------------------------------------
+    def input_specs(self) -> list[TensorSpec]:
+        """The inputs as declared, completed by what the calls so far have shown."""
+        with self._lock:
+            return _completed(self.inputs, self._seen_inputs)
+
     def output_specs(self) -> list[TensorSpec]:
-        """Declared outputs, else those seen on the last successful call, else none."""
-        return self.outputs or self._observed_outputs or []
+        """Declared outputs completed by observation, else those the calls so far returned."""
+        with self._lock:
+            if self.outputs is None:
+                return list(self._seen_outputs or [])
+            return _completed(self.outputs, self._seen_outputs)
 
     def measured_seconds_per_row(self) -> float:
         """Mean seconds per row of the successful calls so far (0 before the first)."""
         with self._lock:
             return self.seconds / self.rows if self.rows else 0.0
 
-    def metadata(self) -> pb.ModelMetadataResponse:
-        """KServe ModelMetadataResponse: names, datatypes, shapes, platform, cost hint."""
-        def tensor(spec: TensorSpec):
-            return pb.ModelMetadataResponse.TensorMetadata(
-                name=spec.name, datatype=spec.datatype or "",
-                shape=list(spec.shape) if spec.shape is not None else [])
-        md = pb.ModelMetadataResponse(
-            name=self.name, versions=[MODEL_VERSION], platform="deepzero-oracle",
-            inputs=[tensor(s) for s in self.inputs], outputs=[tensor(s) for s in self.output_specs()])
-        md.parameters["cost_hint_seconds_per_row"].double_param = self.cost_hint
-        md.parameters["measured_seconds_per_row"].double_param = self.measured_seconds_per_row()
-        md.parameters["allow_nonfinite"].bool_param = self.allow_nonfinite
-        return md
+    def metadata(self) -> dict:
+        """KServe v2 model metadata ``{"name", "versions", "platform", "inputs", "outputs",
+        "parameters"}``; each tensor is ``{"name", "datatype", "shape"}`` (-1: any size)."""
+        def tensor(spec: TensorSpec) -> dict:
+            return {"name": spec.name, "datatype": spec.datatype or "",
+                    "shape": list(spec.shape) if spec.shape is not None else []}
+        return {
+            "name": self.name, "versions": [MODEL_VERSION], "platform": "deepzero-oracle",
+            "inputs": [tensor(s) for s in self.input_specs()],
+            "outputs": [tensor(s) for s in self.output_specs()],
+            "parameters": {"cost_hint_seconds_per_row": self.cost_hint,
+                           "measured_seconds_per_row": self.measured_seconds_per_row(),
+                           "allow_nonfinite": self.allow_nonfinite},
+        }
 
     # -- requests ------------------------------------------------------------------------
     def order_inputs(self, names: list[str], arrays: list[np.ndarray]):
@@ -221,9 +237,8 @@ class ServedModel:
         with self._lock:
             self.seconds += elapsed
             self.rows += rows
-        if self.outputs is None and self._observed_outputs is None:
-            self._observed_outputs = [TensorSpec(f"output_{i}", datatype_of(o), (-1,) + o.shape[1:])
-                                      for i, o in enumerate(outs)]
+            self._seen_inputs = _observed([s.name for s in self.inputs], arrays)
+            self._seen_outputs = _observed(self.output_names(len(outs)), outs)
         return outs
 
     def output_names(self, count: int) -> list[str]:
@@ -231,6 +246,19 @@ class ServedModel:
         if self.outputs is not None and len(self.outputs) == count:
             return [s.name for s in self.outputs]
         return [f"output_{i}" for i in range(count)]
+
+
+def _observed(names: list[str], arrays: list[np.ndarray]) -> list[TensorSpec]:
+    """What one call showed of its tensors: names, datatypes and shapes with the batch as -1."""
+    return [TensorSpec(n, datatype_of(a), (-1,) + a.shape[1:]) for n, a in zip(names, arrays)]
+
+
+def _completed(declared: list[TensorSpec], seen: list[TensorSpec] | None) -> list[TensorSpec]:
+    """Declared specs with the fields they leave open (None) taken from observation."""
+    if seen is None or len(seen) != len(declared):
+        return list(declared)
+    return [TensorSpec(d.name, d.datatype or o.datatype, d.shape if d.shape is not None else o.shape)
+            for d, o in zip(declared, seen)]
 
 
 def _positional_names(fn: Callable) -> tuple[list[str], int | None]:
