@@ -3,7 +3,8 @@
 The classifier is a fixed template matcher over three classes of 8x8 images (a bright band at
 the top, middle or bottom), defined here and reached three ways: in process
 (``test_defense_byo:classify``), as a torch module (``test_defense_byo:template_module``, which
-also allows FO-DS) and served by ``deepzero-oracle serve`` in a child process (``kserve://``).
+also allows FO-DS) and served by ``deepzero-oracle serve`` in a child process (``kserve://``,
+``grpc://`` and ``kserve+http://``).
 The images come as an ``.npz`` and as PNG folders.
 """
 
@@ -335,8 +336,10 @@ def test_served_classifier_trains_and_certifies_like_the_in_process_one(tmp_path
     write_pngs(tmp_path / "pngs" / "test", pix_test, y_test)
     data = ["--data", str(tmp_path / "pngs")]
     runs = {"in-process": "test_defense_byo:classify"}
-    with ServerProcess("test_defense_byo:classify", cwd=Path(__file__).parent) as server:
+    with ServerProcess("test_defense_byo:classify", "--http-port", "0", cwd=Path(__file__).parent) as server:
         runs["served"] = f"kserve://127.0.0.1:{server.port}/classify"
+        runs["served-grpc"] = f"grpc://127.0.0.1:{server.port}"
+        runs["served-rest"] = f"kserve+http://{server.rest_url.removeprefix('http://')}/classify"
         for name, spec in runs.items():
             out = tmp_path / "runs" / name
             assert _cli(["defense", "train", "--method", "zo-ds", "--classifier", spec, *data, "--max-train", "24",
@@ -344,18 +347,20 @@ def test_served_classifier_trains_and_certifies_like_the_in_process_one(tmp_path
             assert _cli(["defense", "certify", "--method", "zo-ds", *CERT, "--out", str(out)]) == 0
         assert _cli(["defense", "certify", "--method", "none", "--classifier", runs["served"], *data,
                      "--sigma", "0.25", *CERT, "--out", str(tmp_path / "runs" / "none")]) == 0
-    served, local = (json.loads((tmp_path / "runs" / n / "run.json").read_text()) for n in ("served", "in-process"))
-    assert served["classifier"]["input"] == "images" and served["classifier"]["datatype"] == "FP32"
-    assert served["queries"] == local["queries"] > 0 and served["blackbox_images"] == local["blackbox_images"]
-    a, b = (torch.load(tmp_path / "runs" / n / "front.pt", weights_only=True) for n in ("served", "in-process"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
     def rows(name):  # certificates without their timing column
         return [line.rsplit("\t", 1)[0] for line in (tmp_path / "runs" / name / "certify.tsv").read_text().splitlines()]
 
-    assert rows("served") == rows("in-process") and len(rows("served")) == 5
+    local = json.loads((tmp_path / "runs" / "in-process" / "run.json").read_text())
+    b = torch.load(tmp_path / "runs" / "in-process" / "front.pt", weights_only=True)
+    for name in ("served", "served-grpc", "served-rest"):  # kserve://, grpc:// and kserve+http:// alike
+        served = json.loads((tmp_path / "runs" / name / "run.json").read_text())
+        assert served["classifier"]["input"] == "images" and served["classifier"]["datatype"] == "FP32"
+        assert served["queries"] == local["queries"] > 0 and served["blackbox_images"] == local["blackbox_images"]
+        a = torch.load(tmp_path / "runs" / name / "front.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert rows(name) == rows("in-process") and len(rows(name)) == 5
     capsys.readouterr()
     assert _cli(["defense", "report", "--root", str(tmp_path / "runs"), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    assert list(table) == ["none", "zo-ds (in-process)", "zo-ds (served)"]
+    assert list(table) == ["none", "zo-ds (in-process)", "zo-ds (served)", "zo-ds (served-grpc)", "zo-ds (served-rest)"]
     assert table["none"]["0.0"] > 0.5  # the template matcher is right on most noisy bands

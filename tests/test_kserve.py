@@ -201,3 +201,32 @@ def test_unreachable_server_is_unavailable(protocol):
     with pytest.raises(BlackBoxUnavailable, match="is the server running"):
         box(torch.ones(1, 1))
     assert not box.ready(timeout=2)
+
+
+def test_sol_trains_through_a_solver_served_by_mlserver(mlserver, tmp_path, monkeypatch):
+    """A SOL corrector trained by ZO-SOL with MLServer answering the solver's queries
+    (`--solver grpc://HOST:PORT/MODEL`, the standard inference service) follows the same
+    trajectory as with the same step called in process."""
+    from deepzero_oracle.adapters.sol.trajectories import Trajectories
+    from deepzero_oracle.apps.cli import main
+
+    rng = np.random.default_rng(7)
+
+    def runs(n, steps=5):
+        params = np.column_stack([rng.uniform(0.05, 0.2, n), rng.uniform(0.0, 0.1, n)])
+        states = [rng.normal(size=(n, 2, 8, 8))]
+        for _ in range(steps):  # the reference: two half steps of diffusion per step
+            states.append(step(step(states[-1], params * [0.5, 0.5]), params * [0.5, 0.5]))
+        return np.stack(states, axis=1), params
+
+    (train, p_train), (test, p_test) = runs(3), runs(2)
+    data = Trajectories(train, test, p_train, p_test, metadata={"periodic": True}).save(tmp_path / "traj.npz")
+    monkeypatch.syspath_prepend(str(MLSERVER_DIR))  # for the in-process spec kserve_function:step
+    recipe = ["--steps", "2", "--unroll", "2", "--batch-size", "2", "--hidden", "4", "--sparsity", "0.5",
+              "--quiet", "--data", str(data)]
+    results = {}
+    for kind, spec in {"mlserver": f"grpc://{mlserver['grpc']}/{STEP_MODEL}", "python": "kserve_function:step"}.items():
+        assert main(["sol", "train", "--method", "zo-sol", "--solver", spec, "--out", str(tmp_path / kind), *recipe]) == 0
+        results[kind] = json.loads((tmp_path / kind / "zo-sol" / "eval.json").read_text())
+    assert results["mlserver"]["queries"] == results["python"]["queries"] > 0
+    assert results["mlserver"]["mae_mean"] == results["python"]["mae_mean"]

@@ -48,8 +48,9 @@ def comparison(data_file, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served():
-    """``deepzero-oracle serve sol_byo_solvers:numpy_step --port 0``, nothing else declared."""
-    with ServerProcess("sol_byo_solvers:numpy_step", cwd=TESTS) as proc:
+    """``deepzero-oracle serve sol_byo_solvers:numpy_step --port 0 --http-port 0``: nothing
+    declared about the tensors; gRPC and the KServe v2 REST endpoint."""
+    with ServerProcess("sol_byo_solvers:numpy_step", "--http-port", "0", cwd=TESTS) as proc:
         yield proc
 
 
@@ -263,13 +264,14 @@ def test_fo_sol_is_refused_for_a_solver_without_a_gradient_path(comparison, serv
 
 # ---------------------------------------------------------------------- the solver served
 def test_served_solver_through_grpc_and_kserve_trains_like_the_in_process_one(data_file, served, tmp_path):
+    rest = served.rest_url.removeprefix("http://")
     specs = {"python": "sol_byo_solvers:numpy_step", "grpc": f"grpc://{served.address}",
-             "kserve": f"kserve://{served.address}/numpy_step"}
+             "kserve": f"kserve://{served.address}/numpy_step", "kserve+http": f"kserve+http://{rest}/numpy_step"}
     runs = {}
     for kind, spec in specs.items():
         runs[kind] = {m: _train(tmp_path / kind, m, "--data", str(data_file), "--solver", spec)
                       for m in ("src", "non", "zo-sol")}
-    for kind in ("grpc", "kserve"):
+    for kind in ("grpc", "kserve", "kserve+http"):
         for m in ("src", "non", "zo-sol"):
             assert runs[kind][m]["mae_mean"] == pytest.approx(runs["python"][m]["mae_mean"], rel=1e-12), (kind, m)
         history = json.loads((tmp_path / kind / "zo-sol" / "train.json").read_text())["history"]
