@@ -9,8 +9,10 @@ import pytest
 from deepzero_oracle.apps.cli import build_parser, main
 
 # commands that write a run folder: continued from --out by default, --restart starts over
-RUN_FOLDERS = [("train",), ("sol", "generate"), ("sol", "train"), ("defense", "train"), ("defense", "certify")]
+RUN_FOLDERS = [("train",), ("sol", "generate"), ("sol", "train"), ("sol", "compare"), ("defense", "train"),
+               ("defense", "certify")]
 REPORTING = [("train",), ("bench",), ("sol", "generate"), ("sol", "train"), ("sol", "eval"), ("sol", "report"),
+             ("sol", "compare"),
              ("defense", "train"), ("defense", "certify"), ("defense", "report")]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from deepzero_oracle import CGE, TrainingDiverged
+from deepzero_oracle.stats import mean_interval
 from deepzero_oracle.adapters.sol import cli as sol_cli
 from deepzero_oracle.adapters.sol.builtin import generate_trajectories, scenario_of
 from deepzero_oracle.adapters.sol.corrector import make_corrector
@@ -80,8 +81,17 @@ def test_burgers_all_four_methods_through_the_cli_and_json_report(tiny, capsys):
     table = json.loads(capsys.readouterr().out)
     assert list(table) == list(METHODS)
     for m, row in table.items():
-        assert set(row) == {"mae_mean", "mae_std", "queries", "seconds"}
+        assert {"mae_mean", "mae_std", "mae_ci95", "queries", "seconds", "horizons"} <= set(row)
         assert np.isfinite(row["mae_mean"]) and row["mae_mean"] > 0 and row["mae_std"] >= 0
+        # the interval is the t interval over the test simulations of eval.json's per-simulation MAE
+        per_sim = json.loads((out / m / "eval.json").read_text())["mae_per_sim"]
+        ci = mean_interval(per_sim)
+        assert row["mae_ci95"] == pytest.approx([ci["low"], ci["high"]], rel=1e-12)
+        assert row["mae_mean"] == pytest.approx(ci["mean"], rel=1e-12)
+    # horizons: the full test length (6) and the training trajectories' length when shorter: none here
+    assert list(table["zo-sol"]["horizons"]) == ["6"]
+    vs = table["zo-sol"]["horizons"]["6"]["vs"]["non"]
+    assert vs["lower"] + vs["higher"] + vs["ties"] == 2 and 0 < vs["p"] <= 1  # 2 test simulations, paired
     assert table["src"]["queries"] == table["non"]["queries"] == table["fo-sol"]["queries"] == 0
     dim = sum(p.numel() for p in build_corrector(cfg, tiny[1]).parameters())
     active = sum(int(round(0.5 * p.numel())) for p in build_corrector(cfg, tiny[1]).parameters())
@@ -89,7 +99,8 @@ def test_burgers_all_four_methods_through_the_cli_and_json_report(tiny, capsys):
     # trained methods moved away from SRC (a corrector that never changed would give SRC's MAE exactly)
     assert table["fo-sol"]["mae_mean"] != table["src"]["mae_mean"]
     assert _cli("sol", "report", "--out", str(out)) == 0
-    assert (out / "report.md").read_text().count("|") > 20
+    text = (out / "report.md").read_text()
+    assert text.count("|") > 20 and "95% CI" in text and "ZO-SOL vs NON" in text and "p = " in text
     assert (out / "error_over_time.png").stat().st_size > 0 and (out / "snapshot.png").stat().st_size > 0
     # eval re-reads the checkpoint and gives the same number
     before = json.loads((out / "zo-sol" / "eval.json").read_text())["mae_mean"]
@@ -256,3 +267,25 @@ def test_sol_demo_runs_end_to_end_through_the_grpc_solver(tmp_path):
     table = demo.main(str(tmp_path), steps=2, progress=False)
     assert list(table) == list(METHODS) and table["zo-sol"]["queries"] > 0
     assert (tmp_path / "report.md").exists() and (tmp_path / "snapshot.png").exists()
+
+
+def test_compare_over_seeds_reports_each_seed_and_pooled(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert _cli("sol", "compare", "--seeds", "0,1", "--methods", "src,non", "--out", str(out), "--quiet",
+                "--scenario", "burgers", "--size", "tiny", "--n-train", "2", "--n-test", "2", "--train-steps", "4",
+                "--test-steps", "8", "--steps", "2", "--unroll", "2", "--batch-size", "2", "--hidden", "4",
+                "--json") == 0
+    pooled = json.loads(capsys.readouterr().out)
+    assert list(pooled) == ["src", "non"]
+    assert pooled["non"]["n_sims"] == 4  # 2 test simulations x 2 seeds, paired across methods
+    assert list(pooled["non"]["horizons"]) == ["4", "8"]  # the training length (4) and the test length (8)
+    full = json.loads((out / "report.json").read_text())
+    assert set(full["seeds"]) == {"0", "1"} and full["pooled"]["non"]["mae_mean"] == pooled["non"]["mae_mean"]
+    seed_means = [full["seeds"][s]["non"]["mae_mean"] for s in ("0", "1")]
+    assert pooled["non"]["mae_mean"] == pytest.approx(sum(seed_means) / 2, rel=1e-12)  # equal sims per seed
+    for seed in (0, 1):  # each seed its own comparison folder with its own data
+        assert (out / f"seed-{seed}" / "trajectories.npz").exists() and (out / f"seed-{seed}" / "report.md").exists()
+    text = (out / "report.md").read_text()
+    assert "pooled" in text and "| 0 |" in text and "| 1 |" in text
+    with pytest.raises(ValueError, match="distinct integers"):
+        _cli("sol", "compare", "--seeds", "0,0", "--out", str(tmp_path / "bad"))

@@ -15,13 +15,15 @@ Bad input (data, solver, corrector) is refused before anything is trained or wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
-from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.atomic import write_json
 
 __all__ = ["register", "report", "run_method", "write_config"]
 
@@ -62,7 +64,8 @@ def _evaluate(cfg, method, trajectories, solver, run, summary) -> dict:
     result = {"method": method, "mae_mean": ev["mae_mean"], "mae_std": ev["mae_std"],
               "queries": int(summary["queries"]), "solver_calls": int(summary["solver_calls"]),
               "seconds": float(summary["seconds"]), "steps": int(summary["step"]),
-              "mae_per_sim": ev["mae_per_sim"], "mae_over_time": ev["mae_over_time"], "diverged": ev["diverged"]}
+              "mae_per_sim": ev["mae_per_sim"], "mae_over_time": ev["mae_over_time"],
+              "mae_per_sim_over_time": ev["mae_per_sim_over_time"], "diverged": ev["diverged"]}
     write_json(Path(run) / "eval.json", result, indent=1)
     np.savez_compressed(Path(run) / "snapshot.npz", **ev["snapshot"])
     return result
@@ -204,67 +207,89 @@ def _eval(args) -> int:
 
 
 def report(out, *, plots: bool = True) -> dict:
-    """Collect ``<out>/<method>/eval.json``; write ``report.md``, ``report.json`` and plots.
+    """Collect ``<out>/<method>/eval.json``; write ``report.md``, ``report.json`` and plots
+    (``adapters/sol/report.py``: MAE with 95% intervals at several horizons, paired tests).
 
     Returns:
-        ``{method: {"mae_mean", "mae_std", "queries", "seconds"}}`` in `METHODS` order.
+        ``{method: {"mae_mean", "mae_std", "mae_ci95", "queries", "seconds", "horizons": {...}}}``
+        in `METHODS` order.
     """
+    from deepzero_oracle.adapters.sol.report import report as write_report
+
+    return write_report(out, plots=plots, train_steps=_train_length(Path(out)))
+
+
+def _train_length(out: Path) -> int | None:
+    """Steps of the comparison's training trajectories (the horizon SOL trained on), if known."""
+    from deepzero_oracle.adapters.sol.trajectories import load_trajectories
+
+    saved = _saved_config(out)
+    path = out / saved["data"] if saved.get("data") else out / TRAJECTORIES
+    return load_trajectories(path).train_states.shape[1] - 1 if path.exists() else None
+
+
+def _compare(args) -> int:
+    """Run the whole comparison once per seed in ``OUT/seed-S`` (generate unless --data, then
+    train every method), then report each seed and all seeds pooled in ``OUT``."""
     from deepzero_oracle.adapters.sol.methods import METHODS
+    from deepzero_oracle.adapters.sol.report import pooled_report
 
-    out = Path(out)
-    evals = {m: json.loads((out / m / "eval.json").read_text()) for m in METHODS if (out / m / "eval.json").exists()}
-    if not evals:
-        raise FileNotFoundError(f"no evaluated methods under {out}; run `sol train` first")
-    table = {m: {k: e[k] for k in ("mae_mean", "mae_std", "queries", "seconds")} for m, e in evals.items()}
-    cfg = _saved_config(out)
-    lines = [f"# SOL comparison: {cfg.get('data_label', '?')}", "",
-             "| method | test MAE (mean +- std over test sims) | queries | wall time (s) |", "|---|---|---|---|"]
-    for m, r in table.items():
-        lines.append(f"| {m.upper()} | {r['mae_mean']:.5f} +- {r['mae_std']:.5f} | {r['queries']:,} | {r['seconds']:.1f} |")
-    if {"src", "fo-sol", "zo-sol"} <= set(table):
-        gap = table["src"]["mae_mean"] - table["fo-sol"]["mae_mean"]
-        if gap > 0:
-            closed = (table["src"]["mae_mean"] - table["zo-sol"]["mae_mean"]) / gap
-            lines += ["", f"ZO-SOL closes {100 * closed:.0f}% of the SRC -> FO-SOL gap (DeepZero: 58%)."]
-    lines += ["", "MAE: mean |corrected source - reference| over cells, channels and all test "
-              "time steps. Queries: loss evaluations at one theta (ZO-SOL only; each is a batch of unrolled "
-              "solver rollouts). Wall time: training only.", f"Config: `{json.dumps(cfg)}`"]
-    write_text(out / "report.md", "\n".join(lines) + "\n")
-    write_json(out / "report.json", table, indent=1)
-    if plots:
-        _plots(out, evals)
-    return table
+    seeds = _int_list(args.seeds, "--seeds")
+    methods = [m.strip() for m in args.methods.split(",")]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    out = Path(args.out)
+    common = [*(["--quiet"] if args.quiet else []), *(["--restart"] if args.restart else [])]
+    recipe = _given_flags(args, _recipe_flags)
+    folders = {}
+    for seed in seeds:
+        folder = out / f"seed-{seed}"
+        if not args.data:
+            _run_sol(["generate", "--out", str(folder), "--seed", str(seed), *common,
+                      *_given_flags(args, _scenario_flags)])
+        for m in methods:
+            data = ["--data", str(args.data)] if args.data else []
+            solver = ["--solver", args.solver, "--timeout", str(args.timeout)] if args.solver else []
+            _run_sol(["train", "--out", str(folder), "--method", m, "--seed", str(seed), *data, *solver,
+                      *recipe, *common])
+        folders[seed] = folder
+    result = pooled_report(out, folders, train_steps=_train_length(folders[seeds[0]]))
+    print(json.dumps(result["pooled"]) if args.json else (out / "report.md").read_text())
+    return 0
 
 
-def _plots(out: Path, evals: dict) -> None:
-    import numpy as np
-    from matplotlib.figure import Figure
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{flag} needs distinct integers, e.g. 0,1,2; got {text!r}")
+    return values
 
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for m, e in evals.items():
-        ax.plot(np.arange(1, len(e["mae_over_time"]) + 1), e["mae_over_time"], label=m.upper())
-    ax.set_xlabel("time step")
-    ax.set_ylabel("MAE vs reference")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "error_over_time.png", dpi=100)
-    best = next((m for m in ("zo-sol", "fo-sol", "non") if (out / m / "snapshot.npz").exists()), None)
-    if best is None:
-        return
-    with np.load(out / best / "snapshot.npz") as z:
-        snap = {k: z[k] for k in z.files}
-    names = ["reference", "source", "corrected"]
-    fig = Figure(figsize=(10, 3.6))
-    axes = fig.subplots(1, 3)
-    vmax = float(np.abs(snap["reference"][0]).max()) or 1.0
-    for ax, k in zip(axes, names):
-        im = ax.imshow(snap[k][0], origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-        ax.set_title(k if k != "corrected" else f"corrected ({best.upper()})")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(im, ax=axes, shrink=0.8, label="channel 0, last test step")
-    fig.savefig(out / "snapshot.png", dpi=100)
+
+def _given_flags(args, add_flags) -> list[str]:
+    """The flags of ``add_flags`` that were given on this command line, as argv to pass on."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_flags(probe)
+    argv = []
+    for action in probe._actions:
+        value = getattr(args, action.dest, None)
+        if value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def _run_sol(argv: list[str]) -> None:
+    """One ``sol`` subcommand, parsed by the same parser as on the command line."""
+    parser = argparse.ArgumentParser(prog="deepzero-oracle")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sol", *argv])
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the comparison's own report
+        code = args.func(args)
+    if code != 0:
+        raise RuntimeError(f"`sol {' '.join(argv)}` did not finish (exit code {code})")
 
 
 def _report(args) -> int:
@@ -286,13 +311,53 @@ def _solver_flags(p, what: str, default: str) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a remote solver call may take")
 
 
+def _scenario_flags(p) -> None:
+    """A built-in scenario's size flags (``sol generate`` and ``sol compare``)."""
+    from deepzero_oracle.adapters.sol.builtin import SIZES
+
+    p.add_argument("--scenario", choices=tuple(SIZES), default=None, help="built-in scenario (default burgers)")
+    p.add_argument("--size", choices=("tiny", "small", "full"), default=None,
+                   help="scenario size preset (default small: burgers 16^2, wake2d 16x32)")
+    p.add_argument("--n-train", dest="n_train", type=int, default=None, help="training simulations (default 8)")
+    p.add_argument("--n-test", dest="n_test", type=int, default=None, help="test simulations (default 8)")
+    p.add_argument("--train-steps", dest="train_steps", type=int, default=None,
+                   help="reference steps per training simulation (default 32)")
+    p.add_argument("--test-steps", dest="test_steps", type=int, default=None,
+                   help="reference steps per test simulation (default 32)")
+
+
+def _recipe_flags(p) -> None:
+    """The training recipe's flags (``sol train`` and ``sol compare``)."""
+    from deepzero_oracle.adapters.sol.data import LR_SCHEDULES, SOLConfig
+
+    d = SOLConfig()
+    p.add_argument("--corrector", default=None, metavar="MODULE:FACTORY",
+                   help="your corrector: factory(channels, n_params) -> nn.Module with forward(state [B, C, H, W], "
+                        "param_fields [B, K, H, W]) -> correction [B, C, H, W] (default: the built-in CNN)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr:g})")
+    p.add_argument("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=None,
+                   help=f"cosine: decay to 0 over --steps (default {d.lr_schedule})")
+    p.add_argument("--unroll", type=int, default=None, help=f"n of SOL-n, solver steps per window (default {d.unroll})")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help=f"training windows per step (default {d.batch_size})")
+    p.add_argument("--hidden", type=int, default=None, help=f"corrector channels (default {d.hidden})")
+    p.add_argument("--depth", type=int, default=None, help=f"corrector conv layers (default {d.depth})")
+    p.add_argument("--kernel", type=int, default=None, help=f"corrector kernel size (default {d.kernel})")
+    p.add_argument("--sparsity", type=float, default=None, help=f"zo-sol gradient sparsity (default {d.sparsity})")
+    p.add_argument("--redraw-every", dest="redraw_every", type=int, default=None,
+                   help=f"steps between redraws of the sparse coordinates (default {d.redraw_every})")
+    p.add_argument("--mu", type=float, default=None, help=f"CGE finite-difference step (default {d.mu:g})")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None,
+                   help=f"steps between checkpoints (default {d.checkpoint_every})")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``sol`` with ``generate``, ``train``, ``eval`` and ``report`` to an argparse subparsers object.
 
     Returns the ``sol`` parser; each leaf sets ``func(args) -> exit code``.
     """
-    from deepzero_oracle.adapters.sol.builtin import SIZES
-    from deepzero_oracle.adapters.sol.data import LR_SCHEDULES, SOLConfig
+    from deepzero_oracle.adapters.sol.data import SOLConfig
     from deepzero_oracle.adapters.sol.methods import METHODS
 
     d = SOLConfig()
@@ -301,15 +366,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     gen = add_command(sub, "generate", f"trajectories of a built-in scenario (OUT/{TRAJECTORIES})")
     add_run_folder(gen, "comparison")
-    gen.add_argument("--scenario", choices=tuple(SIZES), default=None, help="built-in scenario (default burgers)")
-    gen.add_argument("--size", choices=("tiny", "small", "full"), default=None,
-                     help="scenario size preset (default small: burgers 16^2, wake2d 16x32)")
-    gen.add_argument("--n-train", dest="n_train", type=int, default=None, help="training simulations (default 8)")
-    gen.add_argument("--n-test", dest="n_test", type=int, default=None, help="test simulations (default 8)")
-    gen.add_argument("--train-steps", dest="train_steps", type=int, default=None,
-                     help="reference steps per training simulation (default 32)")
-    gen.add_argument("--test-steps", dest="test_steps", type=int, default=None,
-                     help="reference steps per test simulation (default 32)")
+    _scenario_flags(gen)
     gen.add_argument("--seed", type=int, default=None, help="cases are drawn with seed+1 (train), seed+2 (test) (default 0)")
     add_json(gen)
     add_quiet(gen)
@@ -323,25 +380,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _solver_flags(train, "rolls out evaluation, computes NON's pairs and answers ZO-SOL's queries "
                          "(FO-SOL: MODULE:FUNCTION differentiable by torch)",
                   "the built-in scenario's in-process step, for data from `sol generate`")
-    train.add_argument("--corrector", default=None, metavar="MODULE:FACTORY",
-                       help="your corrector: factory(channels, n_params) -> nn.Module with forward(state [B, C, H, W], "
-                            "param_fields [B, K, H, W]) -> correction [B, C, H, W] (default: the built-in CNN)")
-    train.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
-    train.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr:g})")
-    train.add_argument("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=None,
-                       help=f"cosine: decay to 0 over --steps (default {d.lr_schedule})")
-    train.add_argument("--unroll", type=int, default=None, help=f"n of SOL-n, solver steps per window (default {d.unroll})")
-    train.add_argument("--batch-size", dest="batch_size", type=int, default=None,
-                       help=f"training windows per step (default {d.batch_size})")
-    train.add_argument("--hidden", type=int, default=None, help=f"corrector channels (default {d.hidden})")
-    train.add_argument("--depth", type=int, default=None, help=f"corrector conv layers (default {d.depth})")
-    train.add_argument("--kernel", type=int, default=None, help=f"corrector kernel size (default {d.kernel})")
-    train.add_argument("--sparsity", type=float, default=None, help=f"zo-sol gradient sparsity (default {d.sparsity})")
-    train.add_argument("--redraw-every", dest="redraw_every", type=int, default=None,
-                       help=f"steps between redraws of the sparse coordinates (default {d.redraw_every})")
-    train.add_argument("--mu", type=float, default=None, help=f"CGE finite-difference step (default {d.mu:g})")
-    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None,
-                       help=f"steps between checkpoints (default {d.checkpoint_every})")
+    _recipe_flags(train)
     train.add_argument("--seed", type=int, default=None, help=f"seeds the corrector init and windows (default {d.seed})")
     add_json(train)
     add_quiet(train)
@@ -354,6 +393,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_json(ev)
     add_quiet(ev)
     ev.set_defaults(func=_eval)
+
+    cmp_ = add_command(sub, "compare", "the whole comparison over several seeds: per seed and pooled, with "
+                                       "intervals and paired tests (OUT/seed-S/, OUT/report.md)")
+    add_run_folder(cmp_, "comparison")
+    cmp_.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated: each seeds the data (built-in "
+                      "scenarios), the corrector init and the windows")
+    cmp_.add_argument("--methods", default=",".join(METHODS), help="methods to train, comma-separated")
+    cmp_.add_argument("--data", default=None, metavar="FILE.npz",
+                      help="your trajectories (the same for every seed); default: a built-in scenario per seed")
+    _solver_flags(cmp_, "answers every method", "the built-in scenario's in-process step")
+    _scenario_flags(cmp_)
+    _recipe_flags(cmp_)
+    add_json(cmp_)
+    add_quiet(cmp_)
+    cmp_.set_defaults(func=_compare)
 
     rep = add_command(sub, "report", "markdown table + plots of all evaluated methods in OUT")
     rep.add_argument("--out", required=True, help="comparison folder")

@@ -231,7 +231,8 @@ def evaluate(trajectories: Trajectories, solver, corrector: nn.Module | None = N
         corrector: ``corrector(state [N, C, H, W], fields [N, F, H, W]) -> correction``; None: SRC.
         test_fields: the corrector's test fields (default: ``trajectories.corrector_fields("test")``).
     Returns:
-        ``{"mae_mean", "mae_std", "mae_per_sim" [S'], "mae_over_time" [T'], "snapshot": {"reference",
+        ``{"mae_mean", "mae_std", "mae_per_sim" [S'], "mae_over_time" [T'], "mae_per_sim_over_time"
+        [S', T'] (each simulation's MAE at each step), "snapshot": {"reference",
         "source", "corrected"} (each ``[C, H, W]`` of test simulation 0 at the last step; velocities at
         cell centres for built-in scenarios), "diverged"}``.
     """
@@ -259,7 +260,8 @@ def evaluate(trajectories: Trajectories, solver, corrector: nn.Module | None = N
     scenario = scenario_of(trajectories)
     centered = scenario.to_centered if scenario is not None else (lambda s: s)
     return {"mae_mean": float(per_sim.mean()), "mae_std": float(per_sim.std(unbiased=False)),
-            "mae_per_sim": per_sim.tolist(), "mae_over_time": err.mean(dim=0).tolist(), "diverged": diverged,
+            "mae_per_sim": per_sim.tolist(), "mae_over_time": err.mean(dim=0).tolist(),
+            "mae_per_sim_over_time": err.tolist(), "diverged": diverged,
             "snapshot": {"reference": centered(ref[:1, steps])[0].numpy(),
                          "source": centered(src[:1, steps])[0].numpy(),
                          "corrected": centered(traj[:1, steps])[0].numpy()}}
