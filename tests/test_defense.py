@@ -34,6 +34,7 @@ from deepzero_oracle.adapters.defense.methods import (
     train_defense,
 )
 from deepzero_oracle.apps.datasets import load_dataset
+from deepzero_oracle.stats import proportion_interval
 
 TINY = dict(dataset="digits", sigma=0.25, epochs=1, pretrain_epochs=1, ae_epochs=1, max_train=64, width=4,
             depth=2, batch_size=32)
@@ -210,12 +211,21 @@ def test_cli_train_certify_report_json(clf, tmp_path, capsys):
     assert list(table) == ["none", "zo-ds"]
     train_info = json.loads((root / "zo-ds" / "run.json").read_text())
     for method, row in table.items():
-        assert list(row) == ["0.0", "0.25", "0.5", "0.75", "queries"]
+        assert list(row)[:5] == ["0.0", "0.25", "0.5", "0.75", "queries"]
         accs = [row[k] for k in ("0.0", "0.25", "0.5", "0.75")]
         assert all(0 <= a <= 1 for a in accs) and accs == sorted(accs, reverse=True)
         assert accs[0] in {i / 4 for i in range(5)}  # 4 examples
+        # exact (Clopper-Pearson) 95% intervals over the 4 images, and a paired test on them
+        assert row["n_images"] == 4
+        for r, acc in zip(("0.0", "0.25", "0.5", "0.75"), accs):
+            ci = proportion_interval(round(acc * 4), 4)
+            assert row["ci95"][r] == pytest.approx([ci["low"], ci["high"]]) and ci["low"] <= acc <= ci["high"]
+    vs = table["zo-ds"]["vs"]["none"]["0.0"]
+    assert vs["n"] == 4 and 0 < vs["p"] <= 1 and vs["a_only"] + vs["b_only"] <= 4
     assert table["none"]["queries"] == 0 and table["zo-ds"]["queries"] == train_info["queries"] > 0
-    assert (root / "report.md").read_text().count("| zo-ds |") == 2
+    text = (root / "report.md").read_text()
+    assert text.count("| zo-ds |") == 2 and "95%" in text and "| zo-ds vs none |" not in text
+    assert "| none vs zo-ds |" in text and "McNemar" in text
     assert (root / "certified_accuracy.png").stat().st_size > 0
 
     # An interrupted certify resumes where it stopped, and only with the same model and settings.

@@ -135,42 +135,43 @@ def report(dirs: list[Path], radii=(0.0, 0.25, 0.5, 0.75)) -> tuple[dict, str, d
         dirs: run folders holding ``certify.tsv`` and ``certify.json``.
         radii: the table's radii.
     Returns:
-        ``(table_json, markdown, logs)``: ``{name: {"0.0": acc, ..., "queries": n}}`` (accuracy in
-        [0, 1], queries = training queries), the markdown text, and ``{name: log path}``.
-        ``name`` is the method, or ``method (folder)`` when two folders hold the same method.
+        ``(table_json, markdown, logs)``: ``{name: {"0.0": acc, ..., "queries": n, "n_images",
+        "ci95": {r: [lo, hi]}, "vs": {other: {r: {"p", "a_only", "b_only", "n"}}}}}`` (accuracy in
+        [0, 1] with its exact 95% interval, queries = training queries, exact McNemar tests
+        against every method certified on the same images; adapters/defense/report.py), the
+        markdown text, and ``{name: log path}``. ``name`` is the method, or ``method (folder)``
+        when two folders hold the same method.
     """
-    from deepzero_oracle.adapters.defense.certify_log import certified_accuracy, certified_accuracy_markdown
+    from deepzero_oracle.adapters.defense.report import summarize, summary_markdown
 
     infos = [(d, json.loads((d / "certify.json").read_text())) for d in dirs]
     infos.sort(key=lambda t: (_ORDER.get(t[1]["method"], 99), str(t[0])))
     counts: dict[str, int] = {}
     for _, info in infos:
         counts[info["method"]] = counts.get(info["method"], 0) + 1
-    table, logs, queries, extra = {}, {}, {}, []
+    logs, queries, extra = {}, {}, []
     for d, info in infos:
         name = info["method"] if counts[info["method"]] == 1 else f"{info['method']} ({d.name})"
         logs[name] = d / "certify.tsv"
-        acc = certified_accuracy(logs[name], radii)
         queries[name] = int(info["training_queries"])
-        table[name] = {str(float(r)): acc[float(r)] for r in radii}
-        table[name]["queries"] = queries[name]
         extra.append(f"| {name} | {info['training_blackbox_images']:,} | {info['sigma']:g} | {info['n']:,} | "
                      f"{info['alpha']:g} | {info['samples_per_second']:,.0f} |")
-    md = "Certified accuracy (%) by L2 radius; queries = oracle queries spent in training.\n\n"
-    md += certified_accuracy_markdown(logs, radii, queries=queries)
+    table = summarize(logs, radii, queries)
+    md = "Certified accuracy (%) by L2 radius with exact 95% intervals over the test images; queries = oracle queries spent in training.\n\n"
+    md += summary_markdown(table, radii)
     md += ("\n| method | training black-box images | sigma | n | alpha | certify samples/s |\n"
            "|---|---:|---:|---:|---:|---:|\n" + "\n".join(extra) + "\n")
     return table, md, logs
 
 
 def _report(args) -> int:
-    from deepzero_oracle.adapters.defense.certify_log import plot_certified_curve
+    from deepzero_oracle.adapters.defense.report import plot_with_bands
 
     root = Path(args.root)
     table, md, logs = report(_runs(root, args.runs))
     out_md = write_text(Path(args.markdown) if args.markdown else root / "report.md", md)
-    plot = plot_certified_curve(logs, Path(args.plot) if args.plot else root / "certified_accuracy.png",
-                                title="certified accuracy vs L2 radius")
+    plot = Path(args.plot) if args.plot else root / "certified_accuracy.png"
+    plot_with_bands(logs, plot)
     if args.json:
         print(json.dumps(table, indent=2))
     else:

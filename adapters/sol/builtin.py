@@ -44,14 +44,16 @@ def builtin_scenario(scenario: str, size: str):
     return get_scenario(scenario, **SIZES[scenario][size])
 
 
-def generate_trajectories(scenario: str = "burgers", size: str = "small", *, n_train: int = 8, n_test: int = 8,
-                          train_steps: int = 32, test_steps: int = 32, seed: int = 0, cache_dir=None,
+def generate_trajectories(scenario: str = "burgers", size: str = "small", *, n_train: int = 16, n_test: int = 16,
+                          train_steps: int = 32, test_steps: int = 64, seed: int = 0, cache_dir=None,
                           progress: bool = False) -> Trajectories:
     """Seeded cases and down-sampled reference trajectories of a built-in scenario.
 
     Args:
         scenario, size: a key of `SIZES` and one of its presets.
-        n_train / n_test: simulations; train_steps / test_steps: steps per trajectory.
+        n_train / n_test: simulations; train_steps / test_steps: steps per trajectory. The test
+            rollouts run twice as long as the training trajectories by default: a corrector trained
+            only on reference states drifts on its own states, and that shows over long rollouts.
         seed: cases are drawn with seed + 1 (train) and seed + 2 (test).
         cache_dir: where the scenario caches cases and reference runs (wake2d's warm-up is costly).
         progress: tqdm bars for the reference solver.

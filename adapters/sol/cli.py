@@ -135,8 +135,8 @@ def _generate(args) -> int:
         for name in ("config.json", TRAJECTORIES, *_REPORT_FILES):
             (out / name).unlink(missing_ok=True)
     existing = load_trajectories(path).metadata if path.exists() else {}
-    defaults = {"scenario": "burgers", "size": "small", "n_train": 8, "n_test": 8, "train_steps": 32,
-                "test_steps": 32, "seed": 0}
+    defaults = {"scenario": "burgers", "size": "small", "n_train": 16, "n_test": 16, "train_steps": 32,
+                "test_steps": 64, "seed": 0}
     wanted = {k: getattr(args, k) if getattr(args, k) is not None else existing.get(k, defaults[k])
               for k in GENERATION_KEYS}
     if existing:
@@ -216,7 +216,8 @@ def report(out, *, plots: bool = True) -> dict:
     """
     from deepzero_oracle.adapters.sol.report import report as write_report
 
-    return write_report(out, plots=plots, train_steps=_train_length(Path(out)))
+    label = _saved_config(Path(out)).get("data_label", Path(out).name)
+    return write_report(out, plots=plots, train_steps=_train_length(Path(out)), title=f"SOL comparison: {label}")
 
 
 def _train_length(out: Path) -> int | None:
@@ -318,12 +319,12 @@ def _scenario_flags(p) -> None:
     p.add_argument("--scenario", choices=tuple(SIZES), default=None, help="built-in scenario (default burgers)")
     p.add_argument("--size", choices=("tiny", "small", "full"), default=None,
                    help="scenario size preset (default small: burgers 16^2, wake2d 16x32)")
-    p.add_argument("--n-train", dest="n_train", type=int, default=None, help="training simulations (default 8)")
-    p.add_argument("--n-test", dest="n_test", type=int, default=None, help="test simulations (default 8)")
+    p.add_argument("--n-train", dest="n_train", type=int, default=None, help="training simulations (default 16)")
+    p.add_argument("--n-test", dest="n_test", type=int, default=None, help="test simulations (default 16)")
     p.add_argument("--train-steps", dest="train_steps", type=int, default=None,
                    help="reference steps per training simulation (default 32)")
     p.add_argument("--test-steps", dest="test_steps", type=int, default=None,
-                   help="reference steps per test simulation (default 32)")
+                   help="reference steps per test simulation (default 64: rollouts twice the training length)")
 
 
 def _recipe_flags(p) -> None:
@@ -335,7 +336,10 @@ def _recipe_flags(p) -> None:
                    help="your corrector: factory(channels, n_params) -> nn.Module with forward(state [B, C, H, W], "
                         "param_fields [B, K, H, W]) -> correction [B, C, H, W] (default: the built-in CNN)")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr:g})")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate of NON and FO-SOL (default {d.lr:g})")
+    p.add_argument("--zo-lr", dest="zo_lr", type=float, default=None,
+                   help="ZO-SOL's Adam learning rate (default lr / sqrt(1 - sparsity): a sparse estimate moves each "
+                        "coordinate less per step under Adam)")
     p.add_argument("--lr-schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=None,
                    help=f"cosine: decay to 0 over --steps (default {d.lr_schedule})")
     p.add_argument("--unroll", type=int, default=None, help=f"n of SOL-n, solver steps per window (default {d.unroll})")

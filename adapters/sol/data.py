@@ -33,7 +33,12 @@ class SOLConfig:
         unroll: n of SOL-n (solver steps per training window).
         batch_size: windows per optimizer step (NON uses ``batch_size * unroll`` pairs, the same data
             volume).
-        steps: optimizer steps; lr: Adam learning rate.
+        steps: optimizer steps; lr: Adam learning rate (NON, FO-SOL).
+        zo_lr: ZO-SOL's Adam learning rate; 0 means ``lr / sqrt(1 - sparsity)``. A sparse
+            estimate moves each coordinate on about one step in 1 / (1 - sparsity), and Adam,
+            which normalises by the running second moment, then moves it about
+            sqrt(1 - sparsity) times as far per step as a dense gradient would; the scaled rate
+            restores the dense step length.
         lr_schedule: ``"constant"`` or ``"cosine"`` (cosine decay to 0 over ``steps``: with a few windows
             per step the last updates are noisy, and decay keeps that noise out of the final corrector).
         sparsity: ZO-SOL gradient sparsity (share of coordinates *not* estimated per step).
@@ -47,11 +52,12 @@ class SOLConfig:
     depth: int = 2
     kernel: int = 3
     corrector: str = ""
-    unroll: int = 8
+    unroll: int = 4
     batch_size: int = 4
-    steps: int = 200
+    steps: int = 400
     lr: float = 3e-3
-    lr_schedule: str = "constant"
+    zo_lr: float = 0.0
+    lr_schedule: str = "cosine"
     sparsity: float = 0.8
     redraw_every: int = 1
     mu: float = 1e-4
@@ -64,14 +70,20 @@ class SOLConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if not self.lr > 0 or not self.mu > 0:
-            raise ValueError(f"lr and mu must be positive, got lr={self.lr}, mu={self.mu}")
+        if not self.lr > 0 or not self.mu > 0 or self.zo_lr < 0:
+            raise ValueError(f"lr and mu must be positive and zo_lr >= 0, got lr={self.lr}, mu={self.mu}, "
+                             f"zo_lr={self.zo_lr}")
         for k in ("unroll", "batch_size", "steps", "checkpoint_every", "redraw_every", "hidden", "depth", "kernel"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, got {self.kernel}")
         return self
+
+    @property
+    def zo_rate(self) -> float:
+        """ZO-SOL's Adam learning rate (``zo_lr``, or ``lr / sqrt(1 - sparsity)`` when it is 0)."""
+        return self.zo_lr or self.lr / (1.0 - self.sparsity) ** 0.5
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -123,7 +123,7 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
         estimator = CGE(mu=cfg.mu, joint=True)
     else:
         raise ValueError(f"method must be one of {METHODS[1:]} to train, got {method!r}")
-    opt = torch.optim.Adam(corr.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(corr.parameters(), lr=cfg.zo_rate if method == "zo-sol" else cfg.lr)
     # a closed-form factor of the step index: a resumed run follows the schedule of its --steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda t: 0.5 * (1 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps)))

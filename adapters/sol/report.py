@@ -122,7 +122,7 @@ def table_markdown(table: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(out, *, plots: bool = True, train_steps: int | None = None) -> dict:
+def report(out, *, plots: bool = True, train_steps: int | None = None, title: str | None = None) -> dict:
     """Collect ``<out>/<method>/eval.json``; write ``report.md``, ``report.json`` and plots
     (``error_over_time.png`` with 95% bands, ``snapshot.png``). Returns the table (``summarize``)."""
     out = Path(out)
@@ -131,7 +131,7 @@ def report(out, *, plots: bool = True, train_steps: int | None = None) -> dict:
     horizons = horizons_for(next(iter(errors.values())).shape[1], train_steps)
     extra = {m: {k: e[k] for k in ("queries", "seconds", "steps") if k in e} for m, e in evals.items()}
     table = summarize(errors, horizons, extra)
-    write_text(out / "report.md", table_markdown(table, f"SOL comparison: {out.name}"))
+    write_text(out / "report.md", table_markdown(table, title or f"SOL comparison: {out.name}"))
     write_json(out / "report.json", table, indent=1)
     if plots:
         plot_errors(errors, out / "error_over_time.png")
