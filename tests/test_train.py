@@ -279,3 +279,25 @@ def test_cli_exit_codes_and_version(tmp_path, capsys):
     rc = main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--max-queries", "5000",
                "--out", str(tmp_path / "budget"), "--quiet"])
     assert rc == 4 and "stopped early: query budget of 5000 reached" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sparse_example_reports_intervals_and_paired_tests(tmp_path, capsys):
+    """examples/sparse_mnist.py over two seeds: per-seed and pooled tables with exact intervals
+    over the test images and McNemar tests paired on them."""
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "sparse_mnist.py"))
+    example["main"](["--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--quick", "--seeds", "0,1",
+                     "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"seed 0", "seed 1", "pooled"}
+    pooled, seed0 = summary["pooled"], summary["seed 0"]
+    fo = pooled["FO dense"]
+    assert fo["images"] == 2 * seed0["FO dense"]["images"] == 2 * 360  # digits: 360 test images per seed
+    assert fo["ci95"][0] <= fo["test_accuracy"] <= fo["ci95"][1]
+    test = pooled["FO dense"]["vs_main"]
+    assert test["n"] == 720 and test["a_only"] + test["b_only"] + test["both"] + test["neither"] == 720
+    assert "CGE, ZO-GraSP ratios" in pooled and "vs_main" not in pooled["CGE, ZO-GraSP ratios"]
+    assert "McNemar p" in (tmp_path / "table.md").read_text()

@@ -124,7 +124,8 @@ def accuracy_and_loss(learner, x, y, batch: int = 1024) -> tuple[float, float]:
 
 
 def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: bool = True) -> dict:
-    """Train per ``recipe``; writes ``metrics.json``, ``metrics.csv``, ``steps.csv``,
+    """Train per ``recipe``; writes ``metrics.json`` (with ``test_correct``, 0/1 per test image,
+    for paired comparisons), ``metrics.csv``, ``steps.csv``,
     ``checkpoint.pt``, ``ratios.json`` (sparse runs) and ``curves.png`` under ``out_dir`` and
     returns the metrics dict. With ``resume``, a run in ``out_dir`` is continued (its settings
     must match); without, it is started over."""
@@ -163,6 +164,10 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: 
                       desc=f"{recipe.dataset} {recipe.model} {recipe.estimator}")
     history = trainer.fit(batches, epochs=recipe.epochs, max_queries=recipe.max_queries, resume=resume)
     final = history[-1]
+    learner.eval()
+    with torch.no_grad():  # per test image, for paired comparisons between runs
+        test_correct = torch.cat([learner(data.x_test[s : s + 1024]).argmax(1) == data.y_test[s : s + 1024]
+                                  for s in range(0, len(data.x_test), 1024)]).int().tolist()
     metrics = {
         "test_accuracy": final["test_accuracy"],
         "train_accuracy": final["train_accuracy"],
@@ -176,6 +181,7 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: 
         "stopped_reason": trainer.stopped_reason,
         "recipe": asdict(recipe),
         "history": history,
+        "test_correct": test_correct,
     }
     write_json(out / "metrics.json", metrics)
     plot_curves({recipe.estimator: history}, out / "curves.png")
