@@ -99,7 +99,7 @@ def table_markdown(table: dict, title: str) -> str:
     for m, r in table.items():
         cells = " | ".join(f"{r['horizons'][h]['mean']:.5f} [{r['horizons'][h]['ci95'][0]:.5f}, "
                            f"{r['horizons'][h]['ci95'][1]:.5f}]" for h in horizons)
-        lines.append(f"| {m.upper()} | {cells} | {r.get('queries', 0):,} | {r.get('seconds', 0.0):.1f} |")
+        lines.append(f"| {m.upper()} | {cells} | {r.get('queries', 0):,.0f} | {r.get('seconds', 0.0):.1f} |")
     shares = [(h, gap_closed(table, h)) for h in horizons]
     if any(s is not None for _, s in shares):
         lines += ["", "ZO-SOL's share of the SRC -> FO-SOL gap: " + ", ".join(
@@ -151,7 +151,9 @@ def pooled_report(root, seed_dirs: dict[int, Path], *, train_steps: int | None =
             errors.setdefault(m, []).append(np.asarray(e["mae_per_sim_over_time"]))
     complete = {m: np.concatenate(parts) for m, parts in errors.items() if len(parts) == len(seed_dirs)}
     horizons = horizons_for(next(iter(complete.values())).shape[1], train_steps)
-    pooled = summarize(complete, horizons)
+    extra = {m: {k: float(np.mean([t[m][k] for t in per_seed.values()])) for k in ("queries", "seconds")}
+             for m in complete}  # per seed, on average
+    pooled = summarize(complete, horizons, extra)
     text = table_markdown(pooled, f"SOL comparison over seeds {', '.join(map(str, seed_dirs))}, pooled")
     h = str(horizons[-1])
     lines = ["", "Per seed, MAE over the first " + h + " steps:", "",
