@@ -36,6 +36,18 @@ class BlackBoxUnavailable(BlackBoxRemoteError):
     code = "UNAVAILABLE"
 
 
+class BlackBoxReplicasUnavailable(BlackBoxUnavailable):
+    """No replica of a black box answered before the deadline (all down, stalled or restarting).
+
+    Attributes:
+        targets: the ``host:port`` of every replica that was tried.
+    """
+
+    def __init__(self, message: str, *, targets: list[str], code: str | None = None, details: str = ""):
+        super().__init__(message, code=code, details=details, target=",".join(targets))
+        self.targets = list(targets)
+
+
 class BlackBoxTimeout(BlackBoxRemoteError):
     """No answer before the deadline (``timeout=``)."""
 
@@ -104,6 +116,7 @@ __all__ = [
     "BlackBoxInvalidArgument",
     "BlackBoxNotFound",
     "BlackBoxRemoteError",
+    "BlackBoxReplicasUnavailable",
     "BlackBoxResourceExhausted",
     "BlackBoxTimeout",
     "BlackBoxUnauthenticated",

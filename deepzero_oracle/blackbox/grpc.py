@@ -13,13 +13,19 @@ server answers them; ``query_batch``, ``stream`` and ``describe`` use our ``Orac
 the fast paths of our own server. One channel is opened per black box and reused by every
 call. Every call has a deadline (``timeout=``). Idempotent calls (inference, metadata,
 batches) are retried on UNAVAILABLE by gRPC itself through a service-config retry policy;
-streams are not retried. Failures raise :class:`~deepzero_oracle.blackbox.errors.BlackBoxRemoteError`
+streams are not retried. Given several addresses (replicas of one model), the channel
+balances calls round-robin over the healthy ones, and an idempotent call that meets a dead
+or stalled replica is sent again to another (``GrpcTransport.call``). Black boxes pickle and
+reconnect on first use, so they can travel to process pools and Dask workers. Failures raise :class:`~deepzero_oracle.blackbox.errors.BlackBoxRemoteError`
 subclasses, which are ``BlackBoxError`` like every black box's errors.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -27,7 +33,13 @@ import grpc
 import numpy as np
 import torch
 
-from deepzero_oracle.blackbox.errors import BlackBoxInvalidArgument, BlackBoxRemoteError, remote_error
+from deepzero_oracle.blackbox.errors import (
+    BlackBoxInvalidArgument,
+    BlackBoxRemoteError,
+    BlackBoxReplicasUnavailable,
+    BlackBoxUnavailable,
+    remote_error,
+)
 from deepzero_oracle.blackbox.local import BlackBoxError
 from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
@@ -47,30 +59,73 @@ from deepzero_oracle.blackbox.remote import RemoteBlackBox, check_rows
 from deepzero_oracle.wire import oracle_pb2 as pb
 
 
-def _service_config(retries: int) -> str:
-    """Retry UNAVAILABLE for the idempotent methods only (never the stream)."""
-    if retries <= 0:
-        return json.dumps({"methodConfig": []})
-    idempotent = [{"service": KSERVE_SERVICE},
-                  {"service": ORACLE_SERVICE, "method": "Describe"},
-                  {"service": ORACLE_SERVICE, "method": "QueryBatch"}]
-    return json.dumps({"methodConfig": [{
-        "name": idempotent,
-        "retryPolicy": {
-            "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
-            "initialBackoff": "0.1s",
-            "maxBackoff": "2s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }]})
+# Codes after which an idempotent call to a replica set is sent again (to another replica).
+_RETRY_ELSEWHERE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def _service_config(retries: int, replicas: bool = False) -> str:
+    """Retry UNAVAILABLE for the idempotent methods only (never the stream). For replicas:
+    round-robin over the addresses, and only over those whose health service says SERVING
+    (our server reports the overall service "" NOT_SERVING from the start of a graceful
+    shutdown; a server without a health service counts as healthy)."""
+    config: dict = {"methodConfig": []}
+    if retries > 0:
+        idempotent = [{"service": KSERVE_SERVICE},
+                      {"service": ORACLE_SERVICE, "method": "Describe"},
+                      {"service": ORACLE_SERVICE, "method": "QueryBatch"}]
+        config["methodConfig"] = [{
+            "name": idempotent,
+            "retryPolicy": {
+                "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    if replicas:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return json.dumps(config)
+
+
+def channel_target(targets: list[str]) -> str:
+    """One gRPC channel target for several ``host:port``: ``ipv4:A:P,B:Q`` (or ``ipv6:``), with host
+    names resolved here (gRPC's ipv4/ipv6 schemes take addresses only)."""
+    resolved, families = [], set()
+    for target in targets:
+        host, _, port = target.rpartition(":")
+        host = host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (socket.gaierror, ValueError) as e:
+            raise BlackBoxUnavailable(f"replica {target}: cannot resolve {host!r} ({e}); check the address",
+                                      target=target) from None
+        family, *_, address = min(infos, key=lambda info: info[0] != socket.AF_INET)  # IPv4 first
+        families.add(family)
+        resolved.append(f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}")
+    if len(families) > 1:
+        raise ValueError(f"replicas {','.join(targets)} mix IPv4 and IPv6 addresses; give them all in one family")
+    return ("ipv6:" if families == {socket.AF_INET6} else "ipv4:") + ",".join(resolved)
 
 
 class GrpcTransport:
-    """One reusable gRPC channel with size limits, retry policy, token and TLS.
+    """Reusable gRPC channel with size limits, retry policy, token and TLS, to one server or to
+    replicas of one.
+
+    With several targets, one channel balances calls round-robin over the replicas that pass
+    gRPC health checks, and :meth:`call` sends an idempotent call that fails with UNAVAILABLE or
+    DEADLINE_EXCEEDED again (to another replica) until ``timeout`` has passed since the first
+    attempt; a stalled replica costs one deadline per call that reaches it.
+
+    The channel opens on first use, so a transport (and a black box holding one) pickles: a copy
+    sent to a thread, process or Dask worker opens its own connection there. Each channel has
+    its own connections (a local subchannel pool), so copies reach different workers of
+    ``serve --workers N``.
 
     Args:
-        target: ``host:port`` (``grpc://`` or ``grpcs://`` prefixes accepted; grpcs = TLS).
+        target: ``host:port`` (``grpc://`` or ``grpcs://`` prefixes accepted; grpcs = TLS), or a
+            list of them, one per replica (``targets``; ``target`` is then ``h1:p1,h2:p2``).
         token: shared token sent as ``authorization: Bearer <token>`` (default: $DEEPZERO_ORACLE_TOKEN).
         tls: None/False for plaintext, True for TLS with system roots, or a CA certificate
             (PEM path or bytes) to trust, e.g. a self-signed server certificate.
@@ -80,41 +135,139 @@ class GrpcTransport:
         wait_for_ready: wait (until the deadline) for an unreachable server instead of failing.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, tls=None,
+    def __init__(self, target, *, token: str | None = None, tls=None,
                  tls_server_name: str | None = None, max_message_mb: float = 64, retries: int = 4,
                  wait_for_ready: bool = False):
-        for scheme, secure in (("grpcs://", True), ("grpc://", None)):
-            if target.startswith(scheme):
-                target = target[len(scheme):]
-                if secure and not tls:
-                    tls = True
-        self.target = target
+        targets = [target] if isinstance(target, str) else list(target)
+        if not targets:
+            raise ValueError("GrpcTransport needs at least one host:port")
+        for i, t in enumerate(targets):
+            for scheme, secure in (("grpcs://", True), ("grpc://", None)):
+                if t.startswith(scheme):
+                    targets[i] = t[len(scheme):]
+                    if secure and not tls:
+                        tls = True
+        self.targets = targets
+        self.target = ",".join(targets)
         self.wait_for_ready = wait_for_ready
         token = resolve_token(token)
         self.metadata = (("authorization", bearer(token)),) if token else ()
-        max_bytes = int(max_message_mb * 2**20)
-        options = [
-            *message_limit_options(max_bytes),
+        self.options = [
+            *message_limit_options(int(max_message_mb * 2**20)),
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", _service_config(retries)),
+            ("grpc.service_config", _service_config(retries, replicas=len(targets) > 1)),
             # Reconnect to a restarted server within seconds (gRPC's default backoff grows to
             # 2 minutes, which would stall a training run long after the server is back).
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000),
+            # Connections of our own: copies in other threads reach other workers of one port.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if tls_server_name:
-            options.append(("grpc.ssl_target_name_override", tls_server_name))
-        if tls:
-            roots = None if tls is True else read_pem(tls)
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=options)
-        else:
-            self.channel = grpc.insecure_channel(target, options=options)
+            self.options.append(("grpc.ssl_target_name_override", tls_server_name))
+        elif tls and len(targets) > 1:
+            # An ipv4:/ipv6: target has no host name to check the certificate against.
+            self.options.append(("grpc.default_authority", targets[0].rpartition(":")[0].strip("[]")))
+        self.tls_roots = None if not tls else b"" if tls is True else read_pem(tls)
+        self._channel = None
+        self._stubs: dict = {}
+        self._lock = threading.Lock()
+
+    # -- the channel, opened on first use --------------------------------------------------
+    def _open(self, target: str, options) -> grpc.Channel:
+        if self.tls_roots is None:
+            return grpc.insecure_channel(target, options=options)
+        creds = grpc.ssl_channel_credentials(self.tls_roots or None)
+        return grpc.secure_channel(target, creds, options=options)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The channel (to every replica), opened on first use."""
+        if self._channel is None:
+            with self._lock:
+                if self._channel is None:
+                    target = channel_target(self.targets) if len(self.targets) > 1 else self.targets[0]
+                    self._channel = self._open(target, self.options)
+        return self._channel
 
     def unary(self, service: str, method: str, response_cls):
         """A unary callable for ``/service/method`` taking a message, returning ``response_cls``."""
-        return self.channel.unary_unary(f"/{service}/{method}",
-                                        request_serializer=lambda m: m.SerializeToString(),
-                                        response_deserializer=response_cls.FromString)
+        key = (service, method)
+        stub = self._stubs.get(key)
+        if stub is None:
+            stub = self._stubs[key] = self.channel.unary_unary(
+                f"/{service}/{method}", request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response_cls.FromString)
+        return stub
+
+    # -- calls -----------------------------------------------------------------------------
+    def call(self, rpc, request, *, timeout: float, context: str, first=None):
+        """One idempotent unary call (``rpc(request)``) with deadline ``timeout`` s per attempt.
+
+        With replicas, UNAVAILABLE (backing off up to 1 s) and DEADLINE_EXCEEDED (at most once per
+        replica: a stalled one) are sent again, to another replica, until ``timeout`` has passed
+        since the first attempt; then `BlackBoxReplicasUnavailable` names every address. The caller
+        counts the call once, however many attempts it took.
+
+        Args:
+            first: a Future of the first attempt, already sent (pipelined calls).
+        Raises:
+            BlackBoxRemoteError: the matching subclass (see :func:`remote_error`).
+        """
+        started, stalls, attempts, backoff = time.monotonic(), 0, 0, 0.1
+        while True:
+            attempts += 1
+            try:
+                if first is not None:
+                    attempt, first = first, None
+                    return attempt.result()
+                return rpc(request, timeout=timeout, metadata=self.metadata, wait_for_ready=self.wait_for_ready)
+            except grpc.RpcError as e:
+                code = e.code().name if e.code() is not None else "UNKNOWN"
+                if len(self.targets) == 1 or code not in _RETRY_ELSEWHERE:
+                    raise self.error(e, context) from None
+                stalls += code == "DEADLINE_EXCEEDED"
+                waited = time.monotonic() - started
+                if stalls > len(self.targets) or (code == "UNAVAILABLE" and waited + backoff > timeout):
+                    raise self.replicas_error(e, context, attempts, waited) from None
+                if code == "UNAVAILABLE":
+                    time.sleep(backoff)
+                    backoff = min(2 * backoff, 1.0)
+
+    def replicas_error(self, e: grpc.RpcError, context: str, attempts: int, waited: float):
+        """No replica answered: the error names every address and what the last attempt met."""
+        code = e.code().name if e.code() is not None else "UNKNOWN"
+        return BlackBoxReplicasUnavailable(
+            f"black box {context} at replicas {self.target}: no replica answered in {waited:.1f} s "
+            f"({attempts} attempts; the last failed with {code}: {e.details() or '(no details)'}); are "
+            "the servers running at those addresses? A resumable run (Trainer, `sol train`) continues "
+            "from its last checkpoint once they are back", targets=self.targets, code="UNAVAILABLE",
+            details=e.details() or "")
+
+    def check_replicas(self, timeout: float = 10.0) -> None:
+        """Ask each replica's health service (``""``) on a connection of its own; raise
+        `BlackBoxUnavailable` naming every replica that cannot be reached or is not SERVING
+        (a server without a health service passes)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        problems = []
+        for target in self.targets:
+            channel = self._open(target, [o for o in self.options if o[0] != "grpc.service_config"])
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
+                if status != health_pb2.HealthCheckResponse.SERVING:
+                    problems.append(f"{target} ({health_pb2.HealthCheckResponse.ServingStatus.Name(status)})")
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    problems.append(f"{target} ({e.code().name}: {e.details()})")
+            finally:
+                channel.close()
+        if problems:
+            raise BlackBoxUnavailable(
+                f"black box replicas {self.target}: cannot reach {'; '.join(problems)}. Start the server(s) "
+                "there (`deepzero-oracle serve ... --port P`) or leave the address(es) out of the spec",
+                code="UNAVAILABLE", target=self.target)
 
     def error(self, e: grpc.RpcError, context: str = "") -> BlackBoxRemoteError:
         """A gRPC failure as the matching BlackBoxRemoteError."""
@@ -123,7 +276,17 @@ class GrpcTransport:
         return remote_error(code, details or "", self.target, context=context)
 
     def close(self) -> None:
-        self.channel.close()
+        """Close the channel (a later call opens a new one)."""
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel, self._stubs = None, {}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_channel", "_stubs", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _channel=None, _stubs={}, _lock=threading.Lock())
 
 
 def request_for(arrays: list[np.ndarray], names: list[str], model: str, version: str = "",
@@ -180,7 +343,8 @@ class GrpcBlackBox(RemoteBlackBox):
     sent under the names the model's metadata declares, matched by position.
 
     Args:
-        target: ``host:port`` of the server.
+        target: ``host:port`` of the server, or a list of them: replicas of one model (calls are
+            balanced over them; see GrpcTransport).
         model: model name ("" = our server's only model; other servers need the name).
         timeout: deadline of every call, in seconds (each chunk of a large call gets its own).
         token, tls, tls_server_name, max_message_mb, retries, wait_for_ready: see GrpcTransport.
@@ -189,7 +353,7 @@ class GrpcBlackBox(RemoteBlackBox):
         stream_timeout: deadline of a whole ``stream()`` call, in seconds.
     """
 
-    def __init__(self, target: str, *, model: str = "", timeout: float = 30.0, token: str | None = None,
+    def __init__(self, target, *, model: str = "", timeout: float = 30.0, token: str | None = None,
                  tls=None, tls_server_name: str | None = None, max_batch_rows: int = 65536,
                  max_message_mb: float = 64, retries: int = 4, wait_for_ready: bool = False,
                  max_inflight: int = 4, stream_timeout: float = 3600.0):
@@ -201,50 +365,53 @@ class GrpcBlackBox(RemoteBlackBox):
         self.model, self.timeout = model, timeout
         self.max_inflight = max(1, int(max_inflight))
         self.stream_timeout = stream_timeout
-        t = self.transport
-        self._infer = t.unary(KSERVE_SERVICE, "ModelInfer", pb.ModelInferResponse)
-        self._model_metadata = t.unary(KSERVE_SERVICE, "ModelMetadata", pb.ModelMetadataResponse)
-        self._batch = t.unary(ORACLE_SERVICE, "QueryBatch", pb.QueryBatchResponse)
-        self._describe = t.unary(ORACLE_SERVICE, "Describe", pb.OracleMetadata)
-        self._stream = t.channel.stream_stream(
-            f"/{ORACLE_SERVICE}/QueryStream", request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=pb.QueryBatchResponse.FromString)
 
     # -- plumbing --------------------------------------------------------------------------
+    @property
+    def targets(self) -> list[str]:
+        """``host:port`` of every replica (one for a single server)."""
+        return self.transport.targets
+
     def _kw(self, timeout: float | None = None) -> dict:
         return dict(timeout=self.timeout if timeout is None else timeout,
                     metadata=self.transport.metadata, wait_for_ready=self.transport.wait_for_ready)
 
+    def _call(self, method: str, response_cls, request, service: str = KSERVE_SERVICE):
+        """One idempotent unary call, retried on other replicas (GrpcTransport.call)."""
+        rpc = self.transport.unary(service, method, response_cls)
+        return self.transport.call(rpc, request, timeout=self.timeout, context=method)
+
     def _fetch_metadata(self) -> dict:
-        try:
-            md = self._model_metadata(pb.ModelMetadataRequest(name=self.model), **self._kw())
-        except grpc.RpcError as e:
-            raise self.transport.error(e, f"ModelMetadata({self.model!r})") from None
+        md = self._call("ModelMetadata", pb.ModelMetadataResponse, pb.ModelMetadataRequest(name=self.model))
         return metadata_dict(md)
 
-    def _pipelined(self, rpc, requests: list, context: str) -> list:
-        """Send requests with at most ``max_inflight`` outstanding; answers in order."""
+    def _pipelined(self, service: str, method: str, response_cls, requests: list) -> list:
+        """Send idempotent requests with at most ``max_inflight`` outstanding; answers in order.
+        A failed one is sent again as :meth:`GrpcTransport.call` says (replicas)."""
+        rpc = self.transport.unary(service, method, response_cls)
+        if len(requests) == 1 or self.max_inflight == 1:
+            # Blocking calls: a future costs a helper thread per call in grpc's Python API.
+            return [self.transport.call(rpc, req, timeout=self.timeout, context=method) for req in requests]
         answers, pending = [], deque()
         try:
-            if len(requests) == 1 or self.max_inflight == 1:
-                # Blocking calls: a future costs a helper thread per call in grpc's Python API.
-                return [rpc(req, **self._kw()) for req in requests]
             for req in requests:
-                pending.append(rpc.future(req, **self._kw()))
+                pending.append((req, rpc.future(req, **self._kw())))
                 if len(pending) >= self.max_inflight:
-                    answers.append(pending.popleft().result())
+                    req, future = pending.popleft()
+                    answers.append(self.transport.call(rpc, req, timeout=self.timeout, context=method, first=future))
             while pending:
-                answers.append(pending.popleft().result())
-        except grpc.RpcError as e:
-            for f in pending:
-                f.cancel()
-            raise self.transport.error(e, context) from None
+                req, future = pending.popleft()
+                answers.append(self.transport.call(rpc, req, timeout=self.timeout, context=method, first=future))
+        except BlackBoxError:
+            for _, future in pending:
+                future.cancel()
+            raise
         return answers
 
     def _infer_chunks(self, chunks):
         names = self._names(len(chunks[0]))
         reqs = [request_for(c, names, self.model) for c in chunks]
-        resps = self._pipelined(self._infer, reqs, "ModelInfer")
+        resps = self._pipelined(KSERVE_SERVICE, "ModelInfer", pb.ModelInferResponse, reqs)
         return [list(decode_response(r, self.target).values()) for r in resps]
 
     # -- public API ------------------------------------------------------------------------
@@ -299,7 +466,7 @@ class GrpcBlackBox(RemoteBlackBox):
             if any(r != 1 for r in g_rows):  # all-ones is the default: keep messages small
                 req.query_rows.extend(g_rows)
             reqs.append(req)
-        resps = self._pipelined(self._batch, reqs, "QueryBatch")
+        resps = self._pipelined(ORACLE_SERVICE, "QueryBatch", pb.QueryBatchResponse, reqs)
         results: list = []
         for g, resp in zip(groups, resps):
             results.extend(self._split(resp, [rows[i] for i in g]))
@@ -368,7 +535,10 @@ class GrpcBlackBox(RemoteBlackBox):
             except Exception as e:  # noqa: BLE001 -- re-raised below, in the caller's thread
                 failure.append(e)
 
-        call = self._stream(requests(), **self._kw(self.stream_timeout if timeout is None else timeout))
+        rpc = self.transport.channel.stream_stream(
+            f"/{ORACLE_SERVICE}/QueryStream", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.QueryBatchResponse.FromString)
+        call = rpc(requests(), **self._kw(self.stream_timeout if timeout is None else timeout))
         try:
             for resp in call:
                 if not sent_rows:
@@ -392,10 +562,8 @@ class GrpcBlackBox(RemoteBlackBox):
 
     def describe(self) -> dict:
         """The model's metadata: input/output names, datatypes, shapes, limits, cost figures."""
-        try:
-            md = self._describe(pb.ModelMetadataRequest(name=self.model), **self._kw())
-        except grpc.RpcError as e:
-            raise self.transport.error(e, "Describe") from None
+        md = self._call("Describe", pb.OracleMetadata, pb.ModelMetadataRequest(name=self.model),
+                        service=ORACLE_SERVICE)
 
         return {
             **metadata_dict(md.model),
@@ -418,8 +586,12 @@ class GrpcBlackBox(RemoteBlackBox):
             return False
         return resp.status == health_pb2.HealthCheckResponse.SERVING
 
+    def check_replicas(self, timeout: float = 10.0) -> None:
+        """Raise `BlackBoxUnavailable` naming every replica that cannot be reached (health check)."""
+        self.transport.check_replicas(timeout)
+
     def close(self) -> None:
-        """Close the channel; the black box cannot be used afterwards."""
+        """Close the channel (a later call opens a new one)."""
         self.transport.close()
 
     def __enter__(self) -> "GrpcBlackBox":
@@ -429,7 +601,8 @@ class GrpcBlackBox(RemoteBlackBox):
         self.close()
 
     def __repr__(self) -> str:
-        return f"GrpcBlackBox({self.target!r}, model={self.model!r})"
+        target = self.targets if len(self.targets) > 1 else self.target
+        return f"GrpcBlackBox({target!r}, model={self.model!r})"
 
 
-__all__ = ["GrpcBlackBox", "GrpcTransport", "metadata_dict"]
+__all__ = ["GrpcBlackBox", "GrpcTransport", "channel_target", "metadata_dict"]

@@ -12,6 +12,7 @@ Input names come from the model's metadata unless given.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import ssl
@@ -21,7 +22,7 @@ import urllib.parse
 import httpx
 import numpy as np
 
-from deepzero_oracle.blackbox.errors import remote_error
+from deepzero_oracle.blackbox.errors import BlackBoxUnavailable, remote_error
 from deepzero_oracle.blackbox.local import BlackBoxError
 from deepzero_oracle.blackbox.protocol import (
     GRPC_CODE_OF_HTTP,
@@ -42,7 +43,9 @@ class KServeBlackBox(RemoteBlackBox):
     """A KServe v2 model as a black box: ``box(*inputs [N, ...]) -> [N, ...]``.
 
     Args:
-        url: ``host:port`` (gRPC) or ``http(s)://host:port`` (REST).
+        url: ``host:port`` (gRPC) or ``http(s)://host:port`` (REST); a list of them for replicas of
+            one model (gRPC: balanced as GrpcBlackBox does; REST: calls rotate over the addresses,
+            and a connection failure or a timeout is retried on the next one).
         model: model name on the server.
         protocol: "grpc" (raw contents; fastest) or "rest" (JSON).
         version: model version ("" = the server's choice).
@@ -57,11 +60,12 @@ class KServeBlackBox(RemoteBlackBox):
         retries: extra attempts when the server is unreachable (idempotent inference only).
         wait_for_ready: gRPC only: wait for an unreachable server until the deadline.
 
-    Over REST, ``http`` is the ``httpx.Client`` every call goes through (its connection pool
-    keeps the connection alive between calls); ``close()`` closes it.
+    Over REST, ``clients`` holds one ``httpx.Client`` per address (its connection pool keeps the
+    connection alive between calls; ``http`` is the first); ``close()`` closes them. The black
+    box pickles; a copy opens its own connections on first use.
     """
 
-    def __init__(self, url: str, model: str, *, protocol: str = "grpc", version: str = "",
+    def __init__(self, url, model: str, *, protocol: str = "grpc", version: str = "",
                  timeout: float = 30.0, token: str | None = None, tls=None,
                  input_names: list[str] | None = None, output_names: list[str] | None = None,
                  max_batch_rows: int = 65536, max_message_mb: float = 64, retries: int = 4,
@@ -73,57 +77,72 @@ class KServeBlackBox(RemoteBlackBox):
         self.protocol, self.model, self.version, self.timeout = protocol, model, version, timeout
         self.output_names = list(output_names) if output_names is not None else None
         self.retries = max(0, int(retries))
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("KServeBlackBox needs at least one address")
         if protocol == "grpc":
-            # Imported here so REST users never pay for (or need) grpc.
-            from deepzero_oracle.blackbox import grpc as _g
-            from deepzero_oracle.wire import oracle_pb2 as pb
+            from deepzero_oracle.blackbox.grpc import GrpcTransport  # REST users never import grpc
 
-            self._g, self._pb = _g, pb
-            self.transport = _g.GrpcTransport(url, token=token, tls=tls, max_message_mb=max_message_mb,
-                                              retries=retries, wait_for_ready=wait_for_ready)
+            self.transport = GrpcTransport(urls, token=token, tls=tls, max_message_mb=max_message_mb,
+                                           retries=retries, wait_for_ready=wait_for_ready)
             self.target = self.transport.target
-            unary = self.transport.unary
-            self._infer = unary(KSERVE_SERVICE, "ModelInfer", pb.ModelInferResponse)
-            self._model_metadata = unary(KSERVE_SERVICE, "ModelMetadata", pb.ModelMetadataResponse)
-            self._model_ready = unary(KSERVE_SERVICE, "ModelReady", pb.ModelReadyResponse)
         else:
-            if "://" not in url:
-                url = "http://" + url
-            self.base = url.rstrip("/")
-            self.target = self.base
+            self.bases = [(u if "://" in u else "http://" + u).rstrip("/") for u in urls]
+            self.base = self.bases[0]
+            self.target = ",".join(self.bases)
             token = resolve_token(token)
-            headers = {"Content-Type": "application/json"}
+            self._headers = {"Content-Type": "application/json"}
             if token:
-                headers["Authorization"] = bearer(token)
-            verify = ssl.create_default_context(cafile=tls) if isinstance(tls, str) else True
-            # One client for every call: its connection pool keeps the connection alive. No
-            # Nagle delay: a request's headers and body are separate small writes, and waiting
+                self._headers["Authorization"] = bearer(token)
+            self._cafile = tls if isinstance(tls, str) else None
+            self._clients: list[httpx.Client] | None = None
+            self._turn = itertools.count()
+
+    # -- connections -------------------------------------------------------------------------
+    @property
+    def clients(self) -> list[httpx.Client]:
+        """REST: one ``httpx.Client`` per address (opened on first use), whose connection pool keeps
+        its connection alive between calls."""
+        if self._clients is None:
+            verify = ssl.create_default_context(cafile=self._cafile) if self._cafile else True
+            # No Nagle delay: a request's headers and body are separate small writes, and waiting
             # for the server's delayed ACK between them costs ~40 ms per call.
-            transport = httpx.HTTPTransport(verify=verify, socket_options=_NO_DELAY)
-            self.http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout, transport=transport)
+            self._clients = [httpx.Client(base_url=base, headers=self._headers, timeout=self.timeout,
+                                          transport=httpx.HTTPTransport(verify=verify, socket_options=_NO_DELAY))
+                             for base in self.bases]
+        return self._clients
+
+    @property
+    def http(self) -> httpx.Client:
+        """REST: the client of the first address."""
+        return self.clients[0]
+
+    def _grpc_call(self, method: str, request, response_cls, timeout: float | None = None):
+        """One idempotent gRPC call, retried on other replicas (GrpcTransport.call)."""
+        rpc = self.transport.unary(KSERVE_SERVICE, method, response_cls)
+        return self.transport.call(rpc, request, timeout=self.timeout if timeout is None else timeout,
+                                   context=f"{method}({self.model!r})")
 
     # -- metadata --------------------------------------------------------------------------
     def _fetch_metadata(self) -> dict:
         if self.protocol == "rest":
             return self._http("GET", self._model_path(""), None, "metadata")
-        import grpc
+        from deepzero_oracle.blackbox.grpc import metadata_dict
+        from deepzero_oracle.wire import oracle_pb2 as pb
 
-        try:
-            md = self._model_metadata(self._pb.ModelMetadataRequest(name=self.model, version=self.version),
-                                      **self._kw())
-        except grpc.RpcError as e:
-            raise self.transport.error(e, f"ModelMetadata({self.model!r})") from None
-        return self._g.metadata_dict(md)
+        md = self._grpc_call("ModelMetadata", pb.ModelMetadataRequest(name=self.model, version=self.version),
+                             pb.ModelMetadataResponse)
+        return metadata_dict(md)
 
     def ready(self, timeout: float | None = None) -> bool:
         """True if the server says the model is ready (False if unreachable or unknown)."""
         if self.protocol == "grpc":
-            import grpc
+            from deepzero_oracle.wire import oracle_pb2 as pb
 
             try:
-                return self._model_ready(self._pb.ModelReadyRequest(name=self.model, version=self.version),
-                                         **self._kw(timeout)).ready
-            except grpc.RpcError:
+                return self._grpc_call("ModelReady", pb.ModelReadyRequest(name=self.model, version=self.version),
+                                       pb.ModelReadyResponse, timeout).ready
+            except BlackBoxError:
                 return False
         try:
             r = self.http.get(self._model_path("/ready"), timeout=self.timeout if timeout is None else timeout)
@@ -136,10 +155,6 @@ class KServeBlackBox(RemoteBlackBox):
         if self.version:
             path += f"/versions/{urllib.parse.quote(self.version, safe='')}"
         return path + suffix
-
-    def _kw(self, timeout: float | None = None) -> dict:
-        return dict(timeout=self.timeout if timeout is None else timeout,
-                    metadata=self.transport.metadata, wait_for_ready=self.transport.wait_for_ready)
 
     def _select(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.output_names is None:
@@ -154,16 +169,14 @@ class KServeBlackBox(RemoteBlackBox):
     def _infer_chunks(self, chunks):
         names = self._names(len(chunks[0]))
         if self.protocol == "grpc":
-            import grpc
+            from deepzero_oracle.blackbox.grpc import decode_response, request_for
+            from deepzero_oracle.wire import oracle_pb2 as pb
 
             answers = []
             for c in chunks:  # KServe servers are typically sequential per model: no pipelining
-                req = self._g.request_for(c, names, self.model, self.version, self.output_names or ())
-                try:
-                    resp = self._infer(req, **self._kw())
-                except grpc.RpcError as e:
-                    raise self.transport.error(e, f"ModelInfer({self.model!r})") from None
-                answers.append(self._select(self._g.decode_response(resp, self.target)))
+                req = request_for(c, names, self.model, self.version, self.output_names or ())
+                resp = self._grpc_call("ModelInfer", req, pb.ModelInferResponse)
+                answers.append(self._select(decode_response(resp, self.target)))
             return answers
         return [self._select(self._rest_infer(c, names)) for c in chunks]
 
@@ -188,21 +201,33 @@ class KServeBlackBox(RemoteBlackBox):
         return out
 
     def _http(self, method: str, path: str, data: bytes | None, what: str) -> dict:
-        """One JSON request with retries on connection failures / 503 (idempotent calls only)."""
+        """One JSON request with retries on connection failures / 503 (idempotent calls only).
+
+        With several addresses, calls rotate over them; a connection failure or a timeout is
+        retried on the next address (a timeout at most once per address, each with the full
+        ``timeout``)."""
+        replicas = len(self.bases) > 1
         deadline = time.monotonic() + self.timeout
-        attempt = 0
+        attempt, stalls = 0, 0
+        turn = next(self._turn)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise remote_error("DEADLINE_EXCEEDED", f"no answer within {self.timeout} s",
                                    self.target, context=what)
+            client = self.clients[(turn + attempt) % len(self.bases)]
             try:
-                r = self.http.request(method, path, content=data, timeout=remaining)
+                r = client.request(method, path, content=data, timeout=remaining)
             except httpx.TimeoutException:
-                raise remote_error("DEADLINE_EXCEEDED", f"no answer within {self.timeout} s",
-                                   self.target, context=what) from None
+                stalls += 1
+                if not replicas or stalls >= len(self.bases):
+                    raise remote_error("DEADLINE_EXCEEDED", f"no answer within {self.timeout} s",
+                                       self.target, context=what) from None
+                attempt += 1
+                deadline = time.monotonic() + self.timeout  # the next replica gets a full deadline
+                continue
             except httpx.TransportError as e:
-                if attempt >= self.retries:
+                if attempt >= self.retries + len(self.bases) - 1:
                     raise remote_error("UNAVAILABLE", f"{type(e).__name__}: {e}", self.target,
                                        context=what) from None
             else:
@@ -219,12 +244,41 @@ class KServeBlackBox(RemoteBlackBox):
             attempt += 1
             time.sleep(min(0.1 * 2 ** (attempt - 1), 2.0, max(0.0, deadline - time.monotonic())))
 
+    def check_replicas(self, timeout: float = 10.0) -> None:
+        """Raise `BlackBoxUnavailable` naming every address that cannot be reached (gRPC: health
+        check; REST: ``GET /v2/health/live``)."""
+        if self.protocol == "grpc":
+            return self.transport.check_replicas(timeout)
+        problems = []
+        for base, client in zip(self.bases, self.clients):
+            try:
+                r = client.get("/v2/health/live", timeout=timeout)
+                if r.status_code != 200:
+                    problems.append(f"{base} (HTTP {r.status_code})")
+            except httpx.HTTPError as e:
+                problems.append(f"{base} ({type(e).__name__}: {e})")
+        if problems:
+            raise BlackBoxUnavailable(
+                f"black box replicas {self.target}: cannot reach {'; '.join(problems)}. Start the server(s) "
+                "there or leave the address(es) out of the spec", code="UNAVAILABLE", target=self.target)
+
     def close(self) -> None:
-        """Close the gRPC channel or the REST connection pool."""
+        """Close the gRPC channel or the REST connection pools (a later call opens new ones)."""
         if self.protocol == "grpc":
             self.transport.close()
-        else:
-            self.http.close()
+        elif self._clients is not None:
+            for client in self._clients:
+                client.close()
+            self._clients = None
+
+    def __getstate__(self) -> dict:
+        # REST clients hold sockets: a copy (another process, a Dask worker) opens its own.
+        return {k: (None if k == "_clients" else v) for k, v in self.__dict__.items() if k != "_turn"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.protocol == "rest":
+            self._turn = itertools.count()
 
     def __enter__(self) -> "KServeBlackBox":
         return self

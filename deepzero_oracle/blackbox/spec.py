@@ -6,6 +6,10 @@
     kserve+http://HOST:PORT/MODEL     KServe v2 over REST (KServeBlackBox, protocol="rest")
     MODULE:FUNCTION                   a Python function, called in this process (LocalBlackBox)
 
+Replicas of one remote black box are several specs joined by commas, all with the same scheme
+and model: ``grpc://h1:p1,grpc://h2:p2`` (calls are spread over them and a failed or stalled
+replica's call goes to another; see :mod:`deepzero_oracle.blackbox.grpc`).
+
 ``open_blackbox(spec)`` returns the black box, a context manager that closes its connection.
 """
 
@@ -30,7 +34,8 @@ class BlackBoxSpec:
 
     Attributes:
         kind: "grpc", "kserve", "kserve+http" or "python".
-        target: ``host:port`` for remote kinds, the module for "python".
+        target: ``host:port`` for remote kinds (``h1:p1,h2:p2`` for replicas), the module for
+            "python".
         name: the model name ("" for our server's only model) or the function's attribute path.
     """
 
@@ -42,6 +47,8 @@ class BlackBoxSpec:
     def parse(cls, text: str) -> "BlackBoxSpec":
         """Parse one of ``SPEC_FORMS``; a ValueError lists them when ``text`` is none of them."""
         text = str(text).strip()
+        if "," in text:
+            return cls._parse_replicas(text)
         scheme, sep, rest = text.partition("://")
         if sep:
             if scheme not in _SCHEMES:
@@ -57,6 +64,27 @@ class BlackBoxSpec:
             raise ValueError(f"{text!r} is not a black-box spec; {_forms()}")
         return cls("python", module, attr)
 
+    @classmethod
+    def _parse_replicas(cls, text: str) -> "BlackBoxSpec":
+        """``SCHEME://H1:P1[/MODEL],SCHEME://H2:P2[/MODEL]``: replicas of one remote model."""
+        parts = [cls.parse(part) for part in text.split(",")]
+        if any(not p.remote for p in parts):
+            raise ValueError(f"{text!r}: only remote specs have replicas (grpc://, kserve://, "
+                             "kserve+http://, joined by commas); MODULE:FUNCTION runs in this process")
+        if len({(p.kind, p.name) for p in parts}) > 1:
+            mixed = ", ".join(sorted({f"{p.kind}://.../{p.name}" for p in parts}))
+            raise ValueError(f"{text!r}: replicas must share the scheme and the model, got {mixed}; "
+                             "serve the same model on every address and name it the same way")
+        targets = [p.target for p in parts]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"{text!r}: an address appears twice; name each replica once")
+        return cls(parts[0].kind, ",".join(targets), parts[0].name)
+
+    @property
+    def targets(self) -> list[str]:
+        """The ``host:port`` of every replica (one for a single server); [] for "python"."""
+        return self.target.split(",") if self.remote else []
+
     @property
     def remote(self) -> bool:
         """True for the kinds reached over the network."""
@@ -65,7 +93,7 @@ class BlackBoxSpec:
     def __str__(self) -> str:
         if self.kind == "python":
             return f"{self.target}:{self.name}"
-        return f"{self.kind}://{self.target}" + (f"/{self.name}" if self.name else "")
+        return ",".join(f"{self.kind}://{t}" + (f"/{self.name}" if self.name else "") for t in self.targets)
 
 
 def load_callable(spec: str) -> Callable | Mapping[str, Callable]:
@@ -103,6 +131,9 @@ def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str
             arrays out); False passes torch tensors.
     Returns:
         ``GrpcBlackBox``, ``KServeBlackBox`` or ``LocalBlackBox``; each is a context manager.
+    Raises:
+        BlackBoxUnavailable: a spec with replicas where one of them cannot be reached (named),
+            before any query is sent.
     """
     spec = spec if isinstance(spec, BlackBoxSpec) else BlackBoxSpec.parse(spec)
     if spec.kind == "python":
@@ -110,15 +141,28 @@ def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str
         if isinstance(fn, Mapping):
             raise TypeError(f"{spec} is a mapping of several functions; name one: MODULE:NAME")
         return LocalBlackBox(fn, numpy=numpy)
+    targets = spec.targets if len(spec.targets) > 1 else spec.target
     if spec.kind == "grpc":
         from deepzero_oracle.blackbox.grpc import GrpcBlackBox
 
-        return GrpcBlackBox(spec.target, model=spec.name, timeout=timeout, token=token)
-    from deepzero_oracle.blackbox.kserve import KServeBlackBox
+        box = GrpcBlackBox(targets, model=spec.name, timeout=timeout, token=token)
+    else:
+        from deepzero_oracle.blackbox.kserve import KServeBlackBox
 
-    protocol = "rest" if spec.kind == "kserve+http" else "grpc"
-    url = f"http://{spec.target}" if protocol == "rest" else spec.target
-    return KServeBlackBox(url, spec.name, protocol=protocol, timeout=timeout, token=token)
+        if spec.kind == "kserve+http":
+            urls = [f"http://{t}" for t in spec.targets]
+            box = KServeBlackBox(urls if len(urls) > 1 else urls[0], spec.name, protocol="rest",
+                                 timeout=timeout, token=token)
+        else:
+            box = KServeBlackBox(targets, spec.name, protocol="grpc", timeout=timeout, token=token)
+    if len(spec.targets) > 1:
+        try:
+            # A dead replica would silently leave the rotation: name it before any work starts.
+            box.check_replicas(timeout=min(timeout, 10.0))
+        except BaseException:
+            box.close()
+            raise
+    return box
 
 
 def _is_host_port(target: str) -> bool:

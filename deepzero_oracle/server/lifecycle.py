@@ -136,7 +136,8 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
                    token: str | None = None, tls_cert: str | bytes | None = None,
                    tls_key: str | bytes | None = None, max_message_mb: float = 64,
                    max_concurrency: int = 1, max_pending: int = 64, allow_nonfinite: bool = False,
-                   cost_hint: float | None = None, http_port: int | None = None) -> OracleServer:
+                   cost_hint: float | None = None, http_port: int | None = None,
+                   reuse_port: bool = False) -> OracleServer:
     """Start a gRPC server (and optionally a REST endpoint) for a black box; returns once it listens.
 
     Args:
@@ -157,6 +158,9 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         cost_hint: seconds per row, reported in the metadata for schedulers.
         http_port: also serve the KServe v2 REST endpoint on this port of ``host`` (0: a free
             one) with the same token, TLS and limits; needs the ``rest`` extra.
+        reuse_port: share ``port`` with other processes that set it too (SO_REUSEPORT: the
+            kernel spreads connections over them; ``serve --workers N``). Off by default, so a
+            taken port fails loudly.
     Returns:
         An :class:`OracleServer` (context manager) with ``.port``, ``.address``, ``.http_port``,
         ``.rest_url``, ``.stop()``.
@@ -182,8 +186,8 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
     servicer = OracleServicer(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency)
     options = [
         *message_limit_options(max_bytes),
-        # Fail loudly if the port is taken instead of sharing it with another process.
-        ("grpc.so_reuseport", 0),
+        # Fail loudly if the port is taken, unless sharing it is what is asked for.
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     interceptors = [_TokenInterceptor(token)] if token else []
     # One thread per admitted RPC, so a long stream never starves health checks.
