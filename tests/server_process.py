@@ -17,7 +17,8 @@ from deepzero_oracle.server.cli import serving_address, serving_rest_url
 
 class ServerProcess:
     """``python -m deepzero_oracle.server`` (``deepzero-oracle serve``) in a child process;
-    knows its address, its REST URL (``rest_url``, with ``--http-port``) and its process id.
+    knows its address, its REST URL (``rest_url``, with ``--http-port``), its process id and the
+    "serving ..." line it printed (``line``).
 
     Args:
         target: ``MODULE:CALLABLE`` as for the CLI.
@@ -42,7 +43,7 @@ class ServerProcess:
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + startup_timeout
-        self.address, self.rest_url = "", None
+        self.address, self.rest_url, self.line = "", None, ""
         while not self.address:
             try:
                 line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -54,7 +55,7 @@ class ServerProcess:
                 self.proc.wait()
                 raise RuntimeError(f"server {target} exited with {self.proc.returncode} before "
                                    f"serving; stderr: {self.stderr_tail()}")
-            self.address = serving_address(line) or ""
+            self.address, self.line = serving_address(line) or "", line
             self.rest_url = serving_rest_url(line)
         self.port = int(self.address.rsplit(":", 1)[1])
 

@@ -119,9 +119,9 @@ class GrpcTransport:
     attempt; a stalled replica costs one deadline per call that reaches it.
 
     The channel opens on first use, so a transport (and a black box holding one) pickles: a copy
-    sent to a thread, process or Dask worker opens its own connection there. Each channel has
-    its own connections (a local subchannel pool), so copies reach different workers of
-    ``serve --workers N``.
+    sent to a thread, process or Dask worker opens its own connection there (an unpickled copy
+    never shares the connections of other channels in its process, so copies in threads reach
+    different workers of ``serve --workers N``; the original shares gRPC's per-process pool).
 
     Args:
         target: ``host:port`` (``grpc://`` or ``grpcs://`` prefixes accepted; grpcs = TLS), or a
@@ -160,8 +160,6 @@ class GrpcTransport:
             # 2 minutes, which would stall a training run long after the server is back).
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5000),
-            # Connections of our own: copies in other threads reach other workers of one port.
-            ("grpc.use_local_subchannel_pool", 1),
         ]
         if tls_server_name:
             self.options.append(("grpc.ssl_target_name_override", tls_server_name))
@@ -172,6 +170,7 @@ class GrpcTransport:
         self._channel = None
         self._stubs: dict = {}
         self._lock = threading.Lock()
+        self.resent = 0  # attempts :meth:`call` sent again to another replica
 
     # -- the channel, opened on first use --------------------------------------------------
     def _open(self, target: str, options) -> grpc.Channel:
@@ -230,6 +229,8 @@ class GrpcTransport:
                 waited = time.monotonic() - started
                 if stalls > len(self.targets) or (code == "UNAVAILABLE" and waited + backoff > timeout):
                     raise self.replicas_error(e, context, attempts, waited) from None
+                with self._lock:
+                    self.resent += 1
                 if code == "UNAVAILABLE":
                     time.sleep(backoff)
                     backoff = min(2 * backoff, 1.0)
@@ -287,6 +288,8 @@ class GrpcTransport:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _channel=None, _stubs={}, _lock=threading.Lock())
+        if ("grpc.use_local_subchannel_pool", 1) not in self.options:
+            self.options = [*self.options, ("grpc.use_local_subchannel_pool", 1)]
 
 
 def request_for(arrays: list[np.ndarray], names: list[str], model: str, version: str = "",
