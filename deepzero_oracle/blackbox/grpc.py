@@ -62,6 +62,10 @@ from deepzero_oracle.wire import oracle_pb2 as pb
 # Codes after which an idempotent call to a replica set is sent again (to another replica).
 _RETRY_ELSEWHERE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
+# Channels of unpickled transports, per thread and configuration: a worker thread that receives
+# a fresh copy every step (ParallelOracle re-ships its oracle after each bind) keeps one connection.
+_THREAD_CHANNELS = threading.local()
+
 
 def _service_config(retries: int, replicas: bool = False) -> str:
     """Retry UNAVAILABLE for the idempotent methods only (never the stream). For replicas:
@@ -119,9 +123,10 @@ class GrpcTransport:
     attempt; a stalled replica costs one deadline per call that reaches it.
 
     The channel opens on first use, so a transport (and a black box holding one) pickles: a copy
-    sent to a thread, process or Dask worker opens its own connection there (an unpickled copy
-    never shares the connections of other channels in its process, so copies in threads reach
-    different workers of ``serve --workers N``; the original shares gRPC's per-process pool).
+    sent to a thread, process or Dask worker opens its own connection there. Unpickled copies in
+    one thread share one channel, which shares no connection with other channels of the process:
+    so copies in threads reach different workers of ``serve --workers N``, and a thread that gets
+    a new copy every step keeps its connection (the original uses gRPC's per-process pool).
 
     Args:
         target: ``host:port`` (``grpc://`` or ``grpcs://`` prefixes accepted; grpcs = TLS), or a
@@ -170,6 +175,7 @@ class GrpcTransport:
         self._channel = None
         self._stubs: dict = {}
         self._lock = threading.Lock()
+        self._copy = False  # unpickled: shares its thread's channel (see channel)
         self.resent = 0  # attempts :meth:`call` sent again to another replica
 
     # -- the channel, opened on first use --------------------------------------------------
@@ -181,13 +187,24 @@ class GrpcTransport:
 
     @property
     def channel(self) -> grpc.Channel:
-        """The channel (to every replica), opened on first use."""
+        """The channel (to every replica), opened on first use; an unpickled copy takes its
+        thread's channel for the same configuration (opened with a connection of its own)."""
         if self._channel is None:
             with self._lock:
                 if self._channel is None:
-                    target = channel_target(self.targets) if len(self.targets) > 1 else self.targets[0]
-                    self._channel = self._open(target, self.options)
+                    if self._copy:
+                        key = (tuple(self.targets), tuple(self.options), self.tls_roots)
+                        cache = _THREAD_CHANNELS.__dict__.setdefault("channels", {})
+                        if key not in cache:
+                            cache[key] = self._new_channel()
+                        self._channel = cache[key]
+                    else:
+                        self._channel = self._new_channel()
         return self._channel
+
+    def _new_channel(self) -> grpc.Channel:
+        target = channel_target(self.targets) if len(self.targets) > 1 else self.targets[0]
+        return self._open(target, self.options)
 
     def unary(self, service: str, method: str, response_cls):
         """A unary callable for ``/service/method`` taking a message, returning ``response_cls``."""
@@ -277,9 +294,9 @@ class GrpcTransport:
         return remote_error(code, details or "", self.target, context=context)
 
     def close(self) -> None:
-        """Close the channel (a later call opens a new one)."""
+        """Close the channel (a later call opens a new one); a copy only lets go of its thread's."""
         with self._lock:
-            if self._channel is not None:
+            if self._channel is not None and not self._copy:
                 self._channel.close()
             self._channel, self._stubs = None, {}
 
@@ -287,7 +304,7 @@ class GrpcTransport:
         return {k: v for k, v in self.__dict__.items() if k not in ("_channel", "_stubs", "_lock")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _channel=None, _stubs={}, _lock=threading.Lock())
+        self.__dict__.update(state, _channel=None, _stubs={}, _lock=threading.Lock(), _copy=True)
         if ("grpc.use_local_subchannel_pool", 1) not in self.options:
             self.options = [*self.options, ("grpc.use_local_subchannel_pool", 1)]
 

@@ -1,0 +1,175 @@
+"""Replicas benchmark: ZO-SOL burgers (small) steps per second with the built-in source solver
+served by ``serve --workers 1`` and by ``serve --workers 2`` (each worker single-threaded),
+side by side in one run, and the per-call overhead of serving it.
+
+    python benchmarks/bench_replicas.py            # ~2 min, prints a table
+    python benchmarks/bench_replicas.py --quick    # what tests/test_bench_replicas.py runs
+
+The server runs in child processes (``python -m deepzero_oracle.server
+bench_replicas:burgers_source_step --workers N``), the ZO-SOL trainer in this process.
+
+ZO-SOL sends one request per step (all perturbed correctors rolled out together, one solver
+call per unroll step), so a second worker only helps if the client sends calls concurrently:
+the oracle is wrapped in ``ParallelOracle(oracle, ThreadPoolExecutor(T))`` with the request cut
+into T chunks, and each thread's copy of the black box opens its own connection. The kernel
+spreads connections over the workers of one port by a hash (SO_REUSEPORT), so T connections
+may land unevenly; the table reports how many each worker got. Both runs use the same client.
+
+* steps/s: ZO-SOL steps per second after ``--warmup`` steps, for 1 and 2 workers; ratio.
+* overhead: one solver call of a ZO-SOL-sized batch, served (1 worker) minus in process, in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_grpc import child_server  # noqa: E402
+
+
+@functools.lru_cache(maxsize=1)
+def _burgers_small():
+    from deepzero_oracle.adapters.sol.builtin import builtin_scenario, source_solver
+
+    return source_solver(builtin_scenario("burgers", "small"))
+
+
+def burgers_source_step(state, params):
+    """The served solver: burgers (small) source step, ``state [N, 1, 16, 16], params [N, K] -> [N, 1, 16, 16]``,
+    on one thread (one worker = one core)."""
+    torch.set_num_threads(1)
+    return _burgers_small()(state, params)
+
+
+def _connections_per_worker(server_pid: int, port: int) -> list[int] | None:
+    """Established client connections each worker of the server holds on ``port`` (None without
+    psutil, which comes with the dask extra)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    server = psutil.Process(server_pid)
+    workers = [c for c in server.children() if "spawn_main" in " ".join(c.cmdline())] or [server]
+    return [sum(c.status == "ESTABLISHED" and c.laddr.port == port for c in proc.net_connections(kind="tcp"))
+            for proc in workers]
+
+
+def _zo_sol(cfg, data, solver, threads: int, steps: int, warmup: int, at_last_step=None) -> dict:
+    """Train ZO-SOL ``warmup + steps`` steps with ``solver``: ``{"steps_per_second"`` (after the
+    warm-up), ``"queries"``, ``"call_rows"`` (rows of one solver call without threads),
+    ``"at_last_step"`` (what ``at_last_step()`` returned then, while the connections are open)``}``."""
+    from deepzero_oracle import ParallelOracle
+    from deepzero_oracle.adapters.sol.methods import method_trainer
+
+    trainer, windows = method_trainer(cfg, "zo-sol", data, None, solver=solver, progress=False)
+    stamps: list[float] = []
+    seen: list = [None]
+
+    class Clock:
+        def on_step_end(self, trainer, metrics):
+            stamps.append(time.perf_counter())
+            if trainer.step == warmup + steps and at_last_step is not None:
+                seen[0] = at_last_step()
+
+        def on_epoch_end(self, trainer, metrics):
+            pass
+
+    trainer.callbacks.append(Clock())
+    call_rows = trainer.oracle.max_batch * cfg.batch_size
+    pool = None
+    if threads > 1:
+        # The request in `threads` chunks, each one SOL rollout of its share of the thetas (the
+        # oracle pads every solver call to max_batch thetas: keep that at one chunk).
+        sol = trainer.oracle
+        sol.max_batch = math.ceil(sol.max_batch / threads)
+        pool = ThreadPoolExecutor(threads)
+        trainer.oracle = ParallelOracle(sol, pool, chunk_size=sol.max_batch, block=sol.max_batch, workers=threads)
+    try:
+        trainer.fit(windows, max_steps=warmup + steps)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return {"steps_per_second": steps / (stamps[-1] - stamps[warmup - 1]), "queries": trainer.oracle.queries,
+            "call_rows": call_rows, "at_last_step": seen[0]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; print a table and return the figures as a dict."""
+    from deepzero_oracle.adapters.sol.builtin import generate_trajectories
+    from deepzero_oracle.adapters.sol.data import SOLConfig, prepare_data
+    from deepzero_oracle.blackbox import GrpcBlackBox, LocalBlackBox
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (checks that it runs)")
+    p.add_argument("--steps", type=int, default=30, help="timed ZO-SOL steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=2, help="client threads (ParallelOracle) = connections")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+
+    torch.set_num_threads(1)
+    traj = generate_trajectories("burgers", "small", n_train=4, n_test=1, train_steps=8, test_steps=8)
+    cfg = SOLConfig(steps=args.warmup + args.steps, checkpoint_every=10**6)
+    data = prepare_data(traj, _burgers_small())
+    results: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "runs": {}}
+    local = _burgers_small()
+    results["runs"]["in_process"] = _zo_sol(cfg, data, LocalBlackBox(local, numpy=True), 1, args.steps, args.warmup)
+    for workers in (1, 2):
+        with child_server("bench_replicas:burgers_source_step", "--workers", str(workers)) as (address, pid):
+            box = GrpcBlackBox(address, timeout=300)
+            port = int(address.rsplit(":", 1)[1])
+            run = _zo_sol(cfg, data, box, args.threads, args.steps, args.warmup,
+                          at_last_step=lambda: _connections_per_worker(pid, port))
+            run["connections_per_worker"] = run.pop("at_last_step")
+            if workers == 1:
+                # One call of a ZO-SOL-sized batch (every theta x window), served vs in process.
+                rows = run["call_rows"]
+                state = np.resize(traj.train_states[:, 0], (rows, *traj.train_states.shape[2:]))
+                params = np.resize(traj.train_params, (rows, traj.train_params.shape[1]))
+                box(state, params)
+                run["call_ms_served"] = statistics.median(_seconds(box, state, params) for _ in range(7)) * 1e3
+                run["call_ms_in_process"] = statistics.median(_seconds(local, state, params) for _ in range(7)) * 1e3
+                run["overhead_ms_per_call"] = run["call_ms_served"] - run["call_ms_in_process"]
+            box.close()
+            results["runs"][f"workers_{workers}"] = run
+    w1, w2 = results["runs"]["workers_1"], results["runs"]["workers_2"]
+    results["ratio_2_vs_1"] = w2["steps_per_second"] / w1["steps_per_second"]
+    results["targets"] = {"ratio_2_vs_1>=1.6": results["ratio_2_vs_1"] >= 1.6}
+    print(f"ZO-SOL burgers (small), {args.steps} steps after {args.warmup}; client: ParallelOracle with "
+          f"{args.threads} threads")
+    print(f"  in process (no server, 1 thread):  {results['runs']['in_process']['steps_per_second']:8.2f} steps/s")
+    for name, run in (("serve --workers 1", w1), ("serve --workers 2", w2)):
+        print(f"  {name}:                {run['steps_per_second']:8.2f} steps/s   connections per worker "
+              f"{run['connections_per_worker']}")
+    print(f"  ratio 2 vs 1 workers: {results['ratio_2_vs_1']:.2f}x (goal >= 1.6x)")
+    print(f"  one solver call of {w1['call_rows']} rows: {w1['call_ms_served']:.1f} ms served, "
+          f"{w1['call_ms_in_process']:.1f} ms in process: overhead {w1['overhead_ms_per_call']:.1f} ms per call")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
