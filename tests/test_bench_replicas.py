@@ -20,4 +20,5 @@ def test_bench_replicas_runs_quick(capsys):
         assert math.isfinite(runs[name]["steps_per_second"]) and runs[name]["steps_per_second"] > 0
     assert runs["workers_1"]["queries"] == runs["workers_2"]["queries"]  # the same work
     assert math.isfinite(results["ratio_2_vs_1"]) and math.isfinite(runs["workers_1"]["overhead_ms_per_call"])
+    assert math.isfinite(results["solver_ratio_2_vs_1"])
     assert "ratio 2 vs 1 workers" in capsys.readouterr().out

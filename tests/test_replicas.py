@@ -193,3 +193,22 @@ def test_serve_workers_refuse_rest_and_fail_when_a_worker_cannot_start():
         _replica("--workers", "2", "--http-port", "0")
     with pytest.raises(RuntimeError, match="exited with 1"):
         _replica("--workers", "2", "--max-concurrency", "0")
+
+
+def test_rest_replicas_rotate_and_survive_a_killed_one():
+    a, b = _replica("--http-port", "0"), _replica("--http-port", "0")
+    try:
+        dead = f"127.0.0.1:{_free_port()}"
+        rest = [s.rest_url.removeprefix("http://") for s in (a, b)]
+        with pytest.raises(BlackBoxUnavailable, match=re.escape(dead)):
+            open_blackbox(f"kserve+http://{rest[0]}/slow_head,kserve+http://{dead}/slow_head", timeout=5)
+        box = open_blackbox(",".join(f"kserve+http://{r}/slow_head" for r in rest), timeout=10)
+        x = torch.randn(5, 3, dtype=torch.float64)
+        first = box(x)
+        a.kill()
+        for _ in range(4):  # every other call goes to the dead address first, then to the live one
+            assert torch.allclose(box(x), first, rtol=0, atol=1e-15)
+        assert box.calls == 5
+    finally:
+        a.kill()
+        b.stop()

@@ -101,6 +101,15 @@ _HINTS = {
 }
 
 
+def unreachable_replicas(target: str, problems: list[str]) -> BlackBoxUnavailable:
+    """The error for replicas found unreachable before any work: ``problems`` name each address
+    and what it met (``"HOST:PORT (UNAVAILABLE: ...)"``); ``target`` is every address."""
+    return BlackBoxUnavailable(
+        f"black box replicas {target}: cannot reach {'; '.join(problems)}. Start the server(s) there "
+        "(`deepzero-oracle serve ... --port P`) or leave the address(es) out of the spec",
+        code="UNAVAILABLE", target=target)
+
+
 def remote_error(code: str, details: str, target: str, *, context: str = "") -> BlackBoxRemoteError:
     """Build the error for gRPC status ``code`` (a name) with the server's ``details``.
 
@@ -122,4 +131,5 @@ __all__ = [
     "BlackBoxUnauthenticated",
     "BlackBoxUnavailable",
     "remote_error",
+    "unreachable_replicas",
 ]

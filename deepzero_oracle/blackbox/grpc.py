@@ -16,8 +16,9 @@ batches) are retried on UNAVAILABLE by gRPC itself through a service-config retr
 streams are not retried. Given several addresses (replicas of one model), the channel
 balances calls round-robin over the healthy ones, and an idempotent call that meets a dead
 or stalled replica is sent again to another (``GrpcTransport.call``). Black boxes pickle and
-reconnect on first use, so they can travel to process pools and Dask workers. Failures raise :class:`~deepzero_oracle.blackbox.errors.BlackBoxRemoteError`
-subclasses, which are ``BlackBoxError`` like every black box's errors.
+reconnect on first use, so they can travel to process pools and Dask workers. Failures raise
+:class:`~deepzero_oracle.blackbox.errors.BlackBoxRemoteError` subclasses, which are
+``BlackBoxError`` like every black box's errors.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from deepzero_oracle.blackbox.errors import (
     BlackBoxReplicasUnavailable,
     BlackBoxUnavailable,
     remote_error,
+    unreachable_replicas,
 )
 from deepzero_oracle.blackbox.local import BlackBoxError
 from deepzero_oracle.blackbox.protocol import (
@@ -125,8 +127,9 @@ class GrpcTransport:
     The channel opens on first use, so a transport (and a black box holding one) pickles: a copy
     sent to a thread, process or Dask worker opens its own connection there. Unpickled copies in
     one thread share one channel, which shares no connection with other channels of the process:
-    so copies in threads reach different workers of ``serve --workers N``, and a thread that gets
-    a new copy every step keeps its connection (the original uses gRPC's per-process pool).
+    copies in different threads have different connections (which ``serve --workers N`` can hand
+    to different workers), and a thread that gets a new copy every step keeps its connection (the
+    original uses gRPC's per-process pool).
 
     Args:
         target: ``host:port`` (``grpc://`` or ``grpcs://`` prefixes accepted; grpcs = TLS), or a
@@ -282,10 +285,7 @@ class GrpcTransport:
             finally:
                 channel.close()
         if problems:
-            raise BlackBoxUnavailable(
-                f"black box replicas {self.target}: cannot reach {'; '.join(problems)}. Start the server(s) "
-                "there (`deepzero-oracle serve ... --port P`) or leave the address(es) out of the spec",
-                code="UNAVAILABLE", target=self.target)
+            raise unreachable_replicas(self.target, problems)
 
     def error(self, e: grpc.RpcError, context: str = "") -> BlackBoxRemoteError:
         """A gRPC failure as the matching BlackBoxRemoteError."""

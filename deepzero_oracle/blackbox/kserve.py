@@ -22,7 +22,7 @@ import urllib.parse
 import httpx
 import numpy as np
 
-from deepzero_oracle.blackbox.errors import BlackBoxUnavailable, remote_error
+from deepzero_oracle.blackbox.errors import remote_error, unreachable_replicas
 from deepzero_oracle.blackbox.local import BlackBoxError
 from deepzero_oracle.blackbox.protocol import (
     GRPC_CODE_OF_HTTP,
@@ -258,9 +258,7 @@ class KServeBlackBox(RemoteBlackBox):
             except httpx.HTTPError as e:
                 problems.append(f"{base} ({type(e).__name__}: {e})")
         if problems:
-            raise BlackBoxUnavailable(
-                f"black box replicas {self.target}: cannot reach {'; '.join(problems)}. Start the server(s) "
-                "there or leave the address(es) out of the spec", code="UNAVAILABLE", target=self.target)
+            raise unreachable_replicas(self.target, problems)
 
     def close(self) -> None:
         """Close the gRPC channel or the REST connection pools (a later call opens new ones)."""
