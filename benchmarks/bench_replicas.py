@@ -20,12 +20,15 @@ may land unevenly; the table reports how many each worker got. Both runs use the
   the kernel gave each worker as many connections.
 * solver alone: calls/s of ZO-SOL-sized solver calls sent from ``--threads`` connections at once
   (no corrector work in between), 1 vs 2 workers: what the server side gains by itself.
+* 2 servers, replica spec: the same against two one-worker servers on two ports named in one
+  replica spec, whose single round robin alternates the calls of both threads (an even split).
 * overhead: one solver call of a ZO-SOL-sized batch, served (1 worker) minus in process, in ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -161,24 +164,26 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "runs": {}}
     local = _burgers_small()
     results["runs"]["in_process"] = _zo_sol(cfg, data, LocalBlackBox(local, numpy=True), 1, args.steps, args.warmup)
+    rows = results["runs"]["in_process"]["call_rows"]  # a ZO-SOL-sized solver call: every theta x window
+    state = np.resize(traj.train_states[:, 0], (rows, *traj.train_states.shape[2:]))
+    params = np.resize(traj.train_params, (rows, traj.train_params.shape[1]))
+
+    def measure(box, split) -> dict:
+        trials = [_zo_sol(cfg, data, box, args.threads, args.steps, args.warmup, at_last_step=split)
+                  for _ in range(args.trials)]
+        solver = [_solver_calls_per_second(box, state, params, args.threads, args.calls, split)
+                  for _ in range(args.trials)]
+        return {"steps_per_second": statistics.median(t["steps_per_second"] for t in trials),
+                "queries": trials[0]["queries"], "call_rows": rows,
+                "trials": [{"steps_per_second": t["steps_per_second"], "connections_per_worker": t["at_last_step"]}
+                           for t in trials],
+                "solver_calls_per_second": statistics.median(t["calls_per_second"] for t in solver),
+                "solver_trials": solver}
+
     for workers in (1, 2):
         with child_server("bench_replicas:burgers_source_step", "--workers", str(workers)) as (address, pid):
             box = GrpcBlackBox(address, timeout=300)
-            port = int(address.rsplit(":", 1)[1])
-            split = functools.partial(_connections_per_worker, pid, port)
-            trials = [_zo_sol(cfg, data, box, args.threads, args.steps, args.warmup, at_last_step=split)
-                      for _ in range(args.trials)]
-            run = {"steps_per_second": statistics.median(t["steps_per_second"] for t in trials),
-                   "queries": trials[0]["queries"], "call_rows": trials[0]["call_rows"],
-                   "trials": [{"steps_per_second": t["steps_per_second"], "connections_per_worker": t["at_last_step"]}
-                              for t in trials]}
-            # The solver alone: ZO-SOL-sized calls (every theta x window) from `threads` connections.
-            rows = run["call_rows"]
-            state = np.resize(traj.train_states[:, 0], (rows, *traj.train_states.shape[2:]))
-            params = np.resize(traj.train_params, (rows, traj.train_params.shape[1]))
-            run["solver_trials"] = [_solver_calls_per_second(box, state, params, args.threads, args.calls, split)
-                                    for _ in range(args.trials)]
-            run["solver_calls_per_second"] = statistics.median(t["calls_per_second"] for t in run["solver_trials"])
+            run = measure(box, functools.partial(_connections_per_worker, pid, int(address.rsplit(":", 1)[1])))
             if workers == 1:
                 # One call, served vs in process.
                 box(state, params)
@@ -187,27 +192,43 @@ def main(argv: list[str] | None = None) -> dict:
                 run["overhead_ms_per_call"] = run["call_ms_served"] - run["call_ms_in_process"]
             box.close()
             results["runs"][f"workers_{workers}"] = run
+    # The even split: two one-worker servers on two ports, one replica spec (one round robin).
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(child_server("bench_replicas:burgers_source_step")) for _ in range(2)]
+        box = GrpcBlackBox([address for address, _ in servers], timeout=300)
+
+        def split():
+            return [_connections_per_worker(pid, int(address.rsplit(":", 1)[1]))[0] for address, pid in servers]
+
+        results["runs"]["replicas_2"] = measure(box, split)
+        box.close()
     w1, w2 = results["runs"]["workers_1"], results["runs"]["workers_2"]
     results["ratio_2_vs_1"] = w2["steps_per_second"] / w1["steps_per_second"]
     even = [t["steps_per_second"] for t in w2["trials"]
             if t["connections_per_worker"] and len(set(t["connections_per_worker"])) == 1]
     results["ratio_2_vs_1_even_split"] = statistics.median(even) / w1["steps_per_second"] if even else None
     results["solver_ratio_2_vs_1"] = w2["solver_calls_per_second"] / w1["solver_calls_per_second"]
+    r2 = results["runs"]["replicas_2"]
+    results["replicas_ratio_2_vs_1"] = r2["steps_per_second"] / w1["steps_per_second"]
+    results["replicas_solver_ratio_2_vs_1"] = r2["solver_calls_per_second"] / w1["solver_calls_per_second"]
     results["targets"] = {"ratio_2_vs_1>=1.6": results["ratio_2_vs_1"] >= 1.6}
     print(f"ZO-SOL burgers (small), {args.steps} steps after {args.warmup}; client: ParallelOracle with "
           f"{args.threads} threads")
-    print(f"  in process (no server, 1 thread):  {results['runs']['in_process']['steps_per_second']:8.2f} steps/s")
-    for name, run in (("serve --workers 1", w1), ("serve --workers 2", w2)):
+    print(f"  {'in process (no server, 1 thread):':<34}{results['runs']['in_process']['steps_per_second']:8.2f} steps/s")
+    configurations = (("serve --workers 1", w1), ("serve --workers 2", w2), ("2 servers, replica spec", r2))
+    for name, run in configurations:
         trials = ", ".join(f"{t['steps_per_second']:.2f} {t['connections_per_worker']}" for t in run["trials"])
-        print(f"  {name}:                {run['steps_per_second']:8.2f} steps/s (median; trials with connections "
-              f"per worker: {trials})")
+        print(f"  {name + ':':<34}{run['steps_per_second']:8.2f} steps/s (median; trials with connections "
+              f"per server process: {trials})")
     print(f"  ratio 2 vs 1 workers: {results['ratio_2_vs_1']:.2f}x (goal >= 1.6x); trials where each worker got "
           f"as many connections: " + (f"{results['ratio_2_vs_1_even_split']:.2f}x" if even else "none"))
-    for name, run in (("serve --workers 1", w1), ("serve --workers 2", w2)):
+    print(f"  ratio 2 servers (replica spec) vs 1 worker: {results['replicas_ratio_2_vs_1']:.2f}x")
+    for name, run in configurations:
         trials = ", ".join(f"{t['calls_per_second']:.1f} {t['connections_per_worker']}" for t in run["solver_trials"])
-        print(f"  solver alone, {name}: {run['solver_calls_per_second']:6.1f} calls/s of {run['call_rows']} rows "
+        print(f"  {'solver alone, ' + name + ':':<48}{run['solver_calls_per_second']:6.1f} calls/s of {run['call_rows']} rows "
               f"(median; trials: {trials})")
-    print(f"  solver alone, ratio 2 vs 1 workers: {results['solver_ratio_2_vs_1']:.2f}x")
+    print(f"  solver alone, ratio 2 vs 1 workers: {results['solver_ratio_2_vs_1']:.2f}x; 2 servers (replica spec) "
+          f"vs 1 worker: {results['replicas_solver_ratio_2_vs_1']:.2f}x")
     print(f"  one solver call of {w1['call_rows']} rows: {w1['call_ms_served']:.1f} ms served, "
           f"{w1['call_ms_in_process']:.1f} ms in process: overhead {w1['overhead_ms_per_call']:.1f} ms per call")
     if args.json is not None:

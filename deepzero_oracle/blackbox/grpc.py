@@ -64,9 +64,12 @@ from deepzero_oracle.wire import oracle_pb2 as pb
 # Codes after which an idempotent call to a replica set is sent again (to another replica).
 _RETRY_ELSEWHERE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
-# Channels of unpickled transports, per thread and configuration: a worker thread that receives
-# a fresh copy every step (ParallelOracle re-ships its oracle after each bind) keeps one connection.
+# Channels of unpickled transports by configuration, so a worker thread that receives a fresh
+# copy every step (ParallelOracle re-ships its oracle after each bind) keeps its connections:
+# per process for replicas (one round robin spreads every thread's calls), per thread for one
+# address (a connection per thread, which `serve --workers N` can hand to different workers).
 _THREAD_CHANNELS = threading.local()
+_PROCESS_CHANNELS: dict = {}
 
 
 def _service_config(retries: int, replicas: bool = False) -> str:
@@ -125,11 +128,13 @@ class GrpcTransport:
     attempt; a stalled replica costs one deadline per call that reaches it.
 
     The channel opens on first use, so a transport (and a black box holding one) pickles: a copy
-    sent to a thread, process or Dask worker opens its own connection there. Unpickled copies in
-    one thread share one channel, which shares no connection with other channels of the process:
-    copies in different threads have different connections (which ``serve --workers N`` can hand
-    to different workers), and a thread that gets a new copy every step keeps its connection (the
-    original uses gRPC's per-process pool).
+    sent to a thread, process or Dask worker opens its own connection there. Unpickled copies of
+    a replica set share one channel per process, so its round robin spreads the calls of every
+    thread over the replicas; unpickled copies of one address share one channel per thread,
+    which shares no connection with other channels, so copies in different threads have
+    different connections (which ``serve --workers N`` can hand to different workers). Either
+    way a thread that gets a new copy every step keeps its connections. The original uses
+    gRPC's per-process pool.
 
     Args:
         target: ``host:port`` (``grpc://`` or ``grpcs://`` prefixes accepted; grpcs = TLS), or a
@@ -190,14 +195,16 @@ class GrpcTransport:
 
     @property
     def channel(self) -> grpc.Channel:
-        """The channel (to every replica), opened on first use; an unpickled copy takes its
-        thread's channel for the same configuration (opened with a connection of its own)."""
+        """The channel (to every replica), opened on first use. An unpickled copy takes the
+        channel of its process (replicas) or of its thread (one address) for the same
+        configuration, opened with connections of its own."""
         if self._channel is None:
             with self._lock:
                 if self._channel is None:
                     if self._copy:
                         key = (tuple(self.targets), tuple(self.options), self.tls_roots)
-                        cache = _THREAD_CHANNELS.__dict__.setdefault("channels", {})
+                        cache = (_PROCESS_CHANNELS if len(self.targets) > 1
+                                 else _THREAD_CHANNELS.__dict__.setdefault("channels", {}))
                         if key not in cache:
                             cache[key] = self._new_channel()
                         self._channel = cache[key]
