@@ -176,16 +176,17 @@ def _run_workers(args: argparse.Namespace) -> int:
     """Supervise ``args.workers`` server processes on one port until SIGTERM/SIGINT (forwarded)."""
     stop = _stop_on_signals()
     context = multiprocessing.get_context("spawn")  # no grpc state crosses a fork
-    try:
-        reservation = _reserved_port(args.host, args.port)
-        port = reservation.__enter__()
-    except OSError as e:
-        print(f"deepzero-oracle serve: error: cannot bind {_address(args.host, args.port)}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    ready: multiprocessing.Queue = context.Queue()
-    workers = [context.Process(target=_worker, args=(args, port, ready), name=f"serve-worker-{i}", daemon=False)
-               for i in range(args.workers)]
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            port = stack.enter_context(_reserved_port(args.host, args.port))
+        except OSError as e:
+            print(f"deepzero-oracle serve: error: cannot bind {_address(args.host, args.port)}: {e}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        ready: multiprocessing.Queue = context.Queue()
+        workers = [context.Process(target=_worker, args=(args, port, ready), name=f"serve-worker-{i}")
+                   for i in range(args.workers)]
+        stack.callback(_stop_workers, workers, args.grace)
         for w in workers:
             w.start()
         models, failure = _wait_ready(workers, ready, stop)
@@ -195,23 +196,19 @@ def _run_workers(args: argparse.Namespace) -> int:
         pids = ", ".join(str(w.pid) for w in workers)
         print(_serving_line(args, models, _address(args.host, port), None,
                             f", {args.workers} workers: pids {pids}"), flush=True)
+        exited: set[int] = set()
         while not stop.wait(0.5):
-            alive = [w for w in workers if w.is_alive()]
             for w in workers:
-                if not w.is_alive() and w.exitcode is not None and not getattr(w, "reported", False):
-                    w.reported = True
-                    log.warning("worker %d exited with %s; %d of %d serving", w.pid, w.exitcode, len(alive),
-                                len(workers))
-            if not alive:
+                if w.exitcode is not None and w.pid not in exited:
+                    exited.add(w.pid)
+                    log.warning("worker %d exited with %s; %d of %d serving", w.pid, w.exitcode,
+                                len(workers) - len(exited), len(workers))
+            if len(exited) == len(workers):
                 print("deepzero-oracle serve: error: every worker has exited", file=sys.stderr)
                 return 1
         log.info("signal received: stopping %d workers (grace %.1f s)", len(workers), args.grace)
-        return 0
-    finally:
-        _stop_workers(workers, args.grace)
-        reservation.__exit__(None, None, None)
-        if stop.is_set():
-            print("deepzero-oracle: stopped", flush=True)
+    print("deepzero-oracle: stopped", flush=True)
+    return 0
 
 
 def _wait_ready(workers, ready, stop: threading.Event, timeout: float = 300.0) -> tuple[list[str], str | None]:
@@ -243,6 +240,8 @@ def _stop_workers(workers, grace: float) -> None:
         if w.is_alive():
             os.kill(w.pid, signal.SIGTERM)
     for w in workers:
+        if w.pid is None:  # never started
+            continue
         w.join(grace + 10.0)
         if w.is_alive():
             w.kill()
