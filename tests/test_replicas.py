@@ -181,6 +181,9 @@ def test_serve_workers_share_one_port_and_stop_together():
         x = torch.randn(4, 3, dtype=torch.float64)
         answers = [GrpcBlackBox(server.address, timeout=30)(x) for _ in range(4)]
         assert all(torch.equal(y, answers[0]) for y in answers)
+        os.kill(pids[0], signal.SIGKILL)  # a worker dies: the other one takes every new connection
+        assert all(torch.equal(GrpcBlackBox(server.address, timeout=30)(x), answers[0]) for _ in range(4))
+        assert server.proc.poll() is None
     finally:
         assert server.stop() == 0  # SIGTERM to the parent reaches the workers
     for pid in pids:
