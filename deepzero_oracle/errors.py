@@ -25,6 +25,10 @@ class TrainingDiverged(RuntimeError):
         self.step, self.checkpoint_step = step, checkpoint_step
 
 
+class ExecutorUnavailable(ConnectionError):
+    """The executor of ``--executor`` (a Dask scheduler) cannot be reached or has no workers."""
+
+
 class SettingsMismatch(ValueError):
     """A run folder holds a run with other settings than the ones asked for."""
 
@@ -34,8 +38,8 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments or bad input data
 EXIT_DIVERGED = 3  # training diverged (non-finite loss, gradient or state)
 EXIT_BUDGET = 4  # the query budget was exhausted before the work was done
-EXIT_UNREACHABLE = 5  # the black box could not be reached (down, wrong address, deadline)
+EXIT_UNREACHABLE = 5  # the black box or the executor could not be reached (down, wrong address, deadline)
 
 __all__ = ["BlackBoxError", "EXIT_BUDGET", "EXIT_DIVERGED", "EXIT_OK", "EXIT_UNREACHABLE",
-           "EXIT_USAGE", "NonFiniteLossError", "QueryBudgetExceeded", "SettingsMismatch",
+           "EXIT_USAGE", "ExecutorUnavailable", "NonFiniteLossError", "QueryBudgetExceeded", "SettingsMismatch",
            "TrainingDiverged"]

@@ -19,8 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
+from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder
 from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.parallel import open_executor
 
 __all__ = ["register", "report", "pooled_report", "CERTIFY_METHODS"]
 
@@ -52,14 +53,15 @@ def _train(args) -> int:
                            depth=args.depth, latent=args.latent, sparsity=args.sparsity, pruner=args.pruner,
                            redraw_every=args.redraw_every, mu=args.mu, max_train=args.max_train,
                            seed=args.seed).check()
-    with _classifier(args, args.classifier, data) as classifier:
+    with open_executor(args.executor) as pool, _classifier(args, args.classifier, data) as classifier:
         if args.method == "fo-ds" and classifier.whitebox is None:
             raise ValueError(f"fo-ds back-propagates through the classifier, but {args.classifier} can only be "
                              "queried; fo-ds needs --classifier local or MODULE:ATTR naming a torch nn.Module "
                              "(zo-ds and zo-ae-ds work on any classifier)")
         out = Path(args.out)
         info = train_defense(config, classifier, out, data=data, whitebox=classifier.whitebox,
-                             classifier_info=classifier.describe(), restart=args.restart, progress=not args.quiet)
+                             classifier_info=classifier.describe(), restart=args.restart, progress=not args.quiet,
+                             executor=pool)
     summary = {k: info[k] for k in ("method", "queries", "blackbox_images", "seconds",
                                     "pipeline_clean_accuracy", "denoiser_parameters")}
     print(json.dumps(summary) if args.json else
@@ -105,11 +107,11 @@ def _certify(args) -> int:
     # What the log's rows depend on beyond the sampling settings: resuming must not mix models.
     model = {"method": args.method, "classifier": spec,
              "front_sha256": hashlib.sha256((out / "front.pt").read_bytes()).hexdigest() if front else None}
-    with _classifier(args, spec, data) as classifier:
+    with open_executor(args.executor) as pool, _classifier(args, spec, data) as classifier:
         run = certify_front(front, classifier, data, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                             max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
                             log_path=out / "certify.tsv", progress=not args.quiet, resume=not args.restart,
-                            settings=model)
+                            settings=model, executor=pool)
     summary = {"method": args.method, "dataset": dataset, **run.summary(),
                "training_queries": int(training["queries"]),
                "training_blackbox_images": int(training["blackbox_images"])}
@@ -282,6 +284,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--mu", type=float, default=d.mu, help="CGE finite-difference step")
     train.add_argument("--max-train", type=int, default=None, help="use only this many training images")
     train.add_argument("--seed", type=int, default=d.seed, help="seeds init, noise, masks and batches")
+    add_executor(train, "zo-ds's stability queries")
     add_run_folder(train)
     train.set_defaults(func=_train)
 
@@ -299,6 +302,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                       help="run folder: writes certify.tsv and certify.json; an interrupted certify.tsv "
                            "there is continued (same settings)")
     cert.add_argument("--restart", action="store_true", help="certify from the first image again")
+    add_executor(cert, "the images are certified (a few per worker at a time, each with its own seeded noise)")
     cert.set_defaults(func=_certify)
 
     rep = add_command(sub, "report", "certified accuracy at r = 0, 0.25, 0.5, 0.75 per method, plus plots")

@@ -117,6 +117,16 @@ class ParallelOracle(Oracle):
         """The wrapped oracle's end-of-step update (e.g. BatchNorm running statistics)."""
         self.oracle.end_step()
 
+    def state_dict(self) -> dict:
+        """The wrapped oracle's counters with this wrapper's query count: a checkpoint written
+        with an executor resumes without one, and the other way round."""
+        return {**self.oracle.state_dict(), "queries": self.queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s counters (the queries here, the rest on the wrapped oracle)."""
+        self.oracle.load_state_dict(state)
+        self.queries = int(state["queries"])
+
     def evaluate_gradient(self, theta) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapped oracle's ``(exact gradient [dim], loss)`` at ``theta [dim]``, computed
         here (``autograd_gradient`` counts it on this wrapper)."""
@@ -275,10 +285,19 @@ class ParallelOracle(Oracle):
         return self.last_chunks
 
 
+def parallelize(oracle: Oracle, executor, **options) -> Oracle:
+    """The oracle to train with on ``executor``: ``oracle`` itself when ``executor`` is None or
+    an ``InlineExecutor`` (nothing to fan out), else ``ParallelOracle(oracle, executor,
+    **options)`` (same losses, exact counts; ``options`` as ``ParallelOracle`` takes them)."""
+    if executor is None or isinstance(executor, InlineExecutor):
+        return oracle
+    return ParallelOracle(oracle, executor, **options)
+
+
 def _cancel(futures) -> None:
     """Cancel the futures not yet started (they need not run)."""
     for future in futures:
         future.cancel()
 
 
-__all__ = ["ChunkError", "ParallelOracle"]
+__all__ = ["ChunkError", "ParallelOracle", "parallelize"]
