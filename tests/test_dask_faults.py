@@ -1,0 +1,127 @@
+"""A Dask worker killed mid-step: the step still completes, bit-identical to inline, with the
+oracle's query count exact.
+
+A real ``dask scheduler`` and two ``dask worker`` processes (no nanny, so a worker's PID is the
+process that computes, and a killed worker is not restarted) run on 127.0.0.1, started here from
+the environment's own ``bin`` and stopped by their PIDs. The black box sleeps a little per call
+and leaves a marker naming its process, so the kill lands while that worker computes a chunk.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepzero_oracle import CGE, CallableOracle
+from deepzero_oracle.parallel import ParallelOracle, open_executor
+
+pytest.importorskip("distributed", reason="the Dask fault test needs dask.distributed: "
+                                          "pip install 'deepzero-oracle[dask]'")
+
+DIM = 160
+BIN = Path(sys.executable).parent
+
+
+class SlowBowl:
+    """A float64 loss of theta [dim] that takes ``seconds`` per call and, when ``markers`` is a
+    folder, leaves a file ``PID-NS`` there per call."""
+
+    def __init__(self, seconds: float = 0.0, markers: str | None = None):
+        self.seconds, self.markers = seconds, markers
+
+    def __call__(self, theta):
+        if self.markers:
+            Path(self.markers, f"{os.getpid()}-{time.monotonic_ns()}").touch()
+        time.sleep(self.seconds)
+        return (theta - 0.25).pow(2).sum() + torch.cos(3 * theta).sum()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"dask scheduler exited with code {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"dask scheduler did not listen on 127.0.0.1:{port} within {seconds} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop one process we started, by its PID: SIGTERM, then SIGKILL."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """``(address, {pid: worker process})`` of a scheduler and two one-thread workers."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # workers import this module (the black box pickles by reference)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(subprocess.Popen(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w"), env=env))
+        wait_for_port(port, started[0])
+        for i in range(2):
+            started.append(subprocess.Popen(
+                [str(BIN / "dask"), "worker", f"tcp://{address}", "--host", "127.0.0.1", "--nthreads", "1",
+                 "--no-nanny", "--no-dashboard", "--name", f"worker-{i}"],
+                stdout=subprocess.DEVNULL, stderr=open(logs / f"worker-{i}.log", "w"), env=env))
+        yield address, {p.pid: p for p in started[1:]}
+    finally:
+        for process in reversed(started):
+            stop(process)
+
+
+def test_a_worker_killed_mid_step_changes_nothing(cluster, tmp_path):
+    address, workers = cluster
+    theta = torch.linspace(-1, 1, DIM, dtype=torch.float64)
+    inline = CGE(mu=1e-3).estimate(CallableOracle(SlowBowl(), DIM), theta)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with open_executor(f"dask://{address}", connect_timeout=30) as client:
+        client.wait_for_workers(2, timeout=60)
+        oracle = ParallelOracle(CallableOracle(SlowBowl(0.02, str(markers)), DIM), client)
+        with cf.ThreadPoolExecutor(1) as here:
+            step = here.submit(CGE(mu=1e-3).estimate, oracle, theta)
+            deadline, victim = time.monotonic() + 120, None
+            while victim is None:  # the first worker 3 calls into a coordinate chunk (32 calls)
+                assert time.monotonic() < deadline and not step.done(), "no worker computed a chunk"
+                calls = collections.Counter(int(p.name.split("-")[0]) for p in markers.iterdir())
+                victim = next((pid for pid, n in calls.items() if n >= 3 and pid in workers), None)
+                time.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)  # mid-chunk: the chunk has ~0.6 s of calls left
+            assert not step.done(), "the step ended before the kill landed"
+            estimate = step.result(timeout=300)
+        assert workers[victim].wait(timeout=30) == -signal.SIGKILL
+        assert len(client.nthreads()) == 1  # the survivor finished the step
+    assert torch.equal(estimate, inline)
+    assert oracle.queries == DIM + 1  # every chunk counted once, the re-run one included
