@@ -20,6 +20,9 @@ def main(argv=None):
     print(markdown(report["results"]))
     print("\n== gRPC black box over loopback")
     runpy.run_path(str(Path(__file__).parent / "bench_grpc.py"))["main"](["--json", str(out / "bench_grpc.json")])
+    print("\n== scale-out: a CGE step on a CPU-bound black box, 1 vs 2 Dask workers")
+    runpy.run_path(str(Path(__file__).parent / "bench_scaleout.py"))["main"](
+        ["--json", str(out / "bench_scaleout.json")])
     print(f"\nresults in {out}/")
 
 

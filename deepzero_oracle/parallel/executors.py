@@ -89,9 +89,10 @@ def open_executor(spec: str, *, connect_timeout: float = 5.0, security=None) -> 
     Specs (``EXECUTOR_FORMS``): ``inline`` (``InlineExecutor``); ``threads:N`` (a thread pool);
     ``processes:N`` (a process pool, forkserver where available, torch at one thread per
     worker); ``dask-local:N`` (a ``dask.distributed.LocalCluster`` on 127.0.0.1: N worker
-    processes with one thread each, no dashboard; yields its ``Client``); ``dask://HOST:PORT``
-    (a ``Client`` of a running scheduler); ``tls://HOST:PORT`` (the same over TLS, with
-    ``security`` or a ``distributed.security.Security`` from the ``TLS_ENV`` variables).
+    processes with one thread each, its dashboard on a free local port; yields its ``Client``);
+    ``dask://HOST:PORT`` (a ``Client`` of a running scheduler); ``tls://HOST:PORT`` (the same
+    over TLS, with ``security`` or a ``distributed.security.Security`` from the ``TLS_ENV``
+    variables).
 
     Args:
         spec: one of the forms above.
@@ -113,8 +114,10 @@ def open_executor(spec: str, *, connect_timeout: float = 5.0, security=None) -> 
             yield pool
     elif kind == "dask-local":
         distributed = _import_distributed()
+        # the dashboard Dask starts anyway: on a free local port, so several clusters coexist
         with distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+                                      dashboard_address="127.0.0.1:0") as cluster, \
+                distributed.Client(cluster) as client:
             yield client
     else:
         with _remote_client(value, connect_timeout, security) as client:
