@@ -126,6 +126,16 @@ def test_train_on_an_executor_equals_inline(tmp_path):
     assert (tmp_path / "dask" / "steps.csv").read_text().count("\n") == steps + 1
 
 
+def test_a_run_started_inline_continues_on_an_executor(tmp_path):
+    recipe = dict(dataset="digits", model="mlp", epochs=1, batch_size=512)
+    straight = train_classifier(Recipe(**recipe), tmp_path / "straight", progress=False)
+    stopped = train_classifier(Recipe(**recipe, max_queries=2411), tmp_path / "split", progress=False)
+    assert stopped["stopped_reason"] and stopped["queries"] == 2411  # after 1 of 3 steps, checkpointed
+    resumed = train_classifier(Recipe(**recipe), tmp_path / "split", progress=False, executor="threads:2")
+    assert resumed["queries"] == straight["queries"] == 3 * 2411
+    assert torch.equal(_learner(tmp_path / "split"), _learner(tmp_path / "straight"))
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     from deepzero_oracle.adapters.defense.classifier import train_classifier as train_base
