@@ -1,5 +1,5 @@
 """A Dask worker killed mid-step: the step still completes, bit-identical to inline, with the
-oracle's query count exact.
+oracle's query count exact. And ``tls://``: client, scheduler and worker speaking TLS.
 
 A real ``dask scheduler`` and two ``dask worker`` processes (no nanny, so a worker's PID is the
 process that computes, and a killed worker is not restarted) run on 127.0.0.1, started here from
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import os
 import signal
 import socket
@@ -75,30 +76,38 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=15)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """``(address, {pid: worker process})`` of a scheduler and two one-thread workers."""
+@contextlib.contextmanager
+def dask_cluster(logs: Path, workers: int, protocol: str = "tcp", tls: list[str] = ()):
+    """``(address, {pid: worker process})`` of a ``dask scheduler`` and one-thread ``dask worker``
+    processes on 127.0.0.1 (``tls``: their TLS flags), stopped by PID on exit."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     # workers import this module (the black box pickles by reference)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     started: list[subprocess.Popen] = []
     try:
         started.append(subprocess.Popen(
-            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            [str(BIN / "dask"), "scheduler", "--protocol", protocol, "--host", "127.0.0.1", "--port", str(port),
+             "--no-dashboard", *tls],
             stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w"), env=env))
         wait_for_port(port, started[0])
-        for i in range(2):
+        for i in range(workers):
             started.append(subprocess.Popen(
-                [str(BIN / "dask"), "worker", f"tcp://{address}", "--host", "127.0.0.1", "--nthreads", "1",
-                 "--no-nanny", "--no-dashboard", "--name", f"worker-{i}"],
+                [str(BIN / "dask"), "worker", f"{protocol}://{address}", "--host", "127.0.0.1", "--nthreads", "1",
+                 "--no-nanny", "--no-dashboard", "--name", f"worker-{i}", *tls],
                 stdout=subprocess.DEVNULL, stderr=open(logs / f"worker-{i}.log", "w"), env=env))
         yield address, {p.pid: p for p in started[1:]}
     finally:
         for process in reversed(started):
             stop(process)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """``(address, {pid: worker process})`` of a scheduler and two one-thread workers."""
+    with dask_cluster(tmp_path / "logs", 2) as running:
+        yield running
 
 
 def test_a_worker_killed_mid_step_changes_nothing(cluster, tmp_path):
@@ -125,3 +134,22 @@ def test_a_worker_killed_mid_step_changes_nothing(cluster, tmp_path):
         assert len(client.nthreads()) == 1  # the survivor finished the step
     assert torch.equal(estimate, inline)
     assert oracle.queries == DIM + 1  # every chunk counted once, the re-run one included
+
+
+def test_tls_between_client_scheduler_and_worker(tmp_path, monkeypatch):
+    from grpcbb_helpers import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)  # its own CA: every party trusts it
+    tls = ["--tls-ca-file", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)]
+    theta = torch.linspace(-1, 1, 40, dtype=torch.float64)
+    with dask_cluster(tmp_path / "logs", 1, protocol="tls", tls=tls) as (address, _):
+        with pytest.raises(ValueError, match="DEEPZERO_ORACLE_DASK_TLS_CA_FILE"):
+            with open_executor(f"tls://{address}"):
+                pass
+        monkeypatch.setenv("DEEPZERO_ORACLE_DASK_TLS_CA_FILE", str(cert))
+        monkeypatch.setenv("DEEPZERO_ORACLE_DASK_TLS_CERT", str(cert))
+        monkeypatch.setenv("DEEPZERO_ORACLE_DASK_TLS_KEY", str(key))
+        with open_executor(f"tls://{address}", connect_timeout=60) as client:
+            assert client.scheduler.address == f"tls://{address}"
+            estimate = CGE(mu=1e-3).estimate(ParallelOracle(CallableOracle(SlowBowl(), 40), client), theta)
+    assert torch.equal(estimate, CGE(mu=1e-3).estimate(CallableOracle(SlowBowl(), 40), theta))

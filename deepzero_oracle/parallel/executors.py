@@ -99,7 +99,8 @@ def open_executor(spec: str, *, connect_timeout: float = 5.0, security=None) -> 
         connect_timeout: seconds to reach a remote scheduler and to see its first worker.
         security: a ``distributed.security.Security`` for ``tls://`` (default: from ``TLS_ENV``).
     Raises:
-        ValueError: a malformed spec (before anything starts).
+        ValueError: a malformed spec, or ``tls://`` without the client's TLS files (before
+            anything starts).
         ImportError: a Dask spec without dask.distributed installed.
         ExecutorUnavailable: the scheduler cannot be reached or has no workers.
     """
@@ -155,8 +156,12 @@ def _remote_client(address: str, connect_timeout: float, security):
         from distributed.security import Security
 
         files = {k: os.environ[v] for k, v in TLS_ENV.items() if os.environ.get(v)}
-        security = Security(require_encryption=True, **files)
-    what = "TLS files (" + ", ".join(TLS_ENV.values()) + ") and " if address.startswith("tls://") else ""
+        security = Security(require_encryption=True, **files)  # unset ones: from Dask's config
+        missing = [v for k, v in TLS_ENV.items() if not getattr(security, k)]
+        if missing:
+            raise ValueError(f"{address} needs the client's TLS files: set {', '.join(missing)} to PEM paths "
+                             "(or Dask's distributed.comm.tls configuration), or pass security=")
+    what = f"the TLS files ({', '.join(TLS_ENV.values())}), " if address.startswith("tls://") else ""
     try:
         client = distributed.Client(address, timeout=connect_timeout, security=security, set_as_default=False)
     except (OSError, TimeoutError) as exc:
