@@ -1,7 +1,7 @@
 """Scale-out benchmark: a CGE step on a CPU-bound black box, 1 vs 2 Dask workers, side by side.
 
     python benchmarks/bench_scaleout.py            # ~1 min, prints a table
-    python benchmarks/bench_scaleout.py --quick    # seconds: fewer coordinates and repeats
+    python benchmarks/bench_scaleout.py --quick    # ~30 s: fewer coordinates and repeats
 
 * speedup: one forward-CGE step (129 calls of a black box that burns ~10 ms of CPU per
   call, NumPy element-wise work, single-threaded) on ``dask-local:1`` and on ``dask-local:2``
@@ -11,6 +11,9 @@
 * latency-bound: the same comparison for a black box that waits ~10 ms per call instead of
   computing (a remote solver's round trip): it needs no free core, so it shows the fan-out's own
   parallel efficiency on a busy machine.
+* cores free: the same CPU work (~0.5 s) on one worker alone, then on both workers at once;
+  ``2 * t(alone) / t(both)`` is how many cores the machine gave the two workers (2 on a quiet
+  2-core machine, about 1 when other jobs hold a core): the ceiling of the CPU-bound speedup.
 * overhead: the same step on a trivial black box (microseconds per call), inline (the oracle
   itself) vs ``ParallelOracle`` on ``dask-local:1``: ``(t_dask - t_inline) / queries`` is what
   the fan-out adds per query (shipping the oracle, scheduling, gathering), and ``t_dask - t_inline``
@@ -78,6 +81,25 @@ def rounds_for(milliseconds: float) -> int:
     return max(1, round(milliseconds / 1000 / per_round))
 
 
+def burn_seconds(rounds: int) -> float:
+    """Wall seconds of one ``Burn(rounds)`` call (runs on a worker)."""
+    began = time.perf_counter()
+    Burn(rounds)(torch.zeros(4))
+    return time.perf_counter() - began
+
+
+def cores_free(client, rounds: int, repeats: int) -> float:
+    """``2 * t(alone) / t(both)`` of ``burn_seconds(rounds)`` on the two workers of ``client``:
+    the cores the machine gives them now (median over ``repeats``)."""
+    first, second = sorted(client.nthreads())
+    ratios = []
+    for _ in range(repeats):
+        alone = client.submit(burn_seconds, rounds, workers=[first], pure=False).result()
+        both = [client.submit(burn_seconds, rounds, workers=[w], pure=False) for w in (first, second)]
+        ratios.append(2 * alone / max(f.result() for f in both))
+    return statistics.median(ratios)
+
+
 def step_seconds(oracle, theta, repeats: int) -> list[float]:
     """Wall seconds of each of ``repeats`` forward-CGE steps at ``theta``."""
     times = []
@@ -104,12 +126,13 @@ def side_by_side(box, executors: dict, theta, repeats: int) -> dict[int, float]:
 
 
 def run(*, dim: int = 128, repeats: int = 5, burn_ms: float = 10.0, trivial_dim: int = 512) -> dict:
-    """All three measurements; returns the results dict (also what ``--json`` writes)."""
+    """All the measurements; returns the results dict (also what ``--json`` writes)."""
     torch.set_num_threads(1)
     theta = torch.linspace(-1, 1, dim, dtype=torch.float64)
     rounds = rounds_for(burn_ms)
     with open_executor("dask-local:1") as one, open_executor("dask-local:2") as two:
         cpu = side_by_side(Burn(rounds), {1: one, 2: two}, theta, repeats)
+        free = cores_free(two, round(rounds * 500 / burn_ms), max(2, repeats // 2))
         waiting = side_by_side(Wait(burn_ms / 1000), {1: one, 2: two}, theta, max(2, repeats // 2))
         per_call = cpu[1] / (dim + 1)
 
@@ -126,7 +149,7 @@ def run(*, dim: int = 128, repeats: int = 5, burn_ms: float = 10.0, trivial_dim:
     return {
         "dim": dim, "repeats": repeats, "burn_ms": burn_ms, "burn_rounds": rounds, "burn_ms_per_call": round(per_call * 1000, 2),
         "step_seconds_1_worker": round(t1, 4), "step_seconds_2_workers": round(t2, 4),
-        "speedup": round(t1 / t2, 3), "target_speedup": TARGET_SPEEDUP,
+        "speedup": round(t1 / t2, 3), "target_speedup": TARGET_SPEEDUP, "cores_free": round(free, 2),
         "wait_step_seconds_1_worker": round(waiting[1], 4), "wait_step_seconds_2_workers": round(waiting[2], 4),
         "wait_speedup": round(waiting[1] / waiting[2], 3),
         "trivial_dim": trivial_dim, "trivial_step_seconds_inline": round(ti, 5),
@@ -144,6 +167,7 @@ def markdown(r: dict) -> str:
         f"| CGE step, {r['dim']} coordinates, dask-local:1 | {r['step_seconds_1_worker']:.3f} s |",
         f"| CGE step, {r['dim']} coordinates, dask-local:2 | {r['step_seconds_2_workers']:.3f} s |",
         f"| speedup 2 vs 1 worker (goal >= {r['target_speedup']}) | {r['speedup']:.2f}x |",
+        f"| cores free for the 2 workers (2 x t(alone) / t(both), same CPU work) | {r['cores_free']:.2f} |",
         f"| latency-bound black box (waits {r['burn_ms']:g} ms a call): step on 1 / 2 workers | "
         f"{r['wait_step_seconds_1_worker']:.3f} s / {r['wait_step_seconds_2_workers']:.3f} s |",
         f"| latency-bound speedup 2 vs 1 worker | {r['wait_speedup']:.2f}x |",
@@ -158,13 +182,13 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> dict:
     """Command line: run, print the table, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 coordinates, 2 repeats (seconds)")
+    parser.add_argument("--quick", action="store_true", help="64 coordinates, 2 repeats (seconds)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per executor")
     parser.add_argument("--dim", type=int, default=128, help="coordinates of the CPU-bound step")
     parser.add_argument("--burn-ms", type=float, default=10.0, help="CPU milliseconds per black-box call")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    kw = dict(dim=16, repeats=2, trivial_dim=64) if args.quick else dict(dim=args.dim, repeats=args.repeats)
+    kw = dict(dim=64, repeats=2, trivial_dim=64) if args.quick else dict(dim=args.dim, repeats=args.repeats)
     result = run(burn_ms=args.burn_ms, **kw)
     print(markdown(result))
     if args.json:
