@@ -147,7 +147,8 @@ def run(*, dim: int = 128, repeats: int = 5, burn_ms: float = 10.0, trivial_dim:
     t1, t2 = cpu[1], cpu[2]
     ti, td = statistics.median(inline_t), statistics.median(dask_t)
     return {
-        "dim": dim, "repeats": repeats, "burn_ms": burn_ms, "burn_rounds": rounds, "burn_ms_per_call": round(per_call * 1000, 2),
+        "dim": dim, "repeats": repeats, "burn_ms": burn_ms, "burn_rounds": rounds,
+        "burn_ms_per_call": round(per_call * 1000, 2),
         "step_seconds_1_worker": round(t1, 4), "step_seconds_2_workers": round(t2, 4),
         "speedup": round(t1 / t2, 3), "target_speedup": TARGET_SPEEDUP, "cores_free": round(free, 2),
         "wait_step_seconds_1_worker": round(waiting[1], 4), "wait_step_seconds_2_workers": round(waiting[2], 4),

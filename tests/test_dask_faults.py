@@ -83,7 +83,8 @@ def dask_cluster(logs: Path, workers: int, protocol: str = "tcp", tls: list[str]
     port = free_port()
     address = f"127.0.0.1:{port}"
     # workers import this module (the black box pickles by reference)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     logs.mkdir(exist_ok=True)
     started: list[subprocess.Popen] = []
     try:

@@ -141,8 +141,8 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
         if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
     settings = method_settings(cfg, method, data.trajectories, solver)
     trainer = Trainer(oracle, estimator, opt, scheduler=schedule, scheduler_interval="step", mask_schedule=masks,
-                      callbacks=callbacks, out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings, seed=cfg.seed,
-                      progress=progress, desc=f"{data.trajectories.label} {method}")
+                      callbacks=callbacks, out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings,
+                      seed=cfg.seed, progress=progress, desc=f"{data.trajectories.label} {method}")
     windows = training_windows(data, unroll=cfg.unroll, batch_size=cfg.batch_size, pairs=method == "non")
     return trainer, SampledBatches(windows, seed=cfg.seed)
 
