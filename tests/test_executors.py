@@ -195,3 +195,14 @@ def test_zo_sol_on_an_executor_equals_inline(tmp_path):
     assert torch.equal(_learner(tmp_path / "threads:2"), _learner(tmp_path / "inline"))
     # inline: one call of all rollouts per unroll step; threads:2: two half blocks per unroll step
     assert inline["solver_calls"] == 2 * 2 and fanned["solver_calls"] == 2 * 2 * 2
+
+
+@pytest.mark.slow
+def test_bench_scaleout_runs_quick(tmp_path):
+    import runpy
+
+    pytest.importorskip("distributed")
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scaleout.py"
+    result = runpy.run_path(str(bench))["main"](["--quick", "--json", str(tmp_path / "scaleout.json")])
+    assert (tmp_path / "scaleout.json").exists()
+    assert result["speedup"] > 0 and result["wait_speedup"] > 0 and 0 < result["cores_free"] <= 2.5
