@@ -29,6 +29,11 @@ class ExecutorUnavailable(ConnectionError):
     """The executor of ``--executor`` (a Dask scheduler) cannot be reached or has no workers."""
 
 
+class NotShippable(TypeError, ValueError):
+    """Something an executor's workers need (an oracle, a black box) does not pickle; raised
+    before any work is sent (a TypeError, and a ValueError for the command line: bad input)."""
+
+
 class SettingsMismatch(ValueError):
     """A run folder holds a run with other settings than the ones asked for."""
 
@@ -41,5 +46,5 @@ EXIT_BUDGET = 4  # the query budget was exhausted before the work was done
 EXIT_UNREACHABLE = 5  # the black box or the executor could not be reached (down, wrong address, deadline)
 
 __all__ = ["BlackBoxError", "EXIT_BUDGET", "EXIT_DIVERGED", "EXIT_OK", "EXIT_UNREACHABLE",
-           "EXIT_USAGE", "ExecutorUnavailable", "NonFiniteLossError", "QueryBudgetExceeded", "SettingsMismatch",
+           "EXIT_USAGE", "ExecutorUnavailable", "NonFiniteLossError", "NotShippable", "QueryBudgetExceeded", "SettingsMismatch",
            "TrainingDiverged"]

@@ -175,6 +175,30 @@ def test_defense_zo_ds_and_certify_on_an_executor_equal_inline(classifier, tmp_p
     assert there.queries == here.queries == 5 * 50
 
 
+class Connected:
+    """A classifier holding what cannot travel to a worker (like a live connection)."""
+
+    def __init__(self, box):
+        import threading
+
+        self.box, self.lock = box, threading.Lock()
+
+    def __call__(self, x):
+        return self.box(x)
+
+
+def test_a_classifier_that_cannot_travel_is_refused_before_training(classifier, tmp_path, capsys):
+    from deepzero_oracle.adapters.defense.classifier import frozen_blackbox
+    from deepzero_oracle.adapters.defense.methods import DefenseConfig, train_defense
+    from deepzero_oracle.errors import NotShippable
+
+    config = DefenseConfig(method="zo-ds", dataset="digits", epochs=1, max_train=64, width=4, depth=2)
+    with open_executor("threads:2") as pool, pytest.raises(NotShippable, match="does not pickle"):
+        train_defense(config, Connected(frozen_blackbox(classifier)), tmp_path / "run", progress=False,
+                      executor=pool)
+    assert not (tmp_path / "run").exists()
+
+
 def test_zo_sol_on_an_executor_equals_inline(tmp_path):
     from deepzero_oracle.adapters.sol.builtin import generate_trajectories
     from deepzero_oracle.adapters.sol.data import SOLConfig, prepare_data

@@ -45,6 +45,7 @@ from deepzero_oracle.atomic import save_torch, write_json
 from deepzero_oracle.blackbox import as_tensor
 from deepzero_oracle.estimators.chain import ChainRule
 from deepzero_oracle.parallel import InlineExecutor, parallelize
+from deepzero_oracle.parallel.payloads import to_bytes
 from deepzero_oracle.pruning import (class_balanced_sample, load_ratios, ratios_from_scores, save_ratios,
                                      uniform_ratios, zo_grasp_scores)
 from deepzero_oracle.theta import unflatten
@@ -387,6 +388,8 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         raise ValueError(f"an executor fans out zo-ds's queries; {config.method} "
                          + ("back-propagates through the classifier" if config.method == "fo-ds" else
                             "queries its latent in this process") + ": train it without --executor")
+    if fanned:
+        to_bytes(blackbox, executor)  # the workers query the classifier: refuse one that cannot travel, now
     if config.method == "fo-ds" and whitebox is None:
         raise ValueError("fo-ds is the white-box reference: it back-propagates through the classifier, so it "
                          "needs it as a torch module (--classifier local, or MODULE:ATTR naming an nn.Module)")

@@ -12,7 +12,7 @@ from deepzero_oracle.errors import BlackBoxError, NonFiniteLossError
 from deepzero_oracle.estimators.directions import Directions, direction_matrix
 from deepzero_oracle.oracle import Oracle
 from deepzero_oracle.parallel.executors import InlineExecutor, dask_client, executor_slots
-from deepzero_oracle.parallel.payloads import Job, Shipper, compact, default_transport, run_chunk
+from deepzero_oracle.parallel.payloads import Job, Shipper, compact, default_transport, run_chunk, to_bytes
 
 _KINDS = {"coordinate": "coordinates", "direction": "directions", "rows": "thetas"}
 
@@ -288,10 +288,14 @@ class ParallelOracle(Oracle):
 def parallelize(oracle: Oracle, executor, **options) -> Oracle:
     """The oracle to train with on ``executor``: ``oracle`` itself when ``executor`` is None or
     an ``InlineExecutor`` (nothing to fan out), else ``ParallelOracle(oracle, executor,
-    **options)`` (same losses, exact counts; ``options`` as ``ParallelOracle`` takes them)."""
+    **options)`` (same losses, exact counts; ``options`` as ``ParallelOracle`` takes them).
+    Raises ``NotShippable`` now, before any work, if the oracle cannot travel to the workers."""
     if executor is None or isinstance(executor, InlineExecutor):
         return oracle
-    return ParallelOracle(oracle, executor, **options)
+    parallel = ParallelOracle(oracle, executor, **options)
+    if parallel.transport != "live":
+        to_bytes(oracle, executor)
+    return parallel
 
 
 def _cancel(futures) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from deepzero_oracle.blackbox.local import as_tensor
+from deepzero_oracle.errors import NotShippable
 from deepzero_oracle.estimators.directions import Directions
 from deepzero_oracle.oracle import Oracle, QueryLedger
 from deepzero_oracle.parallel.executors import InlineExecutor, dask_client
@@ -173,12 +174,12 @@ class Shipper:
 
 def to_bytes(payload, executor) -> bytes:
     """``payload`` pickled for ``executor``'s workers (cloudpickle when installed, so lambdas and
-    closures travel by value; ``pickle.loads`` reads it back). Raises TypeError, saying what to
-    do, if it does not pickle."""
+    closures travel by value; ``pickle.loads`` reads it back). Raises ``NotShippable`` (a
+    TypeError), saying what to do, if it does not pickle."""
     try:
         return _pickler.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise TypeError(
+        raise NotShippable(
             f"cannot ship {type(payload).__name__} to the workers of {type(executor).__name__} "
             f"because it does not pickle ({exc}); make it picklable (module-level functions, no "
             f"open connections: e.g. an in-process black box instead of a remote one) or use the "
