@@ -154,3 +154,13 @@ def test_tls_between_client_scheduler_and_worker(tmp_path, monkeypatch):
             assert client.scheduler.address == f"tls://{address}"
             estimate = CGE(mu=1e-3).estimate(ParallelOracle(CallableOracle(SlowBowl(), 40), client), theta)
     assert torch.equal(estimate, CGE(mu=1e-3).estimate(CallableOracle(SlowBowl(), 40), theta))
+
+
+def test_a_scheduler_without_workers_is_refused(tmp_path):
+    from deepzero_oracle.errors import ExecutorUnavailable
+
+    with dask_cluster(tmp_path / "logs", 0) as (address, _):
+        with pytest.raises(ExecutorUnavailable, match="has no workers") as err:
+            with open_executor(f"dask://{address}", connect_timeout=2):
+                pytest.fail("no executor should be yielded")
+    assert f"dask worker tcp://{address}" in str(err.value)

@@ -5,6 +5,7 @@ with exact query counts (train, defense train and certify, ZO-SOL)."""
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +83,16 @@ def test_unreachable_scheduler_fails_fast_naming_the_address(tmp_path, capsys):
     assert main(["train", "--executor", f"dask://{address}", "--out", str(tmp_path / "run"), "--quiet"]) == 5
     assert "cannot reach the Dask scheduler" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_dask_specs_without_dask_name_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed now fails
+    for spec in ("dask-local:1", "dask://127.0.0.1:8786"):
+        with pytest.raises(ImportError, match=r"pip install 'deepzero-oracle\[dask\]'"):
+            with open_executor(spec):
+                pass
+    assert main(["train", "--executor", "dask-local:1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "deepzero-oracle[dask]" in capsys.readouterr().err
 
 
 def test_parallelize_leaves_inline_alone():
