@@ -34,7 +34,7 @@ from deepzero_oracle.adapters.defense.smoothing import (
 )
 from deepzero_oracle.blackbox.local import as_tensor
 from deepzero_oracle.parallel.executors import InlineExecutor, dask_client, executor_slots
-from deepzero_oracle.parallel.payloads import to_bytes
+from deepzero_oracle.parallel.payloads import compact, to_bytes
 
 __all__ = [
     "LOG_COLUMNS",
@@ -148,8 +148,9 @@ def _certified(smooth: Smooth, xs, todo: Sequence[int], seeds: Sequence[int], n0
     try:
         while True:
             while len(pending) < window and (i := next(todo, None)) is not None:
-                pending.append((i, executor.submit(certify_example, payload, xs[i], n0, n, alpha, batch_size,
-                                                   seeds[i], **extra)))
+                # compact: a row of xs would otherwise pickle all of xs
+                pending.append((i, executor.submit(certify_example, payload, compact(xs[i]), n0, n, alpha,
+                                                   batch_size, seeds[i], **extra)))
             if not pending:
                 return
             i, future = pending.popleft()
