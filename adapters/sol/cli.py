@@ -170,7 +170,8 @@ def _train(args) -> int:
     from deepzero_oracle.adapters.sol.methods import build_corrector, check_resumable
     from deepzero_oracle.adapters.sol.solver import open_solver
     from deepzero_oracle.blackbox.spec import BlackBoxSpec
-    from deepzero_oracle.parallel import open_executor
+    from deepzero_oracle.parallel import InlineExecutor, open_executor
+    from deepzero_oracle.parallel.payloads import to_bytes
 
     out = Path(args.out)
     if args.solver:
@@ -182,6 +183,8 @@ def _train(args) -> int:
         # every check before anything is written: FO-SOL's gradient path, the corrector
         if args.method == "fo-sol":
             solver.gradient_step(traj)
+        if args.method == "zo-sol" and not isinstance(pool, InlineExecutor):
+            to_bytes(solver, pool)  # the workers call the solver: a remote one cannot travel there
         if args.method != "src":
             build_corrector(cfg, prepare_data(traj))
             if not args.restart:
