@@ -20,8 +20,12 @@ def main(argv=None):
     print(markdown(report["results"]))
     print("\n== gRPC black box over loopback")
     runpy.run_path(str(Path(__file__).parent / "bench_grpc.py"))["main"](["--json", str(out / "bench_grpc.json")])
+    print("\n== scale-out: a CGE step on a CPU-bound black box, 1 vs 2 Dask workers")
+    runpy.run_path(str(Path(__file__).parent / "bench_scaleout.py"))["main"](
+        ["--json", str(out / "bench_scaleout.json")])
     print("\n== replicas: ZO-SOL burgers (small) against serve --workers 1 vs --workers 2")
-    runpy.run_path(str(Path(__file__).parent / "bench_replicas.py"))["main"](["--json", str(out / "bench_replicas.json")])
+    runpy.run_path(str(Path(__file__).parent / "bench_replicas.py"))["main"](
+        ["--json", str(out / "bench_replicas.json")])
     print(f"\nresults in {out}/")
 
 

@@ -25,6 +25,15 @@ class TrainingDiverged(RuntimeError):
         self.step, self.checkpoint_step = step, checkpoint_step
 
 
+class ExecutorUnavailable(ConnectionError):
+    """The executor of ``--executor`` (a Dask scheduler) cannot be reached or has no workers."""
+
+
+class NotShippable(TypeError, ValueError):
+    """Something an executor's workers need (an oracle, a black box) does not pickle; raised
+    before any work is sent (a TypeError, and a ValueError for the command line: bad input)."""
+
+
 class SettingsMismatch(ValueError):
     """A run folder holds a run with other settings than the ones asked for."""
 
@@ -34,8 +43,8 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments or bad input data
 EXIT_DIVERGED = 3  # training diverged (non-finite loss, gradient or state)
 EXIT_BUDGET = 4  # the query budget was exhausted before the work was done
-EXIT_UNREACHABLE = 5  # the black box could not be reached (down, wrong address, deadline)
+EXIT_UNREACHABLE = 5  # the black box or the executor could not be reached (down, wrong address, deadline)
 
 __all__ = ["BlackBoxError", "EXIT_BUDGET", "EXIT_DIVERGED", "EXIT_OK", "EXIT_UNREACHABLE",
-           "EXIT_USAGE", "NonFiniteLossError", "QueryBudgetExceeded", "SettingsMismatch",
+           "EXIT_USAGE", "ExecutorUnavailable", "NonFiniteLossError", "NotShippable", "QueryBudgetExceeded", "SettingsMismatch",
            "TrainingDiverged"]

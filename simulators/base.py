@@ -67,6 +67,9 @@ class Cases:
                    arrays["source_states"])
 
 
+_COPIES_LOCK = threading.RLock()
+
+
 class Scenario(abc.ABC):
     """A PDE with a cheap *source* solver and an expensive *reference* solver of the same physics.
 
@@ -87,6 +90,18 @@ class Scenario(abc.ABC):
         # PhiFlow's JIT caches and SuperLU factorizations are not known to be thread-safe, and
         # a gRPC server may call from several threads: one call at a time per scenario.
         self._lock = threading.RLock()
+
+    #: Attributes a pickled copy (e.g. sent to an executor's worker) makes afresh: name -> factory.
+    #: Copies in one process share a lock: PhiFlow's JIT tracing is process-wide state.
+    transient = {"_lock": lambda: _COPIES_LOCK}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self.transient}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for name, make in self.transient.items():
+            setattr(self, name, make())
 
     # ------------------------------------------------------------------ public API
     def source_step(self, state, params):

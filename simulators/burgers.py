@@ -68,6 +68,7 @@ class BurgersScenario(Scenario):
 
     name = "burgers"
     channels = ("u_x", "u_y")
+    transient = {**Scenario.transient, "_jit": dict}  # PhiFlow's compiled steps do not pickle
 
     def __post_init__(self):
         Scenario.__init__(self)

@@ -24,6 +24,7 @@ from deepzero_oracle.adapters.defense.classifier import (
     train_classifier,
     whitebox_classifier,
 )
+from deepzero_oracle.adapters.defense.certify_log import LOG_COLUMNS
 from deepzero_oracle.adapters.defense.cli import register
 from deepzero_oracle.adapters.defense.denoiser import Decoder, Denoiser, Encoder
 from deepzero_oracle.adapters.defense.methods import (
@@ -239,6 +240,42 @@ def test_cli_train_certify_report_json(clf, tmp_path, capsys):
     with pytest.raises(ValueError, match="method: log 'zo-ds' vs now 'none'"):
         _cli(["defense", "certify", "--method", "none", *common, *cert, "--dataset", "digits", "--sigma", "0.25",
               "--out", str(root / "zo-ds")])
+
+
+def _fake_run(folder, method, radii, queries):
+    """A certified run folder whose image i is certified at radius ``radii[i]`` (negative: wrong)."""
+    folder.mkdir(parents=True)
+    rows = ["\t".join(LOG_COLUMNS)] + [f"{i}\t0\t{0 if r >= 0 else 1}\t{abs(r)}\t{int(r >= 0)}\t0.1"
+                                        for i, r in enumerate(radii)]
+    (folder / "certify.tsv").write_text("\n".join(rows) + "\n")
+    (folder / "certify.json").write_text(json.dumps({
+        "method": method, "training_queries": queries, "training_blackbox_images": queries, "sigma": 0.5,
+        "n": 100, "alpha": 0.001, "samples_per_second": 1.0}))
+
+
+def test_report_over_seeds_pools_images_and_pairs_them_by_seed(tmp_path, capsys):
+    # seed 0: zo-ds certifies images 0-3 at 0.6, fo-ds only 0-1; seed 1: both certify 0-1, and
+    # fo-ds alone image 2. Pooled at r = 0.5: zo-ds alone certifies 2 (seed, image) pairs, fo-ds 1.
+    _fake_run(tmp_path / "seed-0" / "zo-ds", "zo-ds", [0.6, 0.6, 0.6, 0.6], 10)
+    _fake_run(tmp_path / "seed-0" / "fo-ds", "fo-ds", [0.6, 0.6, 0.1, 0.1], 2)
+    _fake_run(tmp_path / "seed-1" / "zo-ds", "zo-ds", [0.6, 0.6, -0.3, 0.1], 30)
+    _fake_run(tmp_path / "seed-1" / "fo-ds", "fo-ds", [0.6, 0.6, 0.6, 0.1], 4)
+    _fake_run(tmp_path / "seed-1" / "none", "none", [0.1, 0.1, 0.1, 0.1], 0)
+    assert _cli(["defense", "report", "--root", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"seeds", "pooled"} and list(result["seeds"]) == ["0", "1"]
+    assert result["seeds"]["0"]["zo-ds"]["0.5"] == 1.0 and result["seeds"]["1"]["zo-ds"]["0.5"] == 0.5
+    pooled = result["pooled"]
+    assert list(pooled) == ["fo-ds", "zo-ds"]  # none was certified under seed 1 only
+    assert pooled["zo-ds"]["n_images"] == 8 and pooled["zo-ds"]["0.5"] == 6 / 8
+    assert pooled["zo-ds"]["queries"] == 20 and pooled["fo-ds"]["0.5"] == 5 / 8
+    test = pooled["zo-ds"]["vs"]["fo-ds"]["0.5"]
+    assert (test["a_only"], test["b_only"], test["n"]) == (2, 1, 8)
+    assert test["p"] == pytest.approx(1.0)  # binomial(3, 1/2), two-sided: 2 vs 1 is no evidence
+    ci = proportion_interval(6, 8)
+    assert pooled["zo-ds"]["ci95"]["0.5"] == pytest.approx([ci["low"], ci["high"]])
+    text = (tmp_path / "report.md").read_text()
+    assert "Pooled over seeds 0, 1" in text and "## Seed 1" in text and "Not pooled" in text and "none" in text
 
 
 def test_zo_ds_resume_follows_the_same_run(clf, tmp_path):

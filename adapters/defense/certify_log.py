@@ -9,10 +9,13 @@ back to, and recomputed from, the rows that produced it.
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
+import math
 import numbers
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +33,15 @@ from deepzero_oracle.adapters.defense.smoothing import (
     check_count,
 )
 from deepzero_oracle.blackbox.local import as_tensor
+from deepzero_oracle.parallel.executors import InlineExecutor, dask_client, executor_slots
+from deepzero_oracle.parallel.payloads import compact, to_bytes
 
 __all__ = [
     "LOG_COLUMNS",
     "DEFAULT_RADII",
     "CertifyRun",
     "certify_dataset",
+    "certify_example",
     "example_seed",
     "read_log",
     "settings_path",
@@ -112,6 +118,51 @@ def example_seed(seed: int, idx: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(idx)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def certify_example(smooth: Smooth | bytes, x, n0: int, n: int, alpha: float, batch_size: int,
+                    seed: int) -> tuple[int, float, float]:
+    """CERTIFY one example ``x`` (e.g. ``[C, H, W]``) with its own generator seeded by ``seed``:
+    ``(prediction, radius, seconds)``. ``smooth`` may come pickled (what executors' workers get);
+    the answer depends on ``seed``, not on where it runs."""
+    if isinstance(smooth, bytes):
+        smooth = pickle.loads(smooth)  # our own payload, pickled by the parent process
+    started = time.perf_counter()
+    prediction, radius = smooth.certify(x, n0, n, alpha, batch_size, torch.Generator().manual_seed(seed))
+    return int(prediction), float(radius), time.perf_counter() - started
+
+
+def _certified(smooth: Smooth, xs, todo: Sequence[int], seeds: Sequence[int], n0, n, alpha, batch_size, executor):
+    """``(i, (prediction, radius, seconds))`` for each example ``i`` of ``todo``, in order: here, one
+    after the other, or on ``executor`` a few per worker slot at a time (the parent then counts the
+    ``n0 + n`` queries and the calls each CERTIFY spends)."""
+    if executor is None or isinstance(executor, InlineExecutor):
+        for i in todo:
+            yield i, certify_example(smooth, xs[i], n0, n, alpha, batch_size, seeds[i])
+        return
+    payload = to_bytes(smooth, executor)  # before any work: a classifier that cannot travel fails here
+    client = dask_client(executor)
+    extra = {"pure": False} if client is not None else {}
+    if client is not None:  # one replica per worker instead of a copy per task
+        payload = client.scatter(payload, broadcast=True, hash=False)
+    window, pending, todo = 2 * executor_slots(executor), collections.deque(), iter(todo)
+    calls = math.ceil(n0 / batch_size) + math.ceil(n / batch_size)
+    try:
+        while True:
+            while len(pending) < window and (i := next(todo, None)) is not None:
+                # compact: a row of xs would otherwise pickle all of xs
+                pending.append((i, executor.submit(certify_example, payload, compact(xs[i]), n0, n, alpha,
+                                                   batch_size, seeds[i], **extra)))
+            if not pending:
+                return
+            i, future = pending.popleft()
+            answer = future.result()
+            smooth.queries += n0 + n
+            smooth.calls += calls
+            yield i, answer
+    finally:
+        for _, future in pending:
+            future.cancel()
+
+
 def _format_row(row: Mapping) -> str:
     # repr(float) is the shortest string that reads back to the same float, so tables computed
     # from the file equal tables computed from the in-memory rows, even at r == radius.
@@ -143,6 +194,7 @@ def certify_dataset(
     desc: str = "certify",
     resume: bool = False,
     settings: Mapping | None = None,
+    executor=None,
 ) -> CertifyRun:
     """Run CERTIFY on every example and write the per-example log as it goes.
 
@@ -164,6 +216,9 @@ def certify_dataset(
             must match this run's, and its rows must be the first examples of ``indices``; per-example
             seeds make the result equal to an uninterrupted run's.
         settings: extra JSON-friendly values that must also match on resume (e.g. which model).
+        executor: where the examples are certified (``open_executor``; None: here, one after the
+            other). Each example's noise comes from its own seed, so the rows are the same on every
+            executor; ``time`` is then the seconds a worker spent on the example.
     Returns:
         :class:`CertifyRun` with the rows, query count and throughput (noisy samples/s). Resumed
         rows count ``n0 + n`` queries each (what CERTIFY spends) and their logged times.
@@ -201,14 +256,11 @@ def certify_dataset(
     total_seconds = float(sum(row["time"] for row in rows))
     certified = sum(int(row["correct"]) for row in rows)
     try:
-        bar = tqdm(range(len(rows), xs.shape[0]), desc=desc, disable=not progress, unit="img",
-                   initial=len(rows), total=xs.shape[0])
-        for i in bar:
+        bar = tqdm(desc=desc, disable=not progress, unit="img", initial=len(rows), total=xs.shape[0])
+        seeds = [example_seed(seed, idx) for idx in idxs]
+        for i, (prediction, radius, dt) in _certified(smooth, xs, range(len(rows), xs.shape[0]), seeds, n0, n,
+                                                      alpha, batch_size, executor):
             idx, label = idxs[i], int(ys[i])
-            gen = torch.Generator().manual_seed(example_seed(seed, idx))
-            t0 = time.perf_counter()
-            prediction, radius = smooth.certify(xs[i], n0, n, alpha, batch_size, gen)
-            dt = time.perf_counter() - t0
             total_seconds += dt
             correct = int(prediction == label)
             certified += correct
@@ -219,6 +271,7 @@ def certify_dataset(
                 fh.write(_format_row(row) + "\n")
                 fh.flush()
             spent = smooth.queries - queries_before
+            bar.update(1)
             bar.set_postfix(correct=f"{certified}/{len(rows)}",
                             samples_s=f"{spent / total_seconds:,.0f}" if total_seconds > 0 else "-")
         bar.close()

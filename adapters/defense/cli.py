@@ -19,10 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
+from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder
 from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.parallel import open_executor
 
-__all__ = ["register", "report", "CERTIFY_METHODS"]
+__all__ = ["register", "report", "pooled_report", "CERTIFY_METHODS"]
 
 CERTIFY_METHODS = ("none", "fo-ds", "zo-ds", "zo-ae-ds")
 _ORDER = {m: i for i, m in enumerate(CERTIFY_METHODS)}
@@ -52,14 +53,15 @@ def _train(args) -> int:
                            depth=args.depth, latent=args.latent, sparsity=args.sparsity, pruner=args.pruner,
                            redraw_every=args.redraw_every, mu=args.mu, max_train=args.max_train,
                            seed=args.seed).check()
-    with _classifier(args, args.classifier, data) as classifier:
+    with open_executor(args.executor) as pool, _classifier(args, args.classifier, data) as classifier:
         if args.method == "fo-ds" and classifier.whitebox is None:
             raise ValueError(f"fo-ds back-propagates through the classifier, but {args.classifier} can only be "
                              "queried; fo-ds needs --classifier local or MODULE:ATTR naming a torch nn.Module "
                              "(zo-ds and zo-ae-ds work on any classifier)")
         out = Path(args.out)
         info = train_defense(config, classifier, out, data=data, whitebox=classifier.whitebox,
-                             classifier_info=classifier.describe(), restart=args.restart, progress=not args.quiet)
+                             classifier_info=classifier.describe(), restart=args.restart, progress=not args.quiet,
+                             executor=pool)
     summary = {k: info[k] for k in ("method", "queries", "blackbox_images", "seconds",
                                     "pipeline_clean_accuracy", "denoiser_parameters")}
     print(json.dumps(summary) if args.json else
@@ -105,11 +107,11 @@ def _certify(args) -> int:
     # What the log's rows depend on beyond the sampling settings: resuming must not mix models.
     model = {"method": args.method, "classifier": spec,
              "front_sha256": hashlib.sha256((out / "front.pt").read_bytes()).hexdigest() if front else None}
-    with _classifier(args, spec, data) as classifier:
+    with open_executor(args.executor) as pool, _classifier(args, spec, data) as classifier:
         run = certify_front(front, classifier, data, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                             max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
                             log_path=out / "certify.tsv", progress=not args.quiet, resume=not args.restart,
-                            settings=model)
+                            settings=model, executor=pool)
     summary = {"method": args.method, "dataset": dataset, **run.summary(),
                "training_queries": int(training["queries"]),
                "training_blackbox_images": int(training["blackbox_images"])}
@@ -164,11 +166,56 @@ def report(dirs: list[Path], radii=(0.0, 0.25, 0.5, 0.75)) -> tuple[dict, str, d
     return table, md, logs
 
 
+def pooled_report(seed_dirs: dict[int, list[Path]], radii=(0.0, 0.25, 0.5, 0.75)) -> tuple[dict, str, dict]:
+    """Report a comparison run once per seed: each seed as :func:`report` does, then all seeds
+    pooled (every seed's images counted, paired tests pairing the same (seed, image)).
+
+    Args:
+        seed_dirs: ``{seed: run folders}`` (e.g. ``ROOT/seed-S/METHOD``).
+    Returns:
+        ``({"seeds": {seed: table}, "pooled": table}, markdown, {name: pooled rows})``; tables as
+        :func:`report`'s, the pooled ``queries`` being the mean over seeds. Methods missing from
+        some seed are left out of the pool (and named in the markdown).
+    """
+    from deepzero_oracle.adapters.defense.report import pool_seeds, summarize, summary_markdown
+
+    per_seed = {seed: report(dirs, radii) for seed, dirs in seed_dirs.items()}
+    logs = pool_seeds({seed: logs for seed, (_, _, logs) in per_seed.items()})
+    queries = {name: round(sum(t[name]["queries"] for t, _, _ in per_seed.values()) / len(per_seed))
+               for name in logs}
+    table = summarize(logs, radii, queries)
+    seeds = ", ".join(map(str, seed_dirs))
+    md = (f"Pooled over seeds {seeds}: certified accuracy (%) with exact 95% intervals over every seed's test "
+          "images; paired tests pair the same image under the same seed; queries = mean training queries per "
+          "seed.\n\n" + summary_markdown(table, radii))
+    left_out = sorted({n for t, _, _ in per_seed.values() for n in t} - set(logs))
+    if left_out:
+        md += f"\nNot pooled (not certified under every seed): {', '.join(left_out)}.\n"
+    for seed, (_, seed_md, _) in per_seed.items():
+        md += f"\n## Seed {seed}\n\n{seed_md}"
+    return {"seeds": {str(s): t for s, (t, _, _) in per_seed.items()}, "pooled": table}, md, logs
+
+
+def _seed_folders(root: Path) -> dict[int, list[Path]]:
+    """``{S: run folders}`` for ``root/seed-S/*/certify.json``, when ``root`` holds no run itself."""
+    if any(root.glob("*/certify.json")):
+        return {}
+    found = {}
+    for folder in sorted(root.glob("seed-*")):
+        if folder.is_dir() and folder.name[5:].isdigit() and any(folder.glob("*/certify.json")):
+            found[int(folder.name[5:])] = _runs(folder, None)
+    return dict(sorted(found.items()))
+
+
 def _report(args) -> int:
     from deepzero_oracle.adapters.defense.report import plot_with_bands
 
     root = Path(args.root)
-    table, md, logs = report(_runs(root, args.runs))
+    seeds = {} if args.runs else _seed_folders(root)
+    if seeds:
+        table, md, logs = pooled_report(seeds)
+    else:
+        table, md, logs = report(_runs(root, args.runs))
     out_md = write_text(Path(args.markdown) if args.markdown else root / "report.md", md)
     plot = Path(args.plot) if args.plot else root / "certified_accuracy.png"
     plot_with_bands(logs, plot)
@@ -237,6 +284,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--mu", type=float, default=d.mu, help="CGE finite-difference step")
     train.add_argument("--max-train", type=int, default=None, help="use only this many training images")
     train.add_argument("--seed", type=int, default=d.seed, help="seeds init, noise, masks and batches")
+    add_executor(train, "zo-ds's stability queries")
     add_run_folder(train)
     train.set_defaults(func=_train)
 
@@ -254,10 +302,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                       help="run folder: writes certify.tsv and certify.json; an interrupted certify.tsv "
                            "there is continued (same settings)")
     cert.add_argument("--restart", action="store_true", help="certify from the first image again")
+    add_executor(cert, "the images are certified (a few per worker at a time, each with its own seeded noise)")
     cert.set_defaults(func=_certify)
 
     rep = add_command(sub, "report", "certified accuracy at r = 0, 0.25, 0.5, 0.75 per method, plus plots")
-    rep.add_argument("--root", default="runs/defense", help="folder whose */certify.json runs are reported")
+    rep.add_argument("--root", default="runs/defense",
+                     help="folder whose */certify.json runs are reported; a folder of seed-S/ folders (one "
+                          "comparison per seed) is reported per seed and pooled")
     rep.add_argument("--runs", nargs="*", default=None, help="explicit run folders instead of --root/*")
     add_json(rep)
     rep.add_argument("--markdown", default=None, help="markdown output (default <root>/report.md)")

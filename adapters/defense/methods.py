@@ -44,6 +44,8 @@ from deepzero_oracle import (CGE, RGE, Autograd, Callback, LearnerOracle, LocalB
 from deepzero_oracle.atomic import save_torch, write_json
 from deepzero_oracle.blackbox import as_tensor
 from deepzero_oracle.estimators.chain import ChainRule
+from deepzero_oracle.parallel import InlineExecutor, parallelize
+from deepzero_oracle.parallel.payloads import to_bytes
 from deepzero_oracle.pruning import (class_balanced_sample, load_ratios, ratios_from_scores, save_ratios,
                                      uniform_ratios, zo_grasp_scores)
 from deepzero_oracle.theta import unflatten
@@ -350,7 +352,7 @@ class NoisyBatches(TensorBatches):
 
 def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *, data=None,
                   whitebox: nn.Module | None = None, classifier_info: dict | None = None,
-                  restart: bool = False, progress: bool = True) -> dict:
+                  restart: bool = False, progress: bool = True, executor=None) -> dict:
     """Train the front for ``config.method`` against ``blackbox`` and save it under ``out``.
 
     Args:
@@ -367,6 +369,10 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
             in ``run.json``.
         restart: start over: once everything is checked, remove what an earlier run wrote in
             ``out`` (the stage folders, ``run.json``, ``front.pt``) and nothing else.
+        executor: where zo-ds's stability queries run (``open_executor``; None: here). The front
+            is the same on every executor; the black box then answers on the executor's workers,
+            so ``blackbox_images`` counts the images of those queries (the bound batch per query)
+            rather than the rows the workers actually sent.
     Returns:
         the ``run.json`` dict: config, ``queries`` (oracle queries of the black-box stage plus
         ZO-GraSP and clean-label queries), ``blackbox_images``, seconds, the accuracy of
@@ -377,6 +383,13 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
     from deepzero_oracle.apps.datasets import data_fingerprint, load_data
 
     config.check()
+    fanned = executor is not None and not isinstance(executor, InlineExecutor)
+    if fanned and config.method != "zo-ds":
+        raise ValueError(f"an executor fans out zo-ds's queries; {config.method} "
+                         + ("back-propagates through the classifier" if config.method == "fo-ds" else
+                            "queries its latent in this process") + ": train it without --executor")
+    if fanned:
+        to_bytes(blackbox, executor)  # the workers query the classifier: refuse one that cannot travel, now
     if config.method == "fo-ds" and whitebox is None:
         raise ValueError("fo-ds is the white-box reference: it back-propagates through the classifier, so it "
                          "needs it as a torch module (--classifier local, or MODULE:ATTR naming an nn.Module)")
@@ -465,9 +478,10 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
             learner = nn.Sequential(front.denoiser, front.encoder)
             oracle = ZOAEOracle(learner, front.decoder, box)
             estimator = ChainRule(CGE(mu=config.mu, difference="central"))
-        ledger_cb = _Ledger(stab_dir / "ledger.json", box, extra_queries, prior_images)
-        stage("stab", oracle, estimator, learner, y, config.epochs, 2, masks=masks, callbacks=[ledger_cb])
-        stab_queries = oracle.queries
+        ledger_cb = _Ledger(stab_dir / "ledger.json", box, extra_queries, prior_images, fanned=fanned)
+        trainer = stage("stab", parallelize(oracle, executor), estimator, learner, y, config.epochs, 2, masks=masks,
+                        callbacks=[ledger_cb])
+        stab_queries, prior_images = trainer.oracle.queries, prior_images + ledger_cb.fanned_images
 
     front.eval()
     save_torch(front.state_dict(), out / "front.pt")
@@ -490,13 +504,28 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
 
 
 class _Ledger(Callback):
-    """Writes what the stab stage has spent (besides the checkpointed oracle queries) each epoch."""
+    """Writes what the stab stage has spent (besides the checkpointed oracle queries) each epoch.
 
-    def __init__(self, path: Path, box: CountingBlackBox, extra_queries: int, prior_images: int):
+    With ``fanned`` (queries answered on an executor's workers, out of ``box``'s sight) it counts
+    the images of those queries instead: each query runs the bound batch through the black box.
+    """
+
+    def __init__(self, path: Path, box: CountingBlackBox, extra_queries: int, prior_images: int, *,
+                 fanned: bool = False):
         self.path, self.box, self.extra, self.prior = path, box, extra_queries, prior_images
+        self.fanned, self.fanned_images, self._queries = fanned, 0, None
+
+    def on_step_end(self, trainer, metrics):
+        if self.fanned:
+            # a resumed stage starts from its checkpoint, taken at the last evaluation
+            before = self._queries if self._queries is not None else trainer.history[-1]["queries"]
+            self.fanned_images += (metrics["queries"] - before) * len(trainer.oracle.x)
+        self._queries = metrics["queries"]
 
     def on_epoch_end(self, trainer, metrics):
-        write_json(self.path, {"extra_queries": self.extra, "blackbox_images": self.prior + self.box.rows})
+        self._queries = metrics["queries"]
+        write_json(self.path, {"extra_queries": self.extra,
+                               "blackbox_images": self.prior + self.box.rows + self.fanned_images})
 
 
 def _zo_ds_masks(oracle: ModuleOracle, x, y, config: DefenseConfig, path: Path,
@@ -551,12 +580,13 @@ def smoothed_pipeline(front: nn.Module | None, blackbox: Callable) -> LocalBlack
 def certify_front(front: nn.Module | None, blackbox: Callable, data, sigma: float, *, n0: int = 100,
                   n: int = 100_000, alpha: float = 0.001, max_examples: int = 100, batch_size: int = 1000,
                   seed: int = 0, log_path: str | Path | None = None, progress: bool = True,
-                  resume: bool = False, settings: dict | None = None) -> CertifyRun:
+                  resume: bool = False, settings: dict | None = None, executor=None) -> CertifyRun:
     """CERTIFY the first ``max_examples`` test images through ``f(front(x + noise))``.
 
     ``data``: images with ``x_test [N, C, H, W]``, ``y_test [N]`` and ``classes`` (a ``Dataset``),
     or a ``--data`` value. Returns the :class:`CertifyRun` (rows, queries = noisy samples,
-    samples/s); the per-example log goes to ``log_path``. ``resume`` and ``settings`` are
+    samples/s); the per-example log goes to ``log_path``. ``resume``, ``settings`` and
+    ``executor`` (where the images are certified, the same rows anywhere) are
     :func:`certify_dataset`'s; the data's fingerprint is always among the settings.
     """
     from deepzero_oracle.apps.datasets import data_fingerprint, load_data
@@ -565,5 +595,5 @@ def certify_front(front: nn.Module | None, blackbox: Callable, data, sigma: floa
     xs, ys = data.x_test[:max_examples], data.y_test[:max_examples]
     smooth = Smooth(smoothed_pipeline(front, blackbox), data.classes, sigma)
     return certify_dataset(smooth, xs, ys, n0, n, alpha, batch_size, seed=seed, log_path=log_path,
-                           progress=progress, resume=resume,
+                           progress=progress, resume=resume, executor=executor,
                            settings={"data_sha256": data_fingerprint(data), **(settings or {})})

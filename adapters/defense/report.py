@@ -16,13 +16,35 @@ from deepzero_oracle.stats import paired_sign_test, proportion_interval
 
 from .certify_log import read_log
 
-__all__ = ["outcomes", "summarize", "summary_markdown", "plot_with_bands"]
+__all__ = ["outcomes", "pool_seeds", "summarize", "summary_markdown", "plot_with_bands"]
 
 
-def outcomes(rows, radii) -> dict[str, dict[int, bool]]:
-    """``{str(r): {image idx: certified correctly with radius >= r}}`` from a log's rows."""
-    return {str(float(r)): {int(row["idx"]): bool(int(row["correct"])) and float(row["radius"]) >= r for row in rows}
+def _rows(log) -> list[dict]:
+    """A log given as a path (read) or as rows already read."""
+    return log if isinstance(log, list) else read_log(log)
+
+
+def outcomes(rows, radii) -> dict[str, dict[tuple[int, int], bool]]:
+    """``{str(r): {(seed, image idx): certified correctly with radius >= r}}`` from a log's rows
+    (``seed`` is the row's ``"seed"``, 0 when absent: pooled rows of several seeds carry it)."""
+    return {str(float(r)): {(int(row.get("seed", 0)), int(row["idx"])): bool(int(row["correct"]))
+                            and float(row["radius"]) >= r for row in rows}
             for r in radii}
+
+
+def pool_seeds(logs_by_seed: Mapping[int, Mapping[str, object]]) -> dict[str, list[dict]]:
+    """Pool per-seed logs ``{seed: {name: path or rows}}`` into ``{name: rows}`` whose rows carry
+    their ``"seed"``, so paired tests pair (seed, image) and intervals count every seed's images.
+
+    Only names certified under every seed are pooled (a method missing from one seed would
+    make the pooled methods differ in their images).
+    """
+    seeds = list(logs_by_seed)
+    names = [n for n in logs_by_seed[seeds[0]] if all(n in logs_by_seed[s] for s in seeds)]
+    return {name: [{**row, "seed": seed}
+                   for seed in seeds
+                   for row in _rows(logs_by_seed[seed][name])]
+            for name in names}
 
 
 def summarize(logs: Mapping[str, object], radii, queries: Mapping[str, int] | None = None) -> dict:
@@ -32,7 +54,7 @@ def summarize(logs: Mapping[str, object], radii, queries: Mapping[str, int] | No
     Paired tests use the images both logs certified (``n``); ``a_only`` counts images only this
     method certifies at r.
     """
-    outs = {name: outcomes(read_log(log) if not isinstance(log, list) else log, radii) for name, log in logs.items()}
+    outs = {name: outcomes(_rows(log), radii) for name, log in logs.items()}
     table = {}
     for name, by_r in outs.items():
         row = {}
@@ -86,7 +108,7 @@ def plot_with_bands(logs: Mapping[str, object], path, *, max_radius: float | Non
     """Certified accuracy against radius per method, with a 95% Clopper-Pearson band."""
     from matplotlib.figure import Figure
 
-    rows_by = {name: read_log(log) if not isinstance(log, list) else log for name, log in logs.items()}
+    rows_by = {name: _rows(log) for name, log in logs.items()}
     top = max_radius or max((max((float(r["radius"]) for r in rows), default=0.0) for rows in rows_by.values()),
                             default=1.0) or 1.0
     grid = np.linspace(0.0, top, 101)

@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
+from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder
 from deepzero_oracle.atomic import write_json
 
 __all__ = ["register", "report", "run_method", "write_config"]
@@ -31,7 +31,8 @@ TRAJECTORIES = "trajectories.npz"  # what `sol generate` writes into --out
 _REPORT_FILES = ("report.md", "report.json", "error_over_time.png", "snapshot.png")
 
 
-def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = True, restart: bool = False) -> dict:
+def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = True, restart: bool = False,
+               executor=None) -> dict:
     """Train (if needed) and evaluate one method of a comparison; writes ``<out>/<method>/eval.json``.
 
     Args:
@@ -39,6 +40,7 @@ def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = 
         trajectories: the data (`Trajectories`).
         solver: a `Solver` (or a plain callable): rolls out evaluation, computes NON's pairs (cached in
             ``<out>/data``), answers ZO-SOL's queries and gives FO-SOL its torch step.
+        executor: where ZO-SOL's queries run (``open_executor``); None: here.
     Returns:
         ``{"method", "mae_mean", "mae_std", "queries", "solver_calls", "seconds", "steps", "mae_per_sim",
         "mae_over_time", "diverged"}``.
@@ -48,7 +50,8 @@ def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = 
 
     run = Path(out) / method
     data = None if method == "src" else prepare_data(trajectories, solver, cache_dir=Path(out) / "data")
-    summary = train_method(cfg, method, data, run, solver=solver, progress=progress, restart=restart)
+    summary = train_method(cfg, method, data, run, solver=solver, progress=progress, restart=restart,
+                           executor=executor)
     return _evaluate(cfg, method, trajectories, solver, run, summary)
 
 
@@ -167,6 +170,8 @@ def _train(args) -> int:
     from deepzero_oracle.adapters.sol.methods import build_corrector, check_resumable
     from deepzero_oracle.adapters.sol.solver import open_solver
     from deepzero_oracle.blackbox.spec import BlackBoxSpec
+    from deepzero_oracle.parallel import InlineExecutor, open_executor
+    from deepzero_oracle.parallel.payloads import to_bytes
 
     out = Path(args.out)
     if args.solver:
@@ -174,16 +179,19 @@ def _train(args) -> int:
     saved = _saved_config(out)
     cfg = _recipe(args, saved)
     traj, path = _data(args, out, saved, cfg.unroll)
-    with open_solver(args.solver, traj, timeout=args.timeout) as solver:
+    with open_executor(args.executor) as pool, open_solver(args.solver, traj, timeout=args.timeout) as solver:
         # every check before anything is written: FO-SOL's gradient path, the corrector
         if args.method == "fo-sol":
             solver.gradient_step(traj)
+        if args.method == "zo-sol" and not isinstance(pool, InlineExecutor):
+            to_bytes(solver, pool)  # the workers call the solver: refuse one that cannot travel there, now
         if args.method != "src":
             build_corrector(cfg, prepare_data(traj))
             if not args.restart:
                 check_resumable(cfg, args.method, traj, solver, out / args.method)
         write_config(out, cfg, traj, path)
-        r = run_method(cfg, args.method, out, traj, solver, progress=not args.quiet, restart=args.restart)
+        r = run_method(cfg, args.method, out, traj, solver, progress=not args.quiet, restart=args.restart,
+                       executor=pool)
     _print_result(args, traj.label, r, "train")
     return 0
 
@@ -253,7 +261,7 @@ def _compare(args) -> int:
             data = ["--data", str(args.data)] if args.data else []
             solver = ["--solver", args.solver, "--timeout", str(args.timeout)] if args.solver else []
             _run_sol(["train", "--out", str(folder), "--method", m, "--seed", str(seed), *data, *solver,
-                      *recipe, *common])
+                      "--executor", args.executor, *recipe, *common])
         folders[seed] = folder
     result = pooled_report(out, folders, train_steps=_train_length(folders[seeds[0]]))
     print(json.dumps(result["pooled"]) if args.json else (out / "report.md").read_text())
@@ -386,6 +394,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                   "the built-in scenario's in-process step, for data from `sol generate`")
     _recipe_flags(train)
     train.add_argument("--seed", type=int, default=None, help=f"seeds the corrector init and windows (default {d.seed})")
+    add_executor(train, "ZO-SOL's queries (each step's rollouts split into one block per worker)")
     add_json(train)
     add_quiet(train)
     train.set_defaults(func=_train)
@@ -409,6 +418,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _solver_flags(cmp_, "answers every method", "the built-in scenario's in-process step")
     _scenario_flags(cmp_)
     _recipe_flags(cmp_)
+    add_executor(cmp_, "ZO-SOL's queries (each `sol train` opens it anew)")
     add_json(cmp_)
     add_quiet(cmp_)
     cmp_.set_defaults(func=_compare)

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deepzero_oracle import CGE, Autograd, MaskSchedule, SampledBatches, Trainer
+from deepzero_oracle import CGE, Autograd, Callback, MaskSchedule, SampledBatches, Trainer
 from deepzero_oracle.atomic import write_json
+from deepzero_oracle.parallel import InlineExecutor, parallelize
+from deepzero_oracle.parallel.executors import executor_slots
 from deepzero_oracle.pruning import uniform_ratios
 from deepzero_oracle.theta import parameter_slots
 from deepzero_oracle.train import check_settings
@@ -96,19 +98,23 @@ def training_windows(data: SOLData, *, unroll: int, batch_size: int,
 
 
 def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver,
-                   progress: bool = True) -> tuple[Trainer, SampledBatches]:
+                   progress: bool = True, executor=None) -> tuple[Trainer, SampledBatches]:
     """The ``Trainer`` and the window source of one trained method (``non``, ``fo-sol``, ``zo-sol``).
 
     Args:
         cfg, data: the comparison's recipe and data (`prepare_data`).
         run_dir: the method's folder (checkpoint, logs).
         solver: a `Solver` (or a plain callable): ZO-SOL's black box, FO-SOL's torch step.
+        executor: where ZO-SOL's queries run (``open_executor``; None: here). Each step's
+            ``active + 1`` rollouts are split into one block per worker slot, each rolled out by
+            its own solver calls padded to the block: the loss of a row does not depend on the
+            other rows of its call (independent simulations), so the results equal inline ones.
     Raises:
         ValueError: FO-SOL with a solver that has no gradient path; an unfit ``--corrector``.
     """
     solver = Solver.of(solver)
     corr = build_corrector(cfg, data)
-    masks = None
+    masks, callbacks = None, []
     if method == "non":
         oracle, estimator = SOLOracle(corr, None, 1), Autograd()
     elif method == "fo-sol":
@@ -119,8 +125,13 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
         masks = MaskSchedule(slots, uniform_ratios(slots, cfg.sparsity), redraw_every=cfg.redraw_every, unit="step")
         # f(theta) rides in the same solver calls as its perturbations (CGE joint=True), so a
         # solver whose batch members interact cannot bias the differences
-        oracle = SOLOracle(corr, solver, cfg.unroll, max_batch=masks.active + 1)
+        rows = masks.active + 1
+        fanned = executor is not None and not isinstance(executor, InlineExecutor)
+        block = -(-rows // executor_slots(executor)) if fanned else rows
+        oracle = parallelize(SOLOracle(corr, solver, cfg.unroll, max_batch=block), executor, block=block)
         estimator = CGE(mu=cfg.mu, joint=True)
+        if fanned:
+            callbacks.append(_WorkerSolverCalls(-(-rows // block) * cfg.unroll))
     else:
         raise ValueError(f"method must be one of {METHODS[1:]} to train, got {method!r}")
     opt = torch.optim.Adam(corr.parameters(), lr=cfg.zo_rate if method == "zo-sol" else cfg.lr)
@@ -130,10 +141,21 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
         if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
     settings = method_settings(cfg, method, data.trajectories, solver)
     trainer = Trainer(oracle, estimator, opt, scheduler=schedule, scheduler_interval="step", mask_schedule=masks,
-                      out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings, seed=cfg.seed,
-                      progress=progress, desc=f"{data.trajectories.label} {method}")
+                      callbacks=callbacks, out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings,
+                      seed=cfg.seed, progress=progress, desc=f"{data.trajectories.label} {method}")
     windows = training_windows(data, unroll=cfg.unroll, batch_size=cfg.batch_size, pairs=method == "non")
     return trainer, SampledBatches(windows, seed=cfg.seed)
+
+
+class _WorkerSolverCalls(Callback):
+    """Counts the solver calls an executor's workers make (out of this process's sight): each
+    block of a step's rollouts is ``unroll`` calls, so a step costs a fixed ``per_step``."""
+
+    def __init__(self, per_step: int):
+        self.per_step = per_step
+
+    def on_step_end(self, trainer, metrics):
+        trainer.oracle.oracle.solver_calls += self.per_step
 
 
 def method_settings(cfg: SOLConfig, method: str, trajectories: Trajectories, solver) -> dict:
@@ -153,13 +175,14 @@ def check_resumable(cfg: SOLConfig, method: str, trajectories: Trajectories, sol
 
 
 def train_method(cfg: SOLConfig, method: str, data: SOLData | None, run_dir, *, solver,
-                 progress: bool = True, restart: bool = False) -> dict:
+                 progress: bool = True, restart: bool = False, executor=None) -> dict:
     """Train one method's corrector (``src`` trains nothing, and needs no data); resumes from ``run_dir``.
 
     Args:
         cfg, data: recipe and `SOLData`; run_dir: the method's folder.
         solver: a `Solver` (or a plain callable ``f(state, params)``).
         restart: start over instead of continuing a checkpoint in ``run_dir``.
+        executor: where ZO-SOL's queries run (`method_trainer`); None: here.
     Returns:
         ``{"method", "solver" (its spec), "step", "queries" (of the black-box solver: ZO-SOL only),
         "solver_calls", "seconds", "history": [loss per step]}``; also written to ``run_dir/train.json``.
@@ -174,7 +197,8 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData | None, run_dir, *, 
     if method == "src":
         summary = {"method": method, "step": 0, "queries": 0, "solver_calls": 0, "seconds": 0.0, "history": []}
     else:
-        trainer, windows = method_trainer(cfg, method, data, run_dir, solver=solver, progress=progress)
+        trainer, windows = method_trainer(cfg, method, data, run_dir, solver=solver, progress=progress,
+                                          executor=executor)
         trainer.fit(windows, max_steps=cfg.steps, resume=not restart)
         # queries of the black-box solver: NON and FO-SOL evaluate their loss in process (by
         # autograd, one engine query per step) and never query the black box

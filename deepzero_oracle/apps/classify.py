@@ -18,13 +18,14 @@ from deepzero_oracle.batches import TensorBatches
 from deepzero_oracle.errors import EXIT_BUDGET, EXIT_OK, SettingsMismatch
 from deepzero_oracle.estimators import CGE, RGE, Autograd
 from deepzero_oracle.module_oracle import ModuleOracle
+from deepzero_oracle.parallel import open_executor, parallelize
 from deepzero_oracle.pruning import (PRUNERS, MaskSchedule, class_balanced_sample, is_bias_or_norm, load_ratios,
                                      random_ratios, ratios_from_scores, save_ratios, uniform_ratios, zo_grasp_scores)
 from deepzero_oracle.train import TensorBoardLogger, Trainer
 
 from deepzero_oracle.apps.datasets import DATASETS, load_dataset
 from deepzero_oracle.apps.models import MODELS, build_model
-from deepzero_oracle.apps.options import add_command, add_json, add_quiet, add_run_folder
+from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder
 
 ESTIMATORS = ("cge", "rge", "fo")
 # what decides the layer-wise ratios (kept beside them in ratios.json)
@@ -123,14 +124,20 @@ def accuracy_and_loss(learner, x, y, batch: int = 1024) -> tuple[float, float]:
     return correct / len(x), total_loss / len(x)
 
 
-def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: bool = True) -> dict:
+def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: bool = True,
+                     executor: str = "inline") -> dict:
     """Train per ``recipe``; writes ``metrics.json`` (with ``test_correct``, 0/1 per test image,
     for paired comparisons), ``metrics.csv``, ``steps.csv``,
     ``checkpoint.pt``, ``ratios.json`` (sparse runs) and ``curves.png`` under ``out_dir`` and
     returns the metrics dict. With ``resume``, a run in ``out_dir`` is continued (its settings
-    must match); without, it is started over."""
+    must match); without, it is started over. ``executor`` (an ``open_executor`` spec) is where
+    the training steps' queries run; the results are the same on every executor."""
     recipe.check()
-    out = Path(out_dir)
+    with open_executor(executor) as pool:  # a bad spec or an unreachable scheduler fails here
+        return _train_classifier(recipe, Path(out_dir), pool, progress=progress, resume=resume)
+
+
+def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool, resume: bool) -> dict:
     if not resume:
         (out / "ratios.json").unlink(missing_ok=True)
     torch.manual_seed(recipe.seed)
@@ -157,7 +164,7 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: 
         return {"train_loss": train_loss, "train_accuracy": train_acc,
                 "test_loss": test_loss, "test_accuracy": test_acc}
 
-    trainer = Trainer(oracle, make_estimator(recipe), optimizer, scheduler=scheduler,
+    trainer = Trainer(parallelize(oracle, pool), make_estimator(recipe), optimizer, scheduler=scheduler,
                       scheduler_interval="step", mask_schedule=masks, evaluate=evaluate,
                       callbacks=[TensorBoardLogger(out / "tensorboard")], out_dir=out,
                       settings=recipe.settings(), seed=recipe.seed, progress=progress,
@@ -172,7 +179,7 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: 
         "test_accuracy": final["test_accuracy"],
         "train_accuracy": final["train_accuracy"],
         "test_loss": final["test_loss"],
-        "queries": oracle.queries,
+        "queries": trainer.oracle.queries,  # with an executor, the wrapper counts (ratios included)
         "seconds": round(trainer.seconds, 2),
         "estimator": recipe.estimator,
         "sparsity": recipe.sparsity,
@@ -213,7 +220,8 @@ def _train(args) -> int:
                     exempt_bias_norm=args.exempt_bias_norm, epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, mu=args.mu, q=args.q, max_queries=args.max_queries,
                     seed=args.seed, dtype=args.dtype)
-    metrics = train_classifier(recipe, args.out, progress=not args.quiet, resume=not args.restart)
+    metrics = train_classifier(recipe, args.out, progress=not args.quiet, resume=not args.restart,
+                               executor=args.executor)
     summary = {k: metrics[k] for k in ("test_accuracy", "queries", "seconds", "estimator", "sparsity",
                                        "stopped_reason")}
     print(json.dumps(summary, indent=None if args.json else 2))
@@ -251,6 +259,7 @@ def register(subparsers):
                    help="stop before exceeding this many queries (exit code 4 when it stops training)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seeds data split, init, batches, masks")
     p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype, help="learner dtype")
+    add_executor(p, "the training steps' queries")
     add_run_folder(p)
     add_json(p)
     add_quiet(p)

@@ -16,8 +16,9 @@ from importlib.metadata import entry_points
 from deepzero_oracle import __version__
 from deepzero_oracle.blackbox.errors import BlackBoxTimeout, BlackBoxUnavailable
 from deepzero_oracle.apps.options import HelpFormatter
-from deepzero_oracle.errors import (EXIT_BUDGET, EXIT_DIVERGED, EXIT_UNREACHABLE, EXIT_USAGE, NonFiniteLossError,
-                                    QueryBudgetExceeded, TrainingDiverged)
+from deepzero_oracle.errors import (EXIT_BUDGET, EXIT_DIVERGED, EXIT_UNREACHABLE, EXIT_USAGE, ExecutorUnavailable,
+                                    NonFiniteLossError, QueryBudgetExceeded, TrainingDiverged)
+from deepzero_oracle.parallel.executors import DASK_MISSING
 
 COMMANDS_GROUP = "deepzero_oracle.commands"
 # the order commands are listed in --help; commands of other packages follow, by name
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deepzero-oracle", formatter_class=HelpFormatter,
         description="Train neural networks in a loop with black boxes you can only query.",
         epilog="exit codes: 0 done, 2 usage or bad input, 3 training diverged, 4 query budget "
-               "exhausted, 5 black box unreachable")
+               "exhausted, 5 black box or executor unreachable")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # every command's parser (and its own subcommands') shows defaults, whoever registers it
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def exit_code(exc: BaseException) -> int | None:
     """The documented exit code for an error, or None for an unexpected one."""
+    if isinstance(exc, ExecutorUnavailable):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, ImportError) and str(exc) == DASK_MISSING:
+        return EXIT_USAGE  # an --executor that needs the [dask] extra
     cause = exc
     while cause is not None:  # a chunk failure wraps the black box's own error
         if isinstance(cause, (BlackBoxUnavailable, BlackBoxTimeout)):

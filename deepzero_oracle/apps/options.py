@@ -1,10 +1,13 @@
 """The conventions every ``deepzero-oracle`` command follows, in one place: ``--out`` run
 folders that continue by default (``--restart`` starts over), ``--json`` on commands that report,
-``--quiet`` for no progress bars, and defaults shown in ``--help``."""
+``--quiet`` for no progress bars, ``--executor`` where queries can fan out, and defaults shown
+in ``--help``."""
 
 from __future__ import annotations
 
 import argparse
+
+from deepzero_oracle.parallel.executors import EXECUTOR_FORMS, TLS_ENV, parse_executor_spec
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -44,4 +47,24 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-__all__ = ["HelpFormatter", "add_command", "add_json", "add_quiet", "add_run_folder"]
+def executor_spec(text: str) -> str:
+    """``--executor``'s argparse type: the spec as given, or an error listing the accepted forms."""
+    try:
+        parse_executor_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_executor(parser: argparse.ArgumentParser, what: str = "the oracle's queries") -> None:
+    """``--executor SPEC``: where ``what`` run (``open_executor`` opens it; default inline)."""
+    parser.add_argument(
+        "--executor", type=executor_spec, default="inline", metavar="SPEC",
+        help=f"where {what} run: {', '.join(EXECUTOR_FORMS)}. dask-local:N starts N one-thread worker "
+             "processes on this machine; dask:// and tls:// join a running `dask scheduler` (tls:// reads "
+             f"the client's PEM files from {', '.join(TLS_ENV.values())}). Results are bit-identical on "
+             "every executor")
+
+
+__all__ = ["HelpFormatter", "add_command", "add_executor", "add_json", "add_quiet", "add_run_folder",
+           "executor_spec"]

@@ -100,7 +100,8 @@ class FastPath:
             (see ``deepzero_oracle.fastpath``); results are the same either way, to rounding.
         working_set: target bytes for the largest stacked value of one chunk (default:
             ``default_working_set()``).
-    Pickling drops the features (they are per theta and rebuilt on demand).
+    Pickling drops the features (they are per theta and rebuilt on demand) and the traced graph
+    (traced again from the learner on load).
     """
 
     def __init__(self, learner: nn.Module, slots: list[ParamSlot], *, fast: bool = True,
@@ -125,7 +126,16 @@ class FastPath:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_features"] = None  # activations keyed by fx nodes: rebuilt on demand
+        # traced again on load: a traced GraphModule does not pickle when the learner's forward
+        # has string annotations (``from __future__ import annotations``)
+        state["graph"] = self.graph is not None
         return state
+
+    def __setstate__(self, state):
+        traced = state.pop("graph")
+        self.__dict__.update(state, graph=None)
+        if traced:
+            self.graph = GraphForward(self.learner)
 
     @property
     def active(self) -> bool:

@@ -6,8 +6,9 @@ splits into chunks that can run anywhere offering ``submit(fn, *args, **kwargs) 
 ``ProcessPoolExecutor``, or ``dask.distributed`` (a ``Client`` or its
 ``get_executor(pure=False)``; Dask is imported by nobody here, it is recognised by type name).
 
-Rooms: ``oracle`` (``ParallelOracle``: plan, submit, gather; ``ChunkError``), ``payloads``
-(what travels and how, the worker side), ``executors`` (``InlineExecutor``, executor sniffing).
+Rooms: ``oracle`` (``ParallelOracle``: plan, submit, gather; ``ChunkError``; ``parallelize``),
+``payloads`` (what travels and how, the worker side), ``executors`` (``InlineExecutor``,
+``open_executor`` for spec strings such as ``dask-local:2``, executor sniffing).
 
 What travels
 ------------
@@ -53,8 +54,9 @@ rows of its matrix, so a seeded RGE run is the same with and without an executor
 """
 
 from deepzero_oracle.estimators.directions import Directions
-from deepzero_oracle.parallel.executors import InlineExecutor
-from deepzero_oracle.parallel.oracle import ChunkError, ParallelOracle
+from deepzero_oracle.parallel.executors import EXECUTOR_FORMS, InlineExecutor, open_executor
+from deepzero_oracle.parallel.oracle import ChunkError, ParallelOracle, parallelize
 from deepzero_oracle.parallel.payloads import TRANSPORTS
 
-__all__ = ["ChunkError", "Directions", "InlineExecutor", "ParallelOracle", "TRANSPORTS"]
+__all__ = ["ChunkError", "Directions", "EXECUTOR_FORMS", "InlineExecutor", "ParallelOracle", "TRANSPORTS",
+           "open_executor", "parallelize"]

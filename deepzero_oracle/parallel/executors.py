@@ -1,10 +1,29 @@
-"""Executors: the inline default, and what we read off the others (Dask is recognised by type
-name and never imported here, so it stays optional)."""
+"""Executors: the inline default, ``open_executor`` (an executor from a spec string, as the
+command line's ``--executor`` takes it), and what we read off the others (Dask is recognised by
+type name and imported only by ``open_executor`` when a spec asks for it, so it stays optional)."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import multiprocessing as mp
 import os
+import re
+from typing import Iterator
+
+from deepzero_oracle.errors import ExecutorUnavailable
+
+#: The spec forms ``open_executor`` (and ``--executor``) accept.
+EXECUTOR_FORMS = ("inline", "threads:N", "processes:N", "dask-local:N", "dask://HOST:PORT",
+                  "tls://HOST:PORT")
+#: Environment variables naming the client's TLS files for ``tls://`` schedulers (PEM paths);
+#: unset ones fall back to Dask's own configuration (``distributed.comm.tls.*``).
+TLS_ENV = {"tls_ca_file": "DEEPZERO_ORACLE_DASK_TLS_CA_FILE",
+           "tls_client_cert": "DEEPZERO_ORACLE_DASK_TLS_CERT",
+           "tls_client_key": "DEEPZERO_ORACLE_DASK_TLS_KEY"}
+DASK_MISSING = "Dask executors need dask.distributed: pip install 'deepzero-oracle[dask]'"
+_COUNTED = re.compile(r"(threads|processes|dask-local):(\d+)")
+_REMOTE = re.compile(r"(dask|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
 class InlineExecutor(cf.Executor):
@@ -45,4 +64,119 @@ def executor_slots(executor) -> int:
     return int(getattr(executor, "_max_workers", 0) or os.cpu_count() or 1)
 
 
-__all__ = ["InlineExecutor", "dask_client", "executor_slots"]
+def parse_executor_spec(spec: str) -> tuple[str, int | str | None]:
+    """``(kind, value)`` of an executor spec: ``("inline", None)``, ``("threads", N)``,
+    ``("processes", N)``, ``("dask-local", N)`` or ``("dask", "tcp://HOST:PORT")`` /
+    ``("dask", "tls://HOST:PORT")``. Raises ValueError listing ``EXECUTOR_FORMS`` otherwise."""
+    text = str(spec).strip()
+    if text == "inline":
+        return "inline", None
+    counted = _COUNTED.fullmatch(text)
+    if counted and int(counted.group(2)) >= 1:
+        return counted.group(1), int(counted.group(2))
+    remote = _REMOTE.fullmatch(text)
+    if remote and 0 < int(remote.group(3)) < 65536:
+        scheme = "tcp" if remote.group(1) == "dask" else "tls"
+        return "dask", f"{scheme}://{remote.group(2)}:{remote.group(3)}"
+    raise ValueError(f"malformed executor spec {spec!r}; accepted forms: {', '.join(EXECUTOR_FORMS)} "
+                     "(N >= 1 workers, e.g. threads:4, dask-local:2, dask://10.0.0.5:8786)")
+
+
+@contextlib.contextmanager
+def open_executor(spec: str, *, connect_timeout: float = 5.0, security=None) -> Iterator[cf.Executor]:
+    """The executor a spec names, shut down (with whatever it started) on exit.
+
+    Specs (``EXECUTOR_FORMS``): ``inline`` (``InlineExecutor``); ``threads:N`` (a thread pool);
+    ``processes:N`` (a process pool, forkserver where available, torch at one thread per
+    worker); ``dask-local:N`` (a ``dask.distributed.LocalCluster`` on 127.0.0.1: N worker
+    processes with one thread each, its dashboard on a free local port; yields its ``Client``);
+    ``dask://HOST:PORT`` (a ``Client`` of a running scheduler); ``tls://HOST:PORT`` (the same
+    over TLS, with ``security`` or a ``distributed.security.Security`` from the ``TLS_ENV``
+    variables).
+
+    Args:
+        spec: one of the forms above.
+        connect_timeout: seconds to reach a remote scheduler and to see its first worker.
+        security: a ``distributed.security.Security`` for ``tls://`` (default: from ``TLS_ENV``).
+    Raises:
+        ValueError: a malformed spec, or ``tls://`` without the client's TLS files (before
+            anything starts).
+        ImportError: a Dask spec without dask.distributed installed.
+        ExecutorUnavailable: the scheduler cannot be reached or has no workers.
+    """
+    kind, value = parse_executor_spec(spec)
+    if kind == "inline":
+        yield InlineExecutor()
+    elif kind == "threads":
+        with cf.ThreadPoolExecutor(value, thread_name_prefix="deepzero-query") as pool:
+            yield pool
+    elif kind == "processes":
+        with cf.ProcessPoolExecutor(value, mp_context=_process_context(), initializer=_one_thread) as pool:
+            yield pool
+    elif kind == "dask-local":
+        distributed = _import_distributed()
+        # the dashboard Dask starts anyway: on a free local port, so several clusters coexist
+        with distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                      dashboard_address="127.0.0.1:0") as cluster, \
+                distributed.Client(cluster) as client:
+            yield client
+    else:
+        with _remote_client(value, connect_timeout, security) as client:
+            yield client
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ImportError(DASK_MISSING) from exc
+    return distributed
+
+
+def _process_context():
+    # forkserver: workers start from a clean server with torch imported once (fork is unsafe
+    # with threads, spawn re-imports torch per worker)
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "deepzero_oracle.parallel"])
+    return context
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one worker per core: torch's own threads would oversubscribe
+
+
+@contextlib.contextmanager
+def _remote_client(address: str, connect_timeout: float, security):
+    distributed = _import_distributed()
+    if address.startswith("tls://") and security is None:
+        from distributed.security import Security
+
+        files = {k: os.environ[v] for k, v in TLS_ENV.items() if os.environ.get(v)}
+        security = Security(require_encryption=True, **files)  # unset ones: from Dask's config
+        missing = [v for k, v in TLS_ENV.items() if not getattr(security, k)]
+        if missing:
+            raise ValueError(f"{address} needs the client's TLS files: set {', '.join(missing)} to PEM paths "
+                             "(or Dask's distributed.comm.tls configuration), or pass security=")
+    what = f"the TLS files ({', '.join(TLS_ENV.values())}), " if address.startswith("tls://") else ""
+    try:
+        client = distributed.Client(address, timeout=connect_timeout, security=security, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise ExecutorUnavailable(
+            f"cannot reach the Dask scheduler at {address} within {connect_timeout:g} s ({exc}); check that "
+            f"`dask scheduler` runs there and listens on that port, {what}and the firewalls on the way") from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ExecutorUnavailable(
+                f"the Dask scheduler at {address} has no workers after {connect_timeout:g} s ({exc}); start "
+                f"some with `dask worker {address}`") from None
+        yield client
+
+
+__all__ = ["DASK_MISSING", "EXECUTOR_FORMS", "InlineExecutor", "TLS_ENV", "dask_client", "executor_slots",
+           "open_executor", "parse_executor_spec"]

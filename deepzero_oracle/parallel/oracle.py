@@ -12,7 +12,7 @@ from deepzero_oracle.errors import BlackBoxError, NonFiniteLossError
 from deepzero_oracle.estimators.directions import Directions, direction_matrix
 from deepzero_oracle.oracle import Oracle
 from deepzero_oracle.parallel.executors import InlineExecutor, dask_client, executor_slots
-from deepzero_oracle.parallel.payloads import Job, Shipper, compact, default_transport, run_chunk
+from deepzero_oracle.parallel.payloads import Job, Shipper, compact, default_transport, run_chunk, to_bytes
 
 _KINDS = {"coordinate": "coordinates", "direction": "directions", "rows": "thetas"}
 
@@ -116,6 +116,16 @@ class ParallelOracle(Oracle):
     def end_step(self) -> None:
         """The wrapped oracle's end-of-step update (e.g. BatchNorm running statistics)."""
         self.oracle.end_step()
+
+    def state_dict(self) -> dict:
+        """The wrapped oracle's counters with this wrapper's query count: a checkpoint written
+        with an executor resumes without one, and the other way round."""
+        return {**self.oracle.state_dict(), "queries": self.queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``'s counters (the queries here, the rest on the wrapped oracle)."""
+        self.oracle.load_state_dict(state)
+        self.queries = int(state["queries"])
 
     def evaluate_gradient(self, theta) -> tuple[torch.Tensor, torch.Tensor]:
         """The wrapped oracle's ``(exact gradient [dim], loss)`` at ``theta [dim]``, computed
@@ -275,10 +285,23 @@ class ParallelOracle(Oracle):
         return self.last_chunks
 
 
+def parallelize(oracle: Oracle, executor, **options) -> Oracle:
+    """The oracle to train with on ``executor``: ``oracle`` itself when ``executor`` is None or
+    an ``InlineExecutor`` (nothing to fan out), else ``ParallelOracle(oracle, executor,
+    **options)`` (same losses, exact counts; ``options`` as ``ParallelOracle`` takes them).
+    Raises ``NotShippable`` now, before any work, if the oracle cannot travel to the workers."""
+    if executor is None or isinstance(executor, InlineExecutor):
+        return oracle
+    parallel = ParallelOracle(oracle, executor, **options)
+    if parallel.transport != "live":
+        to_bytes(oracle, executor)
+    return parallel
+
+
 def _cancel(futures) -> None:
     """Cancel the futures not yet started (they need not run)."""
     for future in futures:
         future.cancel()
 
 
-__all__ = ["ChunkError", "ParallelOracle"]
+__all__ = ["ChunkError", "ParallelOracle", "parallelize"]

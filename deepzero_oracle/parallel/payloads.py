@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from deepzero_oracle.blackbox.local import as_tensor
+from deepzero_oracle.errors import NotShippable
 from deepzero_oracle.estimators.directions import Directions
 from deepzero_oracle.oracle import Oracle, QueryLedger
 from deepzero_oracle.parallel.executors import InlineExecutor, dask_client
@@ -141,15 +142,7 @@ class Shipper:
             return _Live(payload)
         if isinstance(payload, tuple):  # a pickled view carries its whole storage
             payload = tuple(compact(part) for part in payload)
-        try:
-            data = _pickler.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise TypeError(
-                f"cannot ship {type(payload).__name__} to the workers of "
-                f"{type(self.executor).__name__} because it does not pickle ({exc}); make the "
-                f"oracle picklable (module-level functions, no open connections) or use the "
-                f"InlineExecutor (nothing is pickled)"
-            ) from exc
+        data = to_bytes(payload, self.executor)
         token = hashlib.blake2b(data, digest_size=16).hexdigest()
         if token in self._shipped:  # already with the workers: send the name only
             self._shipped.move_to_end(token)
@@ -177,6 +170,21 @@ class Shipper:
         """Release shipped payloads (Dask futures, spool files); the next one is re-shipped."""
         self._closer()
         self._closer = weakref.finalize(self, _cleanup, self._shipped, self._spool_dir)
+
+
+def to_bytes(payload, executor) -> bytes:
+    """``payload`` pickled for ``executor``'s workers (cloudpickle when installed, so lambdas and
+    closures travel by value; ``pickle.loads`` reads it back). Raises ``NotShippable`` (a
+    TypeError), saying what to do, if it does not pickle."""
+    try:
+        return _pickler.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise NotShippable(
+            f"cannot ship {type(payload).__name__} to the workers of {type(executor).__name__} "
+            f"because it does not pickle ({exc}); make it picklable (module-level functions, no "
+            f"open connections: e.g. an in-process black box instead of a remote one) or use the "
+            f"InlineExecutor (nothing is pickled)"
+        ) from exc
 
 
 def compact(value):
@@ -329,4 +337,4 @@ def run_chunk(state, request, job: Job):
 
 
 __all__ = ["CACHE_SIZE", "Job", "Shipper", "TRANSPORTS", "compact", "default_transport",
-           "run_chunk"]
+           "run_chunk", "to_bytes"]
