@@ -141,7 +141,7 @@ def one_weight_delta(m, attr, local, mu, x, base_out, helper):
             return Delta(unit, (base_out[:, unit].T + change).unsqueeze(-1))
         out = base_out.unsqueeze(0).repeat(P, *([1] * base_out.dim()))
         flat = out.reshape(P, -1, m.out_features)
-        flat[torch.arange(P), :, unit] += change
+        flat[torch.arange(P, device=unit.device), :, unit] += change
         return out.reshape(P * base_out.shape[0], *base_out.shape[1:])
     if attr == "bias":  # Conv2d or BatchNorm bias: channel `local` moves by mu
         return Delta(local, base_out[:, local].transpose(0, 1).unsqueeze(2) + mu)
@@ -308,7 +308,7 @@ def _conv2d(m, delta, x_base, out_base, weight):
         # product (oneDNN's convolution is slow for so few input channels), written in place.
         patches = conv_patches(m, change.reshape(P * B, k, *change.shape[3:]))  # [P*B, k*kh*kw, L]
         O = weight.shape[0]
-        y = torch.empty(P * B, O, patches.shape[-1], dtype=change.dtype)
+        y = torch.empty(P * B, O, patches.shape[-1], dtype=change.dtype, device=change.device)
         start = 0
         for block, n in zip(blocks.tolist(), counts.tolist()):
             w = weight[:, block * k : (block + 1) * k].reshape(O, -1)
