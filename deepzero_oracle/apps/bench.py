@@ -360,14 +360,15 @@ def _isolated(fn, *args, **kwargs):
 
 def markdown_sparse(results: list[dict]) -> str:
     """``sparse_step_bench`` results as markdown: one row per model, batch and method."""
-    lines = ["| model | batch | coords/step | method | coords/s | s/step | speedup | necessary GFLOP/s "
-             "(share of matmul) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | coords/step | method | coords/s | s/step | engine's speedup over it | "
+             "GFLOPs/step | necessary GFLOP/s (share of matmul) | peak RSS MiB so far |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for method, m in r["methods"].items():
-            speedup = r["methods"][method]["seconds_per_step"] / r["methods"]["engine"]["seconds_per_step"]
+            speedup = m["seconds_per_step"] / r["methods"]["engine"]["seconds_per_step"]
             lines.append(f"| {r['model']} | {r['batch']} | {r['coordinates_per_step']:,} | {method} | "
-                         f"{m['coords_per_s']:.0f} | {m['seconds_per_step']:.1f} | "
-                         f"{'1' if method == 'engine' else f'1/{speedup:.1f}'} | "
+                         f"{m['coords_per_s']:.2f} | {m['seconds_per_step']:.0f} | "
+                         f"{'-' if method == 'engine' else f'{speedup:.1f}x'} | {m['gflops_per_step']:,.0f} | "
                          f"{m['necessary_gflops_per_s']:.2f} ({100 * m['flop_efficiency']:.1f}%) | "
                          f"{m['peak_rss_mb_after']:.0f} |")
     lines += ["", "| model | batch | speedup vs loop | speedup vs released | coords_per_forward | "
