@@ -100,7 +100,7 @@ class ModuleOracle(LearnerOracle):
         return self._head(self.fastpath.outputs(self._require_data(), thetas), len(thetas))
 
     def evaluate_coordinates(self, theta, coords, mu):
-        losses = torch.empty(len(coords), dtype=theta.dtype)
+        losses = torch.empty(len(coords), dtype=theta.dtype, device=theta.device)
         groups = self.fastpath.coordinate_outputs(self._require_data(), theta, coords, mu, self.max_batch)
         for where, outputs in groups:
             losses[where] = self._head(outputs, len(where)).to(theta.dtype)

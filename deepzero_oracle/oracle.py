@@ -119,7 +119,7 @@ class Oracle:
         (``deepzero_oracle.estimators.directions``), which is made into its rows here.
         """
         theta = self._as_vector(theta)
-        dirs = self._as_vector(direction_matrix(dirs), rows=True)
+        dirs = self._as_vector(direction_matrix(dirs), rows=True).to(theta.device)  # recipes draw on the CPU
         return self._chunked(len(dirs), lambda s: self.evaluate_directions(theta, dirs[s], float(mu)),
                              self.dense_chunk(theta))
 
@@ -163,7 +163,7 @@ class Oracle:
         """Hook: ``loss(theta + mu e_i)`` for ``coords [C]`` -> ``[C]`` (default: via
         ``evaluate_losses`` on moved copies of theta)."""
         thetas = theta.repeat(len(coords), 1)
-        thetas[torch.arange(len(coords)), coords] += mu
+        thetas[torch.arange(len(coords), device=coords.device), coords] += mu
         return self.evaluate_losses(thetas)
 
     def evaluate_directions(self, theta: torch.Tensor, dirs: torch.Tensor, mu: float) -> torch.Tensor:

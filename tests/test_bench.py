@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from deepzero_oracle.apps.cli import main
 
 
@@ -18,3 +20,38 @@ def test_engine_benchmark_runs_at_tiny_size(tmp_path, capsys):
                                         "no feature reuse"}
     assert json.loads((tmp_path / "engine.json").read_text())["results"]
     assert "speedup" in (tmp_path / "engine.md").read_text()
+
+
+def test_released_cge_and_the_loop_agree_with_the_engine_on_a_resnet():
+    """The two baselines of `bench --model resnet*` compute the same losses as the engine."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepzero_oracle import ModuleOracle
+    from deepzero_oracle.apps.bench import ReferenceLoop, ReleasedCGE
+    from deepzero_oracle.apps.models import resnet
+
+    learner = resnet((3, 6, 6), 10, 1, widths=(2, 4, 8)).double().train()
+    x, y = torch.rand(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 10, (4,))
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    coords = torch.tensor([0, 5, 60, 200, oracle.dim - 1])
+    want = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+    for baseline in (ReleasedCGE(learner, F.cross_entropy, x, y), ReferenceLoop(learner, F.cross_entropy, x, y)):
+        assert torch.allclose(baseline.losses(coords, 1e-3), want, rtol=0, atol=1e-12)
+    # the released cge works on its own copy: the learner's parameters are where they were
+    assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items() if "running" not in k
+               and "num_batches" not in k)
+
+
+@pytest.mark.slow
+def test_sparse_resnet_benchmark_runs(tmp_path, capsys):
+    assert main(["bench", "--model", "resnet8", "--batch-size", "2", "--engine-coords", "1", "--loop-coords", "1",
+                 "--released-coords", "1", "--grasp-queries", "1", "--out", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (result,) = report["results"]
+    for key in ("speedup_vs_loop", "speedup_vs_released", "coords_per_forward", "peak_rss_mb"):
+        assert result[key] > 0
+    assert result["max_abs_diff"] <= 1e-3 * 10  # float32 forward differences with mu = 5e-3
+    assert set(result["methods"]) == {"engine", "loop", "released"}
+    assert (tmp_path / "engine-resnet8.md").exists()

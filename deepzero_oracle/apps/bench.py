@@ -8,14 +8,23 @@ report ratios (absolute times mean little on a shared machine).
 Per parameter tensor, each method is timed on a sample of coordinates; the time for all
 coordinates is the sum over tensors of ``numel / rate`` (``--loop-coords 0`` times the loop on
 every coordinate instead). The engine is also timed directly on all coordinates.
+
+``--model resnet8|resnet20`` benchmarks a sparse CGE step instead (``sparse_step_bench``): random
+3x32x32 images, a 90%-sparse coordinate mask with ZO-GraSP layer ratios, and a second baseline,
+DeepZero's released non-distributed ``cge`` (``ReleasedCGE``). Each batch size is measured in
+a child process of its own, so its peak resident memory is that measurement's.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -24,10 +33,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.estimators.rge import RGE
 from deepzero_oracle.module_oracle import ModuleOracle
+from deepzero_oracle.pruning import random_mask, ratios_from_scores, zo_grasp_scores
 
 from deepzero_oracle.apps.datasets import load_dataset
-from deepzero_oracle.apps.models import cnn, mlp
+from deepzero_oracle.apps.models import build_model, cnn, mlp
 from deepzero_oracle.apps.options import add_command, add_json
 
 ABLATIONS = {
@@ -51,6 +62,7 @@ class ReferenceLoop:
         for i, layer in enumerate(self.layers):
             for p in layer.parameters():
                 self.owner.append((i, p))
+        self.locate = CoordinateLocator([p.numel() for _, p in self.owner])
         with torch.no_grad():  # the input of every layer, once
             self.inputs, h = [], x
             for layer in self.layers:
@@ -58,20 +70,59 @@ class ReferenceLoop:
                 h = layer(h)
 
     def losses(self, coords: torch.Tensor, mu: float) -> torch.Tensor:
-        sizes = torch.tensor([p.numel() for _, p in self.owner])
-        starts = torch.cumsum(sizes, 0) - sizes
         out = []
         with torch.no_grad():
             for c in coords.tolist():
-                k = int(torch.searchsorted(starts, torch.tensor(c), right=True)) - 1
+                k, local = self.locate(c)
                 layer_index, p = self.owner[k]
                 flat = p.data.view(-1)
-                flat[c - starts[k]] += mu
+                flat[local] += mu
                 h = self.inputs[layer_index]
                 for layer in self.layers[layer_index:]:
                     h = layer(h)
                 out.append(self.loss_fn(h, self.y))
-                flat[c - starts[k]] -= mu
+                flat[local] -= mu
+        return torch.stack(out)
+
+
+class CoordinateLocator:
+    """``locate(c) -> (k, local)``: coordinate c of theta is entry ``local`` of tensor k, for
+    tensors of ``sizes`` laid out one after the other."""
+
+    def __init__(self, sizes: list[int]):
+        sizes_t = torch.tensor(sizes)
+        self.starts = torch.cumsum(sizes_t, 0) - sizes_t
+
+    def __call__(self, c: int) -> tuple[int, int]:
+        k = int(torch.searchsorted(self.starts, torch.tensor(c), right=True)) - 1
+        return k, c - int(self.starts[k])
+
+
+class ReleasedCGE:
+    """DeepZero's released non-distributed ``cge``, as written there, in our words: per
+    coordinate, a deep copy of the whole parameter dict, the one entry moved, the copy loaded
+    into the model with ``load_state_dict`` and a full forward. No feature reuse, no batching.
+
+    Runs on its own deep copy of ``learner`` (its train-mode forwards move running statistics).
+    ``losses(coords, mu) -> [C]``: loss with ``theta + mu e_i`` for each coordinate i.
+    """
+
+    def __init__(self, learner: nn.Module, loss_fn, x, y):
+        self.model, self.loss_fn, self.x, self.y = copy.deepcopy(learner), loss_fn, x, y
+        self.params = {k: v.detach().clone() for k, v in self.model.named_parameters() if v.requires_grad}
+        self.names = list(self.params)
+        self.locate = CoordinateLocator([v.numel() for v in self.params.values()])
+
+    def losses(self, coords: torch.Tensor, mu: float) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for c in coords.tolist():
+                k, local = self.locate(c)
+                perturbed = copy.deepcopy(self.params)
+                perturbed[self.names[k]].view(-1)[local] += mu
+                self.model.load_state_dict(perturbed, strict=False)
+                out.append(self.loss_fn(self.model(self.x), self.y))
+        self.model.load_state_dict(self.params, strict=False)
         return torch.stack(out)
 
 
@@ -186,6 +237,164 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
     }
 
 
+def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """Measured float32 GFLOP/s of an ``n x n`` matmul (the median of ``repeats``): the
+    machine's attainable rate, against which FLOP efficiencies are stated."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n**3 / statistics.median(_timed(lambda: a @ b)[1] for _ in range(repeats)) / 1e9
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sparse_step_bench(name: str, batch: int, *, sparsity: float = 0.9, engine_coords: int = 64,
+                      loop_coords: int = 2, released_coords: int = 12, grasp_queries: int = 16,
+                      mu: float = 5e-3, seed: int = 0) -> dict:
+    """One sparse CGE step of model ``name`` (train mode) on ``batch`` random 3x32x32 images:
+    engine vs the faithful loop (``ReferenceLoop``) vs the released ``cge`` (``ReleasedCGE``).
+
+    Layer ratios come from ZO-GraSP (``grasp_queries`` shared RGE directions on 64 images) at
+    ``sparsity``; a random mask with those ratios picks the step's coordinates. Per parameter
+    tensor the engine is timed on up to ``engine_coords`` of them and the loop on up to
+    ``loop_coords``; the released ``cge`` costs the same for every coordinate, so it is timed on
+    ``released_coords`` drawn from the whole mask. Seconds per step are projected as
+    ``sum over tensors of kept / rate``, plus one forward (the loss at theta). FLOPs are
+    multiply-adds of matmuls and convolutions (``FlopCounterMode``); the necessary FLOPs of a
+    step are the engine's. Returns a dict (see ``markdown_sparse``).
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    learner = build_model(name, (3, 32, 32), 10).train()
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x[:64], y[:64])
+    theta = oracle.theta()
+    scores = zo_grasp_scores(oracle, theta, RGE(q=grasp_queries, mu=mu), gen)
+    ratios = ratios_from_scores(oracle.slots, scores, sparsity)
+    mask = random_mask(oracle.slots, ratios, gen)
+    # warm-up and the fast path's one-time self-check (on a few rows: it runs the generic path)
+    oracle.bind(x[:8], y[:8]).coordinate_losses(theta, torch.tensor([0, 1]), mu)
+    oracle.bind(x, y)
+    kept = [mask[s.offset:s.stop].nonzero().reshape(-1) + s.offset for s in oracle.slots]
+    counts = [len(k) for k in kept]
+
+    def pick(coords, n):
+        return coords[torch.randperm(len(coords), generator=gen)[:n]].sort().values
+
+    with torch.no_grad():
+        learner(x)
+        forward_s = statistics.median(_timed(lambda: learner(x))[1] for _ in range(3))
+    rss = {"setup": peak_rss_mb()}
+
+    def per_tensor_seconds(losses_of, per_tensor):
+        seconds, samples, values = 0.0, [], []
+        for coords, n in zip(kept, counts):
+            if n == 0:
+                continue
+            sample = pick(coords, per_tensor)
+            losses, t = _timed(lambda: losses_of(sample))
+            seconds += n * t / len(sample)
+            samples.append(sample)
+            values.append(losses)
+        return seconds, torch.cat(samples), torch.cat(values)
+
+    engine_s, _, _ = per_tensor_seconds(lambda c: oracle.coordinate_losses(theta, c, mu), engine_coords)
+    rss["engine"] = peak_rss_mb()
+    loop = ReferenceLoop(copy.deepcopy(learner), F.cross_entropy, x, y)
+    loop_s, loop_sample, loop_losses = per_tensor_seconds(lambda c: loop.losses(c, mu), loop_coords)
+    rss["loop"] = peak_rss_mb()
+    released = ReleasedCGE(learner, F.cross_entropy, x, y)
+    released_sample = pick(torch.cat(kept), released_coords)
+    released_losses, t = _timed(lambda: released.losses(released_sample, mu))
+    released_s = sum(counts) * t / len(released_sample)
+    rss["released"] = peak_rss_mb()
+    # the same coordinates through the engine: the three must agree (float32 rounding)
+    compared = torch.cat([loop_sample, released_sample])
+    engine_losses = oracle.coordinate_losses(theta, compared, mu)
+    loss0 = float(oracle.loss(theta))
+    diff = ((engine_losses - torch.cat([loop_losses, released_losses])) / mu).abs().max()
+
+    def step_flops(losses_of, per_tensor):
+        return sum(n * _flops(lambda: losses_of(pick(coords, per_tensor))) / min(n, per_tensor)
+                   for coords, n in zip(kept, counts) if n)
+
+    necessary = step_flops(lambda c: oracle.coordinate_losses(theta, c, mu), 2)
+    forward_flops = _flops(lambda: learner(x))
+    flops = {"engine": necessary, "loop": step_flops(lambda c: loop.losses(c, mu), 1),
+             "released": sum(counts) * forward_flops}
+    peak = matmul_gflops()
+    methods = {}
+    for method, seconds in (("engine", engine_s), ("loop", loop_s), ("released", released_s)):
+        step = seconds + forward_s
+        methods[method] = {
+            "coords_per_s": sum(counts) / seconds,
+            "seconds_per_step": step,
+            "gflops_per_step": flops[method] / 1e9,
+            "necessary_gflops_per_s": necessary / step / 1e9,
+            "flop_efficiency": necessary / step / 1e9 / peak,
+            "peak_rss_mb_after": rss[method],
+        }
+    return {
+        "model": name, "batch": batch, "parameters": oracle.dim, "mode": "train",
+        "sparsity": sparsity, "coordinates_per_step": sum(counts),
+        "threads": torch.get_num_threads(),
+        "samples": {"engine_per_tensor": engine_coords, "loop_per_tensor": loop_coords,
+                    "released_total": len(released_sample), "grasp_queries": grasp_queries},
+        "forward_s": forward_s, "flops_per_forward": forward_flops, "matmul_gflops": peak,
+        "speedup_vs_loop": methods["loop"]["seconds_per_step"] / methods["engine"]["seconds_per_step"],
+        "speedup_vs_released": methods["released"]["seconds_per_step"] / methods["engine"]["seconds_per_step"],
+        "coords_per_forward": methods["engine"]["coords_per_s"] * forward_s,
+        "max_abs_diff": float(diff), "loss": loss0,
+        "peak_rss_mb": peak_rss_mb(),
+        "methods": methods,
+    }
+
+
+def _isolated(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh child process, so ``ru_maxrss`` is its alone."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def markdown_sparse(results: list[dict]) -> str:
+    """``sparse_step_bench`` results as markdown: one row per model, batch and method."""
+    lines = ["| model | batch | coords/step | method | coords/s | s/step | engine's speedup over it | "
+             "GFLOPs/step | necessary GFLOP/s (share of matmul) | peak RSS MiB so far |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for method, m in r["methods"].items():
+            speedup = m["seconds_per_step"] / r["methods"]["engine"]["seconds_per_step"]
+            lines.append(f"| {r['model']} | {r['batch']} | {r['coordinates_per_step']:,} | {method} | "
+                         f"{m['coords_per_s']:.2f} | {m['seconds_per_step']:.0f} | "
+                         f"{'-' if method == 'engine' else f'{speedup:.1f}x'} | {m['gflops_per_step']:,.0f} | "
+                         f"{m['necessary_gflops_per_s']:.2f} ({100 * m['flop_efficiency']:.1f}%) | "
+                         f"{m['peak_rss_mb_after']:.0f} |")
+    lines += ["", "| model | batch | speedup vs loop | speedup vs released | coords_per_forward | "
+              "max abs diff | peak RSS MiB | matmul GFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['speedup_vs_loop']:.1f}x | "
+                     f"{r['speedup_vs_released']:.0f}x | {r['coords_per_forward']:.3g} | "
+                     f"{r['max_abs_diff']:.1e} | {r['peak_rss_mb']:.0f} | {r['matmul_gflops']:.1f} |")
+    return "\n".join(lines)
+
+
+def run_sparse(model: str, batches: list[int], out_dir="runs/bench", **options) -> dict:
+    """``sparse_step_bench`` for each batch size, each in a child process; writes
+    ``engine-<model>.json`` and ``.md`` under ``out_dir``."""
+    results = [_isolated(sparse_step_bench, model, b, **options) for b in batches]
+    report = {"benchmark": "sparse CGE step", "results": results}
+    report.update({k: results[-1][k] for k in ("speedup_vs_loop", "speedup_vs_released", "coords_per_forward",
+                                               "max_abs_diff", "peak_rss_mb")})
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"engine-{model}.json", report)
+        write_text(out / f"engine-{model}.md", markdown_sparse(results) + "\n")
+    return report
+
+
 def markdown(results: list[dict]) -> str:
     """The results as a markdown table (one row per model, then the ablation)."""
     lines = ["| model | params | batch | loop coords/s | engine coords/s | speedup | coords_per_forward "
@@ -234,21 +443,41 @@ def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablatio
 
 
 def _bench(args) -> int:
-    report = run(batch=args.batch_size, loop_coords=args.loop_coords, engine_coords=args.engine_coords,
-                 ablation_coords=args.ablation_coords, tiny=args.tiny, out_dir=args.out)
-    print(json.dumps(report, indent=2) if args.json else markdown(report["results"]))
-    print(f"wrote {args.out}/engine.json, engine.md", file=sys.stderr)
+    if args.model == "mnist":
+        if len(args.batch_size) != 1:
+            raise SystemExit("bench: the MNIST benchmark takes one --batch-size; several are for --model resnet*")
+        report = run(batch=args.batch_size[0], loop_coords=args.loop_coords, engine_coords=args.engine_coords,
+                     ablation_coords=args.ablation_coords, tiny=args.tiny, out_dir=args.out)
+        text, written = markdown(report["results"]), "engine.json, engine.md"
+    else:
+        report = run_sparse(args.model, args.batch_size, out_dir=args.out, sparsity=args.sparsity,
+                            engine_coords=args.engine_coords or 64, loop_coords=args.loop_coords,
+                            released_coords=args.released_coords, grasp_queries=args.grasp_queries)
+        text, written = markdown_sparse(report["results"]), f"engine-{args.model}.json, .md"
+    print(json.dumps(report, indent=2) if args.json else text)
+    print(f"wrote {args.out}/{written}", file=sys.stderr)
     return 0
 
 
 def register(subparsers):
     """Add the ``bench`` subcommand."""
     p = add_command(subparsers, "bench", "coordinate-estimate throughput: engine vs the per-coordinate loop")
-    p.add_argument("--batch-size", type=int, default=256, help="images per query")
+    p.add_argument("--model", choices=("mnist", "resnet8", "resnet20"), default="mnist",
+                   help="mnist: the MNIST-5k CNN and MLP, all coordinates; resnet8/resnet20: one sparse "
+                        "CGE step on random 3x32x32 images, also against the released cge")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[256],
+                   help="images per query (resnet models: one measurement per value)")
     p.add_argument("--loop-coords", type=int, default=24,
-                   help="coordinates per parameter tensor timed for the loop (0: all)")
+                   help="coordinates per parameter tensor timed for the loop (0: all; mnist only); "
+                        "resnet models: give a small number, e.g. 2")
     p.add_argument("--engine-coords", type=int, default=0,
-                   help="coordinates per parameter tensor timed for the engine's per-tensor rates (0: all)")
+                   help="coordinates per parameter tensor timed for the engine's per-tensor rates "
+                        "(0: all for mnist, 64 for resnet models)")
+    p.add_argument("--released-coords", type=int, default=12,
+                   help="resnet models: coordinates timed for the released cge, drawn from the whole mask")
+    p.add_argument("--sparsity", type=float, default=0.9, help="resnet models: share of coordinates left out")
+    p.add_argument("--grasp-queries", type=int, default=16,
+                   help="resnet models: RGE directions of the ZO-GraSP scores that set the layer ratios")
     p.add_argument("--ablation-coords", type=int, default=128,
                    help="coordinates per parameter tensor timed for every ablation configuration (0: all)")
     p.add_argument("--tiny", action="store_true", help="small inputs (what the test suite runs)")
@@ -258,4 +487,5 @@ def register(subparsers):
     return p
 
 
-__all__ = ["ABLATIONS", "ReferenceLoop", "bench_model", "markdown", "register", "run"]
+__all__ = ["ABLATIONS", "CoordinateLocator", "ReferenceLoop", "ReleasedCGE", "bench_model", "markdown",
+           "markdown_sparse", "matmul_gflops", "peak_rss_mb", "register", "run", "run_sparse", "sparse_step_bench"]

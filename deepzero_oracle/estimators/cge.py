@@ -43,7 +43,7 @@ class CGE(Estimator):
             return grad, None
         if self.joint:
             thetas = theta.repeat(len(coords) + 1, 1)
-            thetas[torch.arange(1, len(coords) + 1), coords] += self.mu
+            thetas[torch.arange(1, len(coords) + 1, device=coords.device), coords] += self.mu
             values = oracle.losses(thetas)
             base, moved = values[0], values[1:]
         else:

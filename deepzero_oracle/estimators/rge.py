@@ -58,7 +58,7 @@ class RGE(Estimator):
             base = oracle.loss(theta)
             slopes = (oracle.direction_losses(theta, dirs, self.mu) - base) / self.mu
         phi = d if self.distribution == "sphere" else 1
-        matrix = direction_matrix(dirs)
+        matrix = direction_matrix(dirs).to(theta.device)  # recipes draw on the CPU
         return phi / len(matrix) * (slopes.to(matrix.dtype) @ matrix), base
 
     def queries_per_estimate(self, oracle, mask=None):

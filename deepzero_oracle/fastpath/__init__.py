@@ -7,9 +7,12 @@ per room:
   base forward at theta keeps every node's value, until theta or the data batch change.
 - **One-weight delta** (``delta``). A moved weight of a Linear, Conv2d or BatchNorm changes one
   unit or channel of that module's output by a known slice; the layer is never recomputed.
-- **Delta propagation** (``delta``). Element-wise layers, pooling, per-channel BatchNorm and
-  flattening keep the change inside that block, so only the block is computed per copy; the
-  next Linear / Conv2d turns it into a dense change using only the block's weights.
+- **Delta propagation** (``delta``). Element-wise layers, pooling, per-channel BatchNorm,
+  flattening, spatial slicing and constant padding (ResNet shortcut option A) keep the change
+  inside that block, so only the block is computed per copy; the next Linear / Conv2d turns it
+  into a dense change using only the block's weights. A residual sum keeps a Delta when the
+  other branch is unchanged (its cached base is added) and adds a Delta to a stacked branch on
+  its block only.
 - **Stacked suffix** (``graph``, ``layers``). From there the rest of the network runs once on
   all P copies stacked as ``P * B`` rows; BatchNorm in train mode normalises each copy on its
   own, and parameters that differ per copy run as batched / grouped kernels.

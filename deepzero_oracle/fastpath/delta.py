@@ -14,6 +14,7 @@ block's channels only); from there the rest of the network runs on ``P * B`` sta
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ ELEMENTWISE_METHODS = {"relu", "tanh", "sigmoid"}
 # per-channel spatial pooling: a change in channel c stays in channel c
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+# two-tensor sums (residual connections): see add_copies
+ADD_FUNCTIONS = {operator.add, torch.add}
 
 
 def is_plain_2x2_max_pool(m: nn.Module) -> bool:
@@ -138,7 +141,7 @@ def one_weight_delta(m, attr, local, mu, x, base_out, helper):
             return Delta(unit, (base_out[:, unit].T + change).unsqueeze(-1))
         out = base_out.unsqueeze(0).repeat(P, *([1] * base_out.dim()))
         flat = out.reshape(P, -1, m.out_features)
-        flat[torch.arange(P), :, unit] += change
+        flat[torch.arange(P, device=unit.device), :, unit] += change
         return out.reshape(P * base_out.shape[0], *base_out.shape[1:])
     if attr == "bias":  # Conv2d or BatchNorm bias: channel `local` moves by mu
         return Delta(local, base_out[:, local].transpose(0, 1).unsqueeze(2) + mu)
@@ -197,7 +200,70 @@ def propagate_call(target, delta: Delta, args, kwargs, method: bool):
         return Delta(delta.index, out.reshape(P, B, k, *out.shape[2:]))
     if target is torch.flatten and tuple(args) == (1,) and not kwargs:
         return _flatten(delta)
+    if target is operator.getitem and len(args) == 1 and not kwargs:
+        return _slice(delta, args[0])
+    if target is F.pad:
+        return _pad(delta, *args, **kwargs)
     return None
+
+
+def add_copies(a, b, base_a: torch.Tensor, base_b: torch.Tensor):
+    """``a + b`` for P perturbed copies of two same-shaped operands ``[B, C, ...]``.
+
+    Each operand is a ``Delta``, the copies stacked ``[P*B, C, ...]``, or None (unchanged: every
+    copy holds its base value ``base_a`` / ``base_b``). The delta of a sum is the sum of the
+    deltas: a Delta plus an unchanged operand stays a Delta (its block plus the other's base
+    there), as do two Deltas on the same blocks; a stacked operand takes the other's base by
+    broadcasting and a Delta's change only on its block, so no dense copy of it is made.
+    Returns a Delta or a stacked ``[P*B, C, ...]`` tensor; None when shapes differ
+    (broadcasting) or two Deltas hold different blocks (the caller densifies).
+    """
+    if base_a.shape != base_b.shape or base_a.dim() < 2:
+        return None
+    if a is None or (isinstance(a, Delta) and isinstance(b, torch.Tensor)):
+        a, b, base_a, base_b = b, a, base_b, base_a  # the changed or stacked operand first
+    if isinstance(a, Delta):
+        if b is None:
+            return Delta(a.index, a.values + a.base_slice(base_b))
+        if b.values.shape == a.values.shape and torch.equal(a.index, b.index):
+            return Delta(a.index, a.values + b.values)
+        return None
+    P = a.shape[0] // base_a.shape[0]
+    if b is None or isinstance(b, Delta):
+        out = a.view(P, *base_a.shape) + base_b  # shares base_b's rows by broadcasting
+        if isinstance(b, Delta):
+            pos = b.positions  # out[p, :, pos[p, j]] += change[p, :, j]
+            rows = torch.arange(P, device=pos.device)[:, None].expand_as(pos)
+            out[rows, :, pos] += (b.values - b.base_slice(base_b)).transpose(1, 2)
+        return out.view(a.shape)
+    return a + b
+
+
+def _slice(delta, index):
+    """``x[index]`` for a Delta: basic slicing that keeps the batch and channel dims whole
+    (e.g. ``x[:, :, ::2, ::2]``, the subsampling of shortcut option A)."""
+    index = index if isinstance(index, tuple) else (index,)
+    whole = slice(None)
+    if not all(isinstance(i, slice) for i in index) or len(index) < 2 or index[0] != whole or index[1] != whole:
+        return None
+    return Delta(delta.index, delta.values[(whole,) + index])
+
+
+def _pad(delta, pad, mode="constant", value=None):
+    """``F.pad`` of a Delta ``[B, C, *S]`` with a constant: spatial padding pads each block;
+    channel padding (the zero channels of shortcut option A) shifts the blocks, which must stay
+    whole blocks (a shift by a multiple of their width). Padding the batch: no rule."""
+    P, B, k = delta.values.shape[:3]
+    spatial = delta.values.dim() - 3
+    if mode != "constant" or len(pad) % 2 or len(pad) > 2 * (spatial + 1):
+        return None
+    pad = tuple(pad) + (0,) * (2 * (spatial + 1) - len(pad))
+    front = pad[-2]
+    if front % k:
+        return None
+    fill = 0.0 if value is None else value
+    values = F.pad(delta.values, pad[:-2], value=fill) if any(pad[:-2]) else delta.values
+    return Delta(delta.index + front // k, values)
 
 
 def _pool(delta, module):
@@ -242,7 +308,7 @@ def _conv2d(m, delta, x_base, out_base, weight):
         # product (oneDNN's convolution is slow for so few input channels), written in place.
         patches = conv_patches(m, change.reshape(P * B, k, *change.shape[3:]))  # [P*B, k*kh*kw, L]
         O = weight.shape[0]
-        y = torch.empty(P * B, O, patches.shape[-1], dtype=change.dtype)
+        y = torch.empty(P * B, O, patches.shape[-1], dtype=change.dtype, device=change.device)
         start = 0
         for block, n in zip(blocks.tolist(), counts.tolist()):
             w = weight[:, block * k : (block + 1) * k].reshape(O, -1)

@@ -168,11 +168,11 @@ class FastPath:
         if self.graph is not None and not self.checked:
             self._self_check(x, theta, mu, max_batch)
         if self.graph is None:
-            yield torch.arange(len(coords)), self.functional_outputs(x, _moved_copies(theta, coords, mu))
+            yield torch.arange(len(coords), device=coords.device), self.functional_outputs(x, _moved_copies(theta, coords, mu))
             return
         features = self.features(x, theta)
         params = unflatten(theta, self.slots)
-        slot_of = torch.searchsorted(self.offsets, coords, right=True) - 1
+        slot_of = torch.searchsorted(self.offsets.to(coords.device), coords, right=True) - 1
         for k in slot_of.unique().tolist():
             s = self.slots[k]
             positions = (slot_of == k).nonzero().reshape(-1)
@@ -242,14 +242,14 @@ class FastPath:
         """Compare the fast path with the generic one on the first and last coordinate of every
         parameter tensor, once; on a mismatch or an error switch to the generic path, warning."""
         self.checked = True
-        probe = torch.tensor(sorted({c for s in self.slots for c in (s.offset, s.stop - 1)}))
+        probe = torch.tensor(sorted({c for s in self.slots for c in (s.offset, s.stop - 1)}), device=theta.device)
         reason = None
         try:
             B = len(x)
             fast = None
             for where, out in self.coordinate_outputs(x, theta, probe, mu, max_batch):
                 if fast is None:
-                    fast = torch.empty(len(probe), B, *out.shape[1:], dtype=out.dtype)
+                    fast = torch.empty(len(probe), B, *out.shape[1:], dtype=out.dtype, device=out.device)
                 fast[where] = out.reshape(len(where), B, *out.shape[1:])
             fast = fast.reshape(len(probe) * B, *fast.shape[2:])
             slow = self.functional_outputs(x, _moved_copies(theta, probe, mu))
@@ -268,7 +268,7 @@ class FastPath:
 def _moved_copies(t: torch.Tensor, local: torch.Tensor, mu: float) -> torch.Tensor:
     """``[P, *t.shape]`` copies of ``t``, copy p with flat entry ``local[p]`` moved by mu."""
     value = t.reshape(-1).repeat(len(local), 1)
-    value[torch.arange(len(local)), local] += mu
+    value[torch.arange(len(local), device=local.device), local] += mu
     return value.reshape(len(local), *t.shape)
 
 

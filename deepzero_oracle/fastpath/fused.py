@@ -169,7 +169,7 @@ def moved_weight_max_pool(m: nn.Conv2d, local: torch.Tensor, mu: float, patches_
     O, Cg, kh, kw = m.weight.shape
     channel = local // (Cg * kh * kw)
     rows = local % (Cg * kh * kw)  # groups == 1: the patch row of weight (c, i, j)
-    step = torch.tensor(mu, dtype=base_cm.dtype)
+    step = torch.tensor(mu, dtype=base_cm.dtype, device=base_cm.device)
     return kernels(conv_delta_pool, (2, 3), patches_cm, base_cm, channel, rows, step, relu)
 
 

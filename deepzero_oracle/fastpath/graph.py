@@ -25,8 +25,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_oracle.fastpath.delta import (Delta, is_plain_2x2_max_pool, max_pool_2x2, one_weight_delta,
-                                            propagate_call, propagate_module)
+from deepzero_oracle.fastpath.delta import (ADD_FUNCTIONS, Delta, add_copies, is_plain_2x2_max_pool, max_pool_2x2,
+                                            one_weight_delta, propagate_call, propagate_module)
 from deepzero_oracle.fastpath.fused import (conv2d_max_pool, fusable, fusable_moved_weight,
                                             moved_weight_max_pool)
 from deepzero_oracle.fastpath.layers import LAYERS, NORMS, layer, repeat_rows
@@ -205,6 +205,13 @@ class GraphForward:
 
     def _eval(self, node, env, values, P, params, batched, propagate=True):
         """Value of ``node`` for the P copies, given the copies' values ``env`` of its inputs."""
+        if self._is_sum(node, values):
+            a, b = (env.get(n) for n in node.args)
+            if not propagate:
+                a, b = (v.dense(values[n]) if isinstance(v, Delta) else v for n, v in zip(node.args, (a, b)))
+            result = add_copies(a, b, values[node.args[0]], values[node.args[1]])
+            if result is not None:
+                return result
         if propagate and node.args and isinstance(env.get(node.args[0]), Delta):
             result = self._propagate(node, env, values, params, batched)
             if result is not None:
@@ -224,6 +231,14 @@ class GraphForward:
         kwargs = fx.node.map_arg(node.kwargs, value)
         return self._apply(node, args, kwargs, P if any(n in env for n in node.all_input_nodes) else 1,
                            params, batched)
+
+    @staticmethod
+    def _is_sum(node: fx.Node, values: dict) -> bool:
+        """``a + b`` of two traced tensors (a residual connection), nothing else."""
+        return ((node.op == "call_function" and node.target in ADD_FUNCTIONS
+                 or node.op == "call_method" and node.target == "add")
+                and len(node.args) == 2 and not node.kwargs
+                and all(isinstance(n, fx.Node) and isinstance(values.get(n), torch.Tensor) for n in node.args))
 
     def moved_weight(self, node: fx.Node, attr: str, local: torch.Tensor, mu: float, features,
                      fuse: bool = True) -> dict:

@@ -6,8 +6,9 @@ one ``batch_norm`` call), never across copies. A layer whose parameters differ p
 (``[P, *shape]``) runs as P independent layers: a batched matmul, a grouped convolution (copies
 become channel groups), a per-copy scale and shift.
 
-``normalise`` is the one BatchNorm normaliser of the fast path: the layer kernel, the one-weight
-delta of a BatchNorm weight and Delta propagation through a BatchNorm all use it.
+``normalise`` / ``batch_norm`` are the one BatchNorm of the fast path: the layer kernel, the
+one-weight delta of a BatchNorm weight and Delta propagation through a BatchNorm all use them;
+per-copy statistics come from one place (``_statistics``).
 """
 
 from __future__ import annotations
@@ -56,42 +57,57 @@ def normalise(m: nn.Module, x: torch.Tensor, P: int = 1, channels: torch.Tensor 
     Returns:
         The shape of ``x``.
     """
-    if m.training or m.running_mean is None:
-        if P == 1:
-            return F.batch_norm(x, None, None, None, None, True, 0.0, m.eps)
-        # each copy's B rows on their own: copies become channels of one call, [B, P*K, *S]
-        B = x.shape[0] // P
-        grouped = x.reshape(P, B, *x.shape[1:]).transpose(0, 1).reshape(B, P * x.shape[1], *x.shape[2:])
-        xhat = F.batch_norm(grouped, None, None, None, None, True, 0.0, m.eps)
-        return xhat.reshape(B, P, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-    if channels is None:  # running statistics shared by every row
-        return F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-    # each copy's own channels' running statistics, broadcast (no regrouping copy)
-    view = (P, 1, x.shape[1]) + (1,) * (x.dim() - 2)
-    mean, var = m.running_mean[channels].reshape(view), m.running_var[channels].reshape(view)
-    return ((x.reshape(P, -1, *x.shape[1:]) - mean) / torch.sqrt(var + m.eps)).reshape(x.shape)
+    if P == 1 and channels is None:
+        return _library_batch_norm(m, x, None, None)
+    mean, rstd = _statistics(m, x, P, channels)
+    return ((x.view(P, -1, *x.shape[1:]) - mean) * rstd).view(x.shape)
 
 
 def batch_norm(m: nn.Module, x: torch.Tensor, weight, bias, P: int = 1, per_copy: bool = False,
                channels: torch.Tensor | None = None) -> torch.Tensor:
     """BatchNorm ``m`` on P stacked copies ``x [P*B, K, *S]``: ``normalise``, then scale and
     shift by ``weight``/``bias`` (``[K]`` shared, or ``[P, K]`` per copy when ``per_copy``;
-    either may be None). ``channels`` as for ``normalise``."""
-    xhat = normalise(m, x, P, channels)
-    if weight is None and bias is None:
-        return xhat
+    either may be None). ``channels`` as for ``normalise``.
+
+    One copy, or running statistics and parameters every copy shares: one library call. Else
+    the per-copy statistics, scale and shift ``[P, 1, K, 1...]`` are folded into one
+    multiply-add over the rows viewed ``[P, B, K, *S]`` (no regrouping copies)."""
+    if not per_copy and channels is None and (P == 1 or not _batch_statistics(m)):
+        return _library_batch_norm(m, x, weight, bias)
+    mean, rstd = _statistics(m, x, P, channels)
     K = x.shape[1]
-    if not per_copy:
-        view = (1, K) + (1,) * (x.dim() - 2)
-        y = xhat * weight.reshape(view) if weight is not None else xhat
-        return y + bias.reshape(view) if bias is not None else y
-    y = xhat.reshape(P, x.shape[0] // P, *x.shape[1:])
-    view = (P, 1, K) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * _per_copy(weight, P, (K,)).reshape(view)
+    view = (P if per_copy else 1, 1, K) + (1,) * (x.dim() - 2)
+    scale = rstd if weight is None else rstd * (_per_copy(weight, P, (K,)) if per_copy else weight).reshape(view)
+    shift = -mean * scale
     if bias is not None:
-        y = y + _per_copy(bias, P, (K,)).reshape(view)
-    return y.reshape(x.shape)
+        shift = shift + (_per_copy(bias, P, (K,)) if per_copy else bias).reshape(view)
+    return torch.addcmul(shift, x.view(P, -1, *x.shape[1:]), scale).view(x.shape)
+
+
+def _batch_statistics(m: nn.Module) -> bool:
+    """Whether ``m`` normalises with the batch's statistics (train mode, or none kept)."""
+    return m.training or m.running_mean is None
+
+
+def _library_batch_norm(m, x, weight, bias):
+    """``F.batch_norm`` as ``m`` applies it, without touching its running statistics."""
+    if _batch_statistics(m):
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, m.eps)
+    return F.batch_norm(x, m.running_mean, m.running_var, weight, bias, False, 0.0, m.eps)
+
+
+def _statistics(m, x, P, channels):
+    """Per-copy ``(mean, 1 / sqrt(var + eps))`` of ``x [P*B, K, *S]``, each ``[P, 1, K, 1...]``
+    (``[1, 1, K, 1...]`` for running statistics every copy shares)."""
+    K = x.shape[1]
+    if _batch_statistics(m):
+        rows = x.view(P, -1, *x.shape[1:])
+        var, mean = torch.var_mean(rows, dim=(1, *range(3, rows.dim())), keepdim=True, correction=0)
+        return mean, torch.rsqrt(var + m.eps)
+    view = (1 if channels is None else P, 1, K) + (1,) * (x.dim() - 2)
+    mean, var = ((m.running_mean, m.running_var) if channels is None
+                 else (m.running_mean[channels], m.running_var[channels]))
+    return mean.reshape(view), torch.rsqrt(var.reshape(view) + m.eps)
 
 
 def _per_copy(t, P, shape):
