@@ -7,7 +7,7 @@ import argparse
 import runpy
 from pathlib import Path
 
-from deepzero_oracle.apps.bench import markdown, run
+from deepzero_oracle.apps.bench import markdown, markdown_sparse, run, run_sparse
 
 
 def main(argv=None):
@@ -18,6 +18,9 @@ def main(argv=None):
     print("== coordinate estimates: engine vs the per-coordinate loop (MNIST-5k CNN and MLP, batch 256)")
     report = run(out_dir=out)
     print(markdown(report["results"]))
+    print("\n== ResNet-20, one 90%-sparse CGE step: engine vs the loop vs the released cge (batch 128, 256)")
+    sparse = run_sparse("resnet20", [128, 256], out_dir=out, engine_coords=24, loop_coords=1, released_coords=6)
+    print(markdown_sparse(sparse["results"]))
     print("\n== gRPC black box over loopback")
     runpy.run_path(str(Path(__file__).parent / "bench_grpc.py"))["main"](["--json", str(out / "bench_grpc.json")])
     print("\n== scale-out: a CGE step on a CPU-bound black box, 1 vs 2 Dask workers")
