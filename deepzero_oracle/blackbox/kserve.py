@@ -81,7 +81,7 @@ class KServeBlackBox(RemoteBlackBox):
         if not urls:
             raise ValueError("KServeBlackBox needs at least one address")
         if protocol == "grpc":
-            from deepzero_oracle.blackbox.grpc import GrpcTransport  # REST users never import grpc
+            from deepzero_oracle.blackbox.transport import GrpcTransport  # REST users never import grpc
 
             self.transport = GrpcTransport(urls, token=token, tls=tls, max_message_mb=max_message_mb,
                                            retries=retries, wait_for_ready=wait_for_ready)
