@@ -22,6 +22,7 @@ from deepzero_oracle import CGE, ModuleOracle, ParallelOracle, SampledBatches, T
 from deepzero_oracle.apps.cli import exit_code
 from deepzero_oracle.blackbox import BlackBoxReplicasUnavailable, BlackBoxUnavailable, GrpcBlackBox
 from deepzero_oracle.blackbox.spec import BlackBoxSpec, open_blackbox
+from deepzero_oracle.blackbox.transport import worker_of
 from deepzero_oracle.errors import EXIT_UNREACHABLE
 from server_process import ServerProcess
 
@@ -189,6 +190,31 @@ def test_serve_workers_share_one_port_and_stop_together():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_threads_with_copies_reach_every_worker():
+    """Two threads with pickled copies of one box (as ParallelOracle hands them out) land on the
+    two workers every time; the kernel alone would pair them on one worker half the time."""
+    server = ServerProcess("replica_functions:worker_pid", "--workers", "2", cwd=HERE)
+    try:
+        pids = {int(p) for p in re.search(r"pids ([\d, ]+)\)", server.line).group(1).split(", ")}
+        box = GrpcBlackBox(server.address, timeout=30)
+        assert worker_of(box.transport.channel) in {(0, 2), (1, 2)}
+        x = torch.zeros(3, 2, dtype=torch.float64)
+        for _ in range(5):  # new threads, new connections each time
+            both = threading.Barrier(2)
+
+            def answer(copy):
+                both.wait()  # one copy per thread
+                return int(copy(x)[0, 0])
+
+            with ThreadPoolExecutor(2) as pool:
+                answered = list(pool.map(answer, [pickle.loads(pickle.dumps(box)) for _ in range(2)]))
+            assert set(answered) == pids
+    finally:
+        assert server.stop() == 0
+    with _replica() as single:
+        assert worker_of(GrpcBlackBox(single.address, timeout=30).transport.channel) is None
 
 
 def test_serve_workers_refuse_rest_and_fail_when_a_worker_cannot_start():

@@ -32,6 +32,9 @@ MIRROR_SERVICE = "deepzero_oracle.v1.GRPCInferenceService"
 ORACLE_SERVICE = "deepzero_oracle.v1.Oracle"
 DEFAULT_PORT = 50051
 TOKEN_ENV = "DEEPZERO_ORACLE_TOKEN"
+# Trailing metadata of ServerReady from a worker of `serve --workers N`: "index/count", so a
+# client can spread its connections over the processes that share one port.
+WORKER_METADATA_KEY = "deepzero-oracle-worker"
 # The KServe v2 REST binary-data extension: the length of the JSON header that precedes the
 # raw tensor bytes in a request or response body.
 BINARY_HEADER = "Inference-Header-Content-Length"

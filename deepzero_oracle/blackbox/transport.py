@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 import time
+import weakref
 
 import grpc
 
@@ -23,11 +24,13 @@ from deepzero_oracle.blackbox.errors import (
 from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
     ORACLE_SERVICE,
+    WORKER_METADATA_KEY,
     bearer,
     message_limit_options,
     read_pem,
     resolve_token,
 )
+from deepzero_oracle.wire import oracle_pb2 as pb
 
 # Codes after which an idempotent call to a replica set is sent again (to another replica).
 _RETRY_ELSEWHERE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
@@ -35,9 +38,15 @@ _RETRY_ELSEWHERE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 # Channels of unpickled transports by configuration, so a worker thread that receives a fresh
 # copy every step (ParallelOracle re-ships its oracle after each bind) keeps its connections:
 # per process for replicas (one round robin spreads every thread's calls), per thread for one
-# address (a connection per thread, which `serve --workers N` can hand to different workers).
+# address (a connection per thread, spread over the workers of `serve --workers N`).
 _THREAD_CHANNELS = threading.local()
 _PROCESS_CHANNELS: dict = {}
+
+# This process's connections per worker of a `serve --workers N` server, by address: the kernel
+# hands each new connection to a random worker, so two connections land on one worker half the
+# time; a copy's channel reconnects until its worker holds no more of them than any other.
+_WORKER_LOAD: dict[str, list[int]] = {}
+_WORKER_LOAD_LOCK = threading.Lock()
 
 
 def _service_config(retries: int, replicas: bool = False) -> str:
@@ -64,6 +73,31 @@ def _service_config(retries: int, replicas: bool = False) -> str:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
         config["healthCheckConfig"] = {"serviceName": ""}
     return json.dumps(config)
+
+
+def worker_of(channel: grpc.Channel, metadata=(), timeout: float = 5.0) -> tuple[int, int] | None:
+    """``(index, count)`` of the ``serve --workers N`` worker at the other end of ``channel``'s
+    connection (ServerReady's trailing metadata); None if the server does not say (one process,
+    another server) or does not answer within ``timeout`` s."""
+    rpc = channel.unary_unary(f"/{KSERVE_SERVICE}/ServerReady", request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=pb.ServerReadyResponse.FromString)
+    try:
+        _, call = rpc.with_call(pb.ServerReadyRequest(), timeout=timeout, metadata=metadata)
+    except grpc.RpcError:
+        return None
+    for key, value in call.trailing_metadata() or ():
+        if key == WORKER_METADATA_KEY:
+            index, _, count = value.partition("/")
+            if index.isdigit() and count.isdigit() and int(index) < int(count):
+                return int(index), int(count)
+    return None
+
+
+def _release_worker(address: str, index: int, count: int) -> None:
+    with _WORKER_LOAD_LOCK:
+        load = _WORKER_LOAD.get(address)
+        if load is not None and len(load) == count and load[index] > 0:
+            load[index] -= 1
 
 
 def channel_target(targets: list[str]) -> str:
@@ -100,7 +134,9 @@ class GrpcTransport:
     a replica set share one channel per process, so its round robin spreads the calls of every
     thread over the replicas; unpickled copies of one address share one channel per thread,
     which shares no connection with other channels, so copies in different threads have
-    different connections (which ``serve --workers N`` can hand to different workers). Either
+    different connections; against ``serve --workers N`` such a connection is reopened until it
+    reaches a worker with the fewest of this process's connections, so N threads keep N workers
+    busy (the kernel alone puts two connections on one worker half the time). Either
     way a thread that gets a new copy every step keeps its connections. The original uses
     gRPC's per-process pool.
 
@@ -174,7 +210,8 @@ class GrpcTransport:
                         cache = (_PROCESS_CHANNELS if len(self.targets) > 1
                                  else _THREAD_CHANNELS.__dict__.setdefault("channels", {}))
                         if key not in cache:
-                            cache[key] = self._new_channel()
+                            cache[key] = (self._new_channel() if len(self.targets) > 1
+                                          else self._channel_on_a_free_worker())
                         self._channel = cache[key]
                     else:
                         self._channel = self._new_channel()
@@ -183,6 +220,29 @@ class GrpcTransport:
     def _new_channel(self) -> grpc.Channel:
         target = channel_target(self.targets) if len(self.targets) > 1 else self.targets[0]
         return self._open(target, self.options)
+
+    def _channel_on_a_free_worker(self) -> grpc.Channel:
+        """A new channel to the one address. If a worker of ``serve --workers N`` answers it,
+        its connection is closed and opened again (up to ``max(16, 4 N)`` times) until it lands
+        on a worker holding no more of this process's connections than any other, so threads
+        with a copy each keep every worker busy."""
+        attempt, limit = 0, 16
+        while True:
+            channel = self._new_channel()
+            worker = worker_of(channel, self.metadata)
+            if worker is None:
+                return channel
+            index, count = worker
+            attempt, limit = attempt + 1, max(limit, 4 * count)
+            with _WORKER_LOAD_LOCK:
+                load = _WORKER_LOAD.get(self.target)
+                if load is None or len(load) != count:  # a new server on this address
+                    load = _WORKER_LOAD[self.target] = [0] * count
+                if load[index] == min(load) or attempt >= limit:
+                    load[index] += 1
+                    weakref.finalize(channel, _release_worker, self.target, index, count)
+                    return channel
+            channel.close()
 
     def unary(self, service: str, method: str, response_cls):
         """A unary callable for ``/service/method`` taking a message, returning ``response_cls``."""
@@ -284,4 +344,4 @@ class GrpcTransport:
             self.options = [*self.options, ("grpc.use_local_subchannel_pool", 1)]
 
 
-__all__ = ["GrpcTransport", "channel_target"]
+__all__ = ["GrpcTransport", "channel_target", "worker_of"]

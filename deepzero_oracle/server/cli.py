@@ -125,15 +125,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start(args: argparse.Namespace, fn, port: int, reuse_port: bool = False):
-    """The server ``args`` describe, listening on ``port``."""
+def _start(args: argparse.Namespace, fn, port: int, worker: tuple[int, int] | None = None):
+    """The server ``args`` describe, listening on ``port`` (shared, as ``worker = (index, count)``
+    of ``serve --workers``)."""
     return serve_blackbox(
         fn, host=args.host, port=port, model_name=args.model_name, inputs=args.input,
         outputs=args.output, numpy=not args.torch, token=resolve_token(args.token), tls_cert=args.tls_cert,
         tls_key=args.tls_key, max_message_mb=args.max_message_mb,
         max_concurrency=args.max_concurrency, max_pending=args.max_pending,
         allow_nonfinite=args.allow_nonfinite, cost_hint=args.cost_hint, http_port=args.http_port,
-        reuse_port=reuse_port)
+        reuse_port=worker is not None, worker=worker)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -184,7 +185,7 @@ def _run_workers(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         ready: multiprocessing.Queue = context.Queue()
-        workers = [context.Process(target=_worker, args=(args, port, ready), name=f"serve-worker-{i}")
+        workers = [context.Process(target=_worker, args=(args, port, ready, i), name=f"serve-worker-{i}")
                    for i in range(args.workers)]
         stack.callback(_stop_workers, workers, args.grace)
         for w in workers:
@@ -248,12 +249,12 @@ def _stop_workers(workers, grace: float) -> None:
             w.join()
 
 
-def _worker(args: argparse.Namespace, port: int, ready) -> None:
-    """One worker of ``serve --workers N``: serve on the shared port until SIGTERM."""
+def _worker(args: argparse.Namespace, port: int, ready, index: int) -> None:
+    """Worker ``index`` of ``serve --workers N``: serve on the shared port until SIGTERM."""
     stop = _stop_on_signals()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        server = _start(args, load_callable(args.target), port, reuse_port=True)
+        server = _start(args, load_callable(args.target), port, worker=(index, args.workers))
     except BaseException as e:  # noqa: BLE001 -- reported to the parent, which exits non-zero
         ready.put((os.getpid(), f"{type(e).__name__}: {e}", []))
         raise SystemExit(1) from e

@@ -137,7 +137,7 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
                    tls_key: str | bytes | None = None, max_message_mb: float = 64,
                    max_concurrency: int = 1, max_pending: int = 64, allow_nonfinite: bool = False,
                    cost_hint: float | None = None, http_port: int | None = None,
-                   reuse_port: bool = False) -> OracleServer:
+                   reuse_port: bool = False, worker: tuple[int, int] | None = None) -> OracleServer:
     """Start a gRPC server (and optionally a REST endpoint) for a black box; returns once it listens.
 
     Args:
@@ -161,6 +161,8 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         reuse_port: share ``port`` with other processes that set it too (SO_REUSEPORT: the
             kernel spreads connections over them; ``serve --workers N``). Off by default, so a
             taken port fails loudly.
+        worker: ``(index, count)``: this process is worker ``index`` of ``count`` sharing the
+            port; ServerReady names it so clients can spread their connections over the workers.
     Returns:
         An :class:`OracleServer` (context manager) with ``.port``, ``.address``, ``.http_port``,
         ``.rest_url``, ``.stop()``.
@@ -183,7 +185,8 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
 
         require_rest_extra()  # before anything listens
     max_bytes = int(max_message_mb * 2**20)
-    servicer = OracleServicer(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency)
+    servicer = OracleServicer(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency,
+                              worker=worker)
     options = [
         *message_limit_options(max_bytes),
         # Fail loudly if the port is taken, unless sharing it is what is asked for.

@@ -26,6 +26,7 @@ from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
     MIRROR_SERVICE,
     ORACLE_SERVICE,
+    WORKER_METADATA_KEY,
     WireError,
     datatype_of,
     decode_raw,
@@ -60,10 +61,15 @@ class OracleServicer:
         models: the served models by wire name.
         max_message_bytes: largest answer it may send (larger ones get RESOURCE_EXHAUSTED).
         max_concurrency: black-box calls running at once, across all RPCs.
+        worker: ``(index, count)`` when this process is one of ``count`` sharing a port
+            (``serve --workers N``); ServerReady then names it, so clients can spread their
+            connections over the workers.
     """
 
-    def __init__(self, models: dict[str, ServedModel], *, max_message_bytes: int, max_concurrency: int):
+    def __init__(self, models: dict[str, ServedModel], *, max_message_bytes: int, max_concurrency: int,
+                 worker: tuple[int, int] | None = None):
         self.models = models
+        self.worker = worker
         self.max_message_bytes = max_message_bytes
         self.max_concurrency = max_concurrency
         self.slots = threading.BoundedSemaphore(max_concurrency)
@@ -186,7 +192,10 @@ class OracleServicer:
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):
-        """Ready until ``stop()`` begins."""
+        """Ready until ``stop()`` begins. A worker of ``serve --workers N`` also names itself in
+        the trailing metadata (``WORKER_METADATA_KEY: "index/count"``)."""
+        if self.worker is not None:
+            context.set_trailing_metadata(((WORKER_METADATA_KEY, "%d/%d" % self.worker),))
         return pb.ServerReadyResponse(ready=self.ready)
 
     def ModelReady(self, request, context):
