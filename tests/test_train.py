@@ -1,3 +1,4 @@
+import csv
 import json
 
 import pytest
@@ -155,6 +156,21 @@ def test_cli_train_writes_metrics(tmp_path, capsys):
     assert (out / "curves.png").stat().st_size > 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["queries"] == metrics["queries"]
+
+
+def test_cli_train_evaluates_and_checkpoints_within_epochs(tmp_path, capsys):
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--estimator", "fo", "--epochs", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--eval-every", "10", "--checkpoint-every", "7", "--out", str(tmp_path / "often")]) == 0
+    with open(tmp_path / "often" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    last = steps[-1]
+    assert last > 40 and steps == [0, *range(10, last, 10), last]  # before training, every 10, epoch end
+    plain, often = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("plain", "often"))
+    assert often["test_correct"] == plain["test_correct"]  # the trajectory is the same
+    with pytest.raises(SystemExit):
+        main([*args, "--eval-every", "0", "--out", str(tmp_path / "bad")])
+    assert "expected a positive whole number of steps, got '0'" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_values(tmp_path, capsys):

@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder
+from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder, steps_count
 from deepzero_oracle.atomic import write_json
 
 __all__ = ["register", "report", "run_method", "write_config"]
@@ -360,7 +360,7 @@ def _recipe_flags(p) -> None:
     p.add_argument("--redraw-every", dest="redraw_every", type=int, default=None,
                    help=f"steps between redraws of the sparse coordinates (default {d.redraw_every})")
     p.add_argument("--mu", type=float, default=None, help=f"CGE finite-difference step (default {d.mu:g})")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None,
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=steps_count, default=None,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
 
 

@@ -25,7 +25,7 @@ from deepzero_oracle.train import TensorBoardLogger, Trainer
 
 from deepzero_oracle.apps.datasets import DATASETS, load_dataset
 from deepzero_oracle.apps.models import MODELS, build_model
-from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder
+from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder, steps_count
 
 ESTIMATORS = ("cge", "rge", "fo")
 # what decides the layer-wise ratios (kept beside them in ratios.json)
@@ -125,19 +125,24 @@ def accuracy_and_loss(learner, x, y, batch: int = 1024) -> tuple[float, float]:
 
 
 def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: bool = True,
-                     executor: str = "inline") -> dict:
+                     executor: str = "inline", eval_every: int | None = None,
+                     checkpoint_every: int | None = None) -> dict:
     """Train per ``recipe``; writes ``metrics.json`` (with ``test_correct``, 0/1 per test image,
     for paired comparisons), ``metrics.csv``, ``steps.csv``,
     ``checkpoint.pt``, ``ratios.json`` (sparse runs) and ``curves.png`` under ``out_dir`` and
     returns the metrics dict. With ``resume``, a run in ``out_dir`` is continued (its settings
     must match); without, it is started over. ``executor`` (an ``open_executor`` spec) is where
-    the training steps' queries run; the results are the same on every executor."""
+    the training steps' queries run; the results are the same on every executor.
+    ``eval_every`` / ``checkpoint_every`` (steps; None: at epoch ends) add evaluations and
+    checkpoints within epochs, for long epochs; neither changes the trajectory."""
     recipe.check()
     with open_executor(executor) as pool:  # a bad spec or an unreachable scheduler fails here
-        return _train_classifier(recipe, Path(out_dir), pool, progress=progress, resume=resume)
+        return _train_classifier(recipe, Path(out_dir), pool, progress=progress, resume=resume,
+                                 eval_every=eval_every, checkpoint_every=checkpoint_every)
 
 
-def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool, resume: bool) -> dict:
+def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool, resume: bool,
+                      eval_every: int | None, checkpoint_every: int | None) -> dict:
     if not resume:
         (out / "ratios.json").unlink(missing_ok=True)
     torch.manual_seed(recipe.seed)
@@ -165,8 +170,9 @@ def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool, resume
                 "test_loss": test_loss, "test_accuracy": test_acc}
 
     trainer = Trainer(parallelize(oracle, pool), make_estimator(recipe), optimizer, scheduler=scheduler,
-                      scheduler_interval="step", mask_schedule=masks, evaluate=evaluate,
+                      scheduler_interval="step", mask_schedule=masks, evaluate=evaluate, eval_every=eval_every,
                       callbacks=[TensorBoardLogger(out / "tensorboard")], out_dir=out,
+                      checkpoint_every=checkpoint_every,
                       settings=recipe.settings(), seed=recipe.seed, progress=progress,
                       desc=f"{recipe.dataset} {recipe.model} {recipe.estimator}")
     history = trainer.fit(batches, epochs=recipe.epochs, max_queries=recipe.max_queries, resume=resume)
@@ -221,7 +227,8 @@ def _train(args) -> int:
                     lr=args.lr, mu=args.mu, q=args.q, max_queries=args.max_queries,
                     seed=args.seed, dtype=args.dtype)
     metrics = train_classifier(recipe, args.out, progress=not args.quiet, resume=not args.restart,
-                               executor=args.executor)
+                               executor=args.executor, eval_every=args.eval_every,
+                               checkpoint_every=args.checkpoint_every)
     summary = {k: metrics[k] for k in ("test_accuracy", "queries", "seconds", "estimator", "sparsity",
                                        "stopped_reason")}
     print(json.dumps(summary, indent=None if args.json else 2))
@@ -259,6 +266,10 @@ def register(subparsers):
                    help="stop before exceeding this many queries (exit code 4 when it stops training)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seeds data split, init, batches, masks")
     p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype, help="learner dtype")
+    p.add_argument("--eval-every", type=steps_count, default=None,
+                   help="also evaluate every N steps (default: after each epoch only; for long epochs)")
+    p.add_argument("--checkpoint-every", type=steps_count, default=None,
+                   help="also checkpoint every N steps (default: at epoch ends and on any stop)")
     add_executor(p, "the training steps' queries")
     add_run_folder(p)
     add_json(p)

@@ -47,6 +47,17 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def steps_count(text: str) -> int:
+    """argparse type for a number of steps: a positive integer, or an error saying so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of steps, got {text!r}")
+    return value
+
+
 def executor_spec(text: str) -> str:
     """``--executor``'s argparse type: the spec as given, or an error listing the accepted forms."""
     try:
@@ -67,4 +78,4 @@ def add_executor(parser: argparse.ArgumentParser, what: str = "the oracle's quer
 
 
 __all__ = ["HelpFormatter", "add_command", "add_executor", "add_json", "add_quiet", "add_run_folder",
-           "executor_spec"]
+           "executor_spec", "steps_count"]
