@@ -23,7 +23,9 @@ from deepzero_oracle.apps.cli import exit_code
 from deepzero_oracle.blackbox import BlackBoxReplicasUnavailable, BlackBoxUnavailable, GrpcBlackBox
 from deepzero_oracle.blackbox.spec import BlackBoxSpec, open_blackbox
 from deepzero_oracle.blackbox.transport import worker_of
+from deepzero_oracle.server import serve_blackbox
 from deepzero_oracle.errors import EXIT_UNREACHABLE
+from grpcbb_helpers import self_signed_cert
 from server_process import ServerProcess
 
 HERE = Path(__file__).resolve().parent
@@ -79,6 +81,11 @@ def test_spec_with_replicas_parses_and_refuses_mixtures():
         BlackBoxSpec.parse("grpc://127.0.0.1:1,mod:fn")
     with pytest.raises(ValueError, match="appears twice"):
         BlackBoxSpec.parse("grpc://127.0.0.1:1,grpc://127.0.0.1:1")
+    tls = BlackBoxSpec.parse("grpcs://127.0.0.1:1/m,grpcs://127.0.0.1:2/m")
+    assert tls.tls and tls.kind == "grpc" and BlackBoxSpec.parse(str(tls)) == tls
+    assert BlackBoxSpec.parse("kserve+https://h:1/m") == BlackBoxSpec("kserve+http", "h:1", "m", tls=True)
+    with pytest.raises(ValueError, match="share the scheme and the model"):
+        BlackBoxSpec.parse("grpcs://127.0.0.1:1,grpc://127.0.0.1:2")
 
 
 def _free_port() -> int:
@@ -192,14 +199,17 @@ def test_serve_workers_share_one_port_and_stop_together():
             os.kill(pid, 0)
 
 
-def test_threads_with_copies_reach_every_worker():
+def test_threads_with_copies_reach_every_worker(tmp_path):
     """Two threads with pickled copies of one box (as ParallelOracle hands them out) land on the
-    two workers every time; the kernel alone would pair them on one worker half the time."""
-    server = ServerProcess("replica_functions:worker_pid", "--workers", "2", cwd=HERE)
+    two workers every time, over TLS with a token; the kernel alone would pair them on one
+    worker half the time."""
+    cert, key = self_signed_cert(tmp_path)
+    server = ServerProcess("replica_functions:worker_pid", "--workers", "2", "--tls-cert", str(cert),
+                           "--tls-key", str(key), "--token", "t", cwd=HERE)
     try:
         pids = {int(p) for p in re.search(r"pids ([\d, ]+)\)", server.line).group(1).split(", ")}
-        box = GrpcBlackBox(server.address, timeout=30)
-        assert worker_of(box.transport.channel) in {(0, 2), (1, 2)}
+        box = GrpcBlackBox(server.address, timeout=30, tls=str(cert), token="t")
+        assert worker_of(box.transport.channel, box.transport.metadata) in {(0, 2), (1, 2)}
         x = torch.zeros(3, 2, dtype=torch.float64)
         for _ in range(5):  # new threads, new connections each time
             both = threading.Barrier(2)
@@ -215,6 +225,35 @@ def test_threads_with_copies_reach_every_worker():
         assert server.stop() == 0
     with _replica() as single:
         assert worker_of(GrpcBlackBox(single.address, timeout=30).transport.channel) is None
+
+
+def test_replicas_over_tls_with_a_token_share_the_calls(tmp_path, monkeypatch):
+    cert, key = self_signed_cert(tmp_path)
+    calls = {"a": 0, "b": 0}
+
+    def counting(name):
+        def head(x):
+            calls[name] += 1
+            return 2 * x
+        return head
+
+    with serve_blackbox(counting("a"), model_name="head", tls_cert=str(cert), tls_key=str(key), token="t") as a, \
+            serve_blackbox(counting("b"), model_name="head", tls_cert=str(cert), tls_key=str(key), token="t") as b:
+        spec = f"grpcs://{a.address},grpcs://{b.address}"
+        x = torch.ones(2, 3, dtype=torch.float64)
+        with pytest.raises(BlackBoxUnavailable):  # the system's roots do not know a self-signed certificate
+            open_blackbox(spec, timeout=5, token="t")
+        monkeypatch.setenv("DEEPZERO_ORACLE_TLS_CA", str(tmp_path / "missing.pem"))
+        with pytest.raises(FileNotFoundError, match="DEEPZERO_ORACLE_TLS_CA"):
+            open_blackbox(spec, timeout=5, token="t")
+        monkeypatch.setenv("DEEPZERO_ORACLE_TLS_CA", str(cert))
+        box = open_blackbox(spec, timeout=30, token="t")
+        copy = pickle.loads(pickle.dumps(box))  # the CA and the token travel with it
+        for _ in range(4):
+            assert torch.equal(box(x), 2 * x) and torch.equal(copy(x), 2 * x)
+        assert calls["a"] > 0 and calls["b"] > 0 and calls["a"] + calls["b"] == 8
+        rest = open_blackbox(f"kserve+https://{a.address}/head", timeout=5, token="t")
+        assert rest.base.startswith("https://")
 
 
 def test_serve_workers_refuse_rest_and_fail_when_a_worker_cannot_start():

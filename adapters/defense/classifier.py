@@ -355,7 +355,8 @@ def open_classifier(spec: str, data, *, path: str | Path | None = None, timeout:
         spec: ``local`` (the adapter's own CNN for an example dataset, at ``path``, trained on
             first use), or a black-box spec (``deepzero_oracle.blackbox.spec``):
             ``grpc://HOST:PORT[/MODEL]``, ``kserve://HOST:PORT/MODEL``,
-            ``kserve+http://HOST:PORT/MODEL``, ``MODULE:FUNCTION`` (called in this process with
+            ``kserve+http://HOST:PORT/MODEL`` (``grpcs``, ``kserves``, ``kserve+https``: over TLS),
+            ``MODULE:FUNCTION`` (called in this process with
             NumPy arrays ``[N, C, H, W]``; a ``torch.nn.Module`` is also a white box for FO-DS).
         data: a Dataset (``x_train [N, C, H, W]``, ``classes``, ``name``) or a ``--data`` value.
         timeout: deadline of every remote call, in seconds.

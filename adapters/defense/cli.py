@@ -234,7 +234,8 @@ def _common(p: argparse.ArgumentParser, *, classifier_default: str | None, data_
                    help="the classifier, answering logits or probabilities [N, classes]: local (the adapter's "
                         "own CNN, example datasets only), MODULE:FUNCTION (in this process, NumPy arrays in; "
                         "a torch nn.Module also allows fo-ds), grpc://HOST:PORT[/MODEL], kserve://HOST:PORT/MODEL "
-                        "or kserve+http://HOST:PORT/MODEL"
+                        "or kserve+http://HOST:PORT/MODEL (grpcs://, kserves://, kserve+https:// for TLS; "
+                        "the CA from $DEEPZERO_ORACLE_TLS_CA)"
                         + ("" if classifier_default else " (default: the run's, else local)"))
     p.add_argument("--classifier-path", default=None,
                    help="saved local classifier (default runs/defense/classifier-<dataset>.pt, trained on first use)")

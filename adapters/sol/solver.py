@@ -171,7 +171,7 @@ def open_solver(spec: str | None, trajectories: Trajectories, *, timeout: float 
     """The `Solver` a ``--solver`` value names, probed once on ``trajectories`` (closed on exit).
 
     Args:
-        spec: one of ``SPEC_FORMS`` (grpc://, kserve://, kserve+http://, MODULE:FUNCTION), or None for
+        spec: one of ``SPEC_FORMS`` (grpc[s]://, kserve[s]://, kserve+http[s]://, MODULE:FUNCTION), or None for
             the built-in scenario's in-process source step (only for data made by ``sol generate``).
         trajectories: the comparison's data (probe states; the built-in scenario).
         timeout: deadline of each remote call, in seconds.

@@ -6,6 +6,10 @@
     kserve+http://HOST:PORT/MODEL     KServe v2 over REST (KServeBlackBox, protocol="rest")
     MODULE:FUNCTION                   a Python function, called in this process (LocalBlackBox)
 
+With TLS: ``grpcs://``, ``kserves://`` and ``kserve+https://``; the server's certificate is
+checked against the system's roots, or against the CA certificate (PEM) that
+``$DEEPZERO_ORACLE_TLS_CA`` names (a self-signed server: its own certificate).
+
 Replicas of one remote black box are several specs joined by commas, all with the same scheme
 and model: ``grpc://h1:p1,grpc://h2:p2`` (calls are spread over them and a failed or stalled
 replica's call goes to another; see :mod:`deepzero_oracle.blackbox.grpc`).
@@ -23,9 +27,12 @@ from typing import Callable, Mapping
 
 from deepzero_oracle.blackbox.local import LocalBlackBox
 
-SPEC_FORMS = ("grpc://HOST:PORT[/MODEL]", "kserve://HOST:PORT/MODEL", "kserve+http://HOST:PORT/MODEL",
+SPEC_FORMS = ("grpc[s]://HOST:PORT[/MODEL]", "kserve[s]://HOST:PORT/MODEL", "kserve+http[s]://HOST:PORT/MODEL",
               "MODULE:FUNCTION")
-_SCHEMES = ("grpc", "kserve", "kserve+http")
+# scheme -> (kind, TLS)
+_SCHEMES = {"grpc": ("grpc", False), "grpcs": ("grpc", True), "kserve": ("kserve", False),
+            "kserves": ("kserve", True), "kserve+http": ("kserve+http", False), "kserve+https": ("kserve+http", True)}
+TLS_CA_ENV = "DEEPZERO_ORACLE_TLS_CA"
 
 
 @dataclass(frozen=True)
@@ -37,11 +44,13 @@ class BlackBoxSpec:
         target: ``host:port`` for remote kinds (``h1:p1,h2:p2`` for replicas), the module for
             "python".
         name: the model name ("" for our server's only model) or the function's attribute path.
+        tls: the connection is TLS (``grpcs://``, ``kserves://``, ``kserve+https://``).
     """
 
     kind: str
     target: str
     name: str
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "BlackBoxSpec":
@@ -56,9 +65,10 @@ class BlackBoxSpec:
             target, _, name = rest.partition("/")
             if not _is_host_port(target):
                 raise ValueError(f"{text!r}: expected HOST:PORT after {scheme}://; {_forms()}")
-            if scheme != "grpc" and not name:
+            kind, tls = _SCHEMES[scheme]
+            if kind != "grpc" and not name:
                 raise ValueError(f"{text!r}: a KServe spec names its model: {scheme}://HOST:PORT/MODEL")
-            return cls(scheme, target, name)
+            return cls(kind, target, name, tls)
         module, sep, attr = text.partition(":")
         if not sep or not module or not attr or "/" in text:
             raise ValueError(f"{text!r} is not a black-box spec; {_forms()}")
@@ -71,14 +81,14 @@ class BlackBoxSpec:
         if any(not p.remote for p in parts):
             raise ValueError(f"{text!r}: only remote specs have replicas (grpc://, kserve://, "
                              "kserve+http://, joined by commas); MODULE:FUNCTION runs in this process")
-        if len({(p.kind, p.name) for p in parts}) > 1:
-            mixed = ", ".join(sorted({f"{p.kind}://.../{p.name}" for p in parts}))
+        if len({(p.kind, p.name, p.tls) for p in parts}) > 1:
+            mixed = ", ".join(sorted({f"{p.scheme}://.../{p.name}" for p in parts}))
             raise ValueError(f"{text!r}: replicas must share the scheme and the model, got {mixed}; "
                              "serve the same model on every address and name it the same way")
         targets = [p.target for p in parts]
         if len(set(targets)) != len(targets):
             raise ValueError(f"{text!r}: an address appears twice; name each replica once")
-        return cls(parts[0].kind, ",".join(targets), parts[0].name)
+        return cls(parts[0].kind, ",".join(targets), parts[0].name, parts[0].tls)
 
     @property
     def targets(self) -> list[str]:
@@ -90,10 +100,17 @@ class BlackBoxSpec:
         """True for the kinds reached over the network."""
         return self.kind != "python"
 
+    @property
+    def scheme(self) -> str:
+        """The spec's scheme (``grpcs`` for kind grpc with TLS, ...); "" for "python"."""
+        if not self.remote:
+            return ""
+        return self.kind + ("s" if self.tls else "")
+
     def __str__(self) -> str:
         if self.kind == "python":
             return f"{self.target}:{self.name}"
-        return ",".join(f"{self.kind}://{t}" + (f"/{self.name}" if self.name else "") for t in self.targets)
+        return ",".join(f"{self.scheme}://{t}" + (f"/{self.name}" if self.name else "") for t in self.targets)
 
 
 def load_callable(spec: str) -> Callable | Mapping[str, Callable]:
@@ -120,7 +137,7 @@ def load_callable(spec: str) -> Callable | Mapping[str, Callable]:
 
 
 def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str | None = None,
-                  numpy: bool = True):
+                  numpy: bool = True, tls_ca: str | None = None):
     """The black box a spec names: ``box(*inputs [N, ...]) -> [N, ...]`` (a torch tensor).
 
     Args:
@@ -129,11 +146,14 @@ def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str
         token: shared token for remote servers (default: ``$DEEPZERO_ORACLE_TOKEN``).
         numpy: in-process functions receive NumPy arrays (the black-box contract: arrays in,
             arrays out); False passes torch tensors.
+        tls_ca: for TLS specs, a CA certificate (PEM path) to trust (default:
+            ``$DEEPZERO_ORACLE_TLS_CA``, else the system's roots).
     Returns:
         ``GrpcBlackBox``, ``KServeBlackBox`` or ``LocalBlackBox``; each is a context manager.
     Raises:
         BlackBoxUnavailable: a spec with replicas where one of them cannot be reached (named),
             before any query is sent.
+        FileNotFoundError: the CA file does not exist.
     """
     spec = spec if isinstance(spec, BlackBoxSpec) else BlackBoxSpec.parse(spec)
     if spec.kind == "python":
@@ -141,20 +161,27 @@ def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str
         if isinstance(fn, Mapping):
             raise TypeError(f"{spec} is a mapping of several functions; name one: MODULE:NAME")
         return LocalBlackBox(fn, numpy=numpy)
+    tls = None
+    if spec.tls:
+        tls_ca = tls_ca or os.environ.get(TLS_CA_ENV) or None
+        if tls_ca and not os.path.isfile(tls_ca):
+            raise FileNotFoundError(f"CA certificate {tls_ca!r} (for {spec}) does not exist; set {TLS_CA_ENV} "
+                                    "to the PEM file of the server's CA, or unset it to use the system's roots")
+        tls = tls_ca or True
     targets = spec.targets if len(spec.targets) > 1 else spec.target
     if spec.kind == "grpc":
         from deepzero_oracle.blackbox.grpc import GrpcBlackBox
 
-        box = GrpcBlackBox(targets, model=spec.name, timeout=timeout, token=token)
+        box = GrpcBlackBox(targets, model=spec.name, timeout=timeout, token=token, tls=tls)
     else:
         from deepzero_oracle.blackbox.kserve import KServeBlackBox
 
         if spec.kind == "kserve+http":
-            urls = [f"http://{t}" for t in spec.targets]
+            urls = [f"{'https' if spec.tls else 'http'}://{t}" for t in spec.targets]
             box = KServeBlackBox(urls if len(urls) > 1 else urls[0], spec.name, protocol="rest",
-                                 timeout=timeout, token=token)
+                                 timeout=timeout, token=token, tls=tls)
         else:
-            box = KServeBlackBox(targets, spec.name, protocol="grpc", timeout=timeout, token=token)
+            box = KServeBlackBox(targets, spec.name, protocol="grpc", timeout=timeout, token=token, tls=tls)
     if len(spec.targets) > 1:
         try:
             # A dead replica would silently leave the rotation: name it before any work starts.
@@ -174,4 +201,4 @@ def _forms() -> str:
     return "use one of " + ", ".join(SPEC_FORMS)
 
 
-__all__ = ["BlackBoxSpec", "SPEC_FORMS", "load_callable", "open_blackbox"]
+__all__ = ["BlackBoxSpec", "SPEC_FORMS", "TLS_CA_ENV", "load_callable", "open_blackbox"]
