@@ -4,6 +4,7 @@ with exact query counts (train, defense train and certify, ZO-SOL)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import time
@@ -230,6 +231,20 @@ def test_zo_sol_on_an_executor_equals_inline(tmp_path):
     assert torch.equal(_learner(tmp_path / "threads:2"), _learner(tmp_path / "inline"))
     # inline: one call of all rollouts per unroll step; threads:2: two half blocks per unroll step
     assert inline["solver_calls"] == 2 * 2 and fanned["solver_calls"] == 2 * 2 * 2
+
+
+def test_sol_compare_on_an_executor_equals_inline(tmp_path, capsys):
+    reports = {}
+    for spec in ("inline", "threads:2"):
+        out = tmp_path / spec.replace(":", "-")
+        assert main(["sol", "compare", "--seeds", "0", "--methods", "src,zo-sol", "--executor", spec, "--out", str(out), "--quiet",
+                     "--scenario", "burgers", "--size", "tiny", "--n-train", "2", "--n-test", "2", "--train-steps",
+                     "4", "--test-steps", "4", "--steps", "2", "--unroll", "2", "--batch-size", "2", "--hidden", "4",
+                     "--json"]) == 0
+        # everything but the wall time
+        reports[spec] = {m: {k: v for k, v in r.items() if k != "seconds"}
+                         for m, r in json.loads(capsys.readouterr().out).items()}
+    assert reports["threads:2"] == reports["inline"] and reports["inline"]["zo-sol"]["queries"] > 0
 
 
 @pytest.mark.slow

@@ -280,3 +280,21 @@ def test_rest_replicas_rotate_and_survive_a_killed_one():
     finally:
         a.kill()
         b.stop()
+
+
+def test_stalled_rest_replica_is_skipped_after_the_deadline():
+    a, b = _replica("--http-port", "0"), _replica("--http-port", "0")
+    try:
+        box = open_blackbox(",".join(f"kserve+http://{s.rest_url.removeprefix('http://')}/slow_head" for s in (a, b)),
+                            timeout=1.0)
+        x = torch.randn(5, 3, dtype=torch.float64)
+        first = box(x)
+        os.kill(a.pid, signal.SIGSTOP)  # a stalls: it keeps its connections but never answers
+        for _ in range(4):  # the calls whose turn is a's wait one deadline, then go to b
+            assert torch.allclose(box(x), first, rtol=0, atol=1e-15)
+        assert box.calls == 5
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        a.stop()
+        b.stop()
+
