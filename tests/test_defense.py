@@ -30,8 +30,10 @@ from deepzero_oracle.adapters.defense.denoiser import Decoder, Denoiser, Encoder
 from deepzero_oracle.adapters.defense.methods import (
     DefenseConfig,
     ZOAEOracle,
+    build_front,
     certify_front,
     load_front,
+    smoothed_pipeline,
     train_defense,
 )
 from deepzero_oracle.apps.datasets import load_dataset
@@ -165,6 +167,24 @@ def test_latent_cge_matches_autograd_chain_rule():
     exact = torch.autograd.grad(F.cross_entropy(head(decoder(learner(x))), y), params)
     exact = torch.cat([g.reshape(-1) for g in exact])
     assert torch.allclose(est, exact, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["zo-ds", "zo-ae-ds"])
+def test_smoothed_pipeline_runs_the_front_channels_last_with_the_same_values(method):
+    torch.manual_seed(0)
+    front = build_front(DefenseConfig(method=method), (1, 28, 28))
+    seen = []
+
+    def head(images):  # the classifier sees the usual layout
+        seen.append(images.is_contiguous())
+        return images.flatten(1)[:, :10]
+
+    x = torch.rand(7, 1, 28, 28)
+    with torch.no_grad():
+        expected = head(front(x))
+    assert torch.allclose(smoothed_pipeline(front, head)(x), expected, rtol=0, atol=1e-6)
+    assert all(seen)
+    assert all(p.is_contiguous() for p in front.parameters())  # the caller's front is left as it was
 
 
 def test_zo_ds_local_equals_grpc(clf, tmp_path):
