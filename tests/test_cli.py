@@ -10,10 +10,10 @@ from deepzero_oracle.apps.cli import build_parser, main
 
 # commands that write a run folder: continued from --out by default, --restart starts over
 RUN_FOLDERS = [("train",), ("sol", "generate"), ("sol", "train"), ("sol", "compare"), ("defense", "train"),
-               ("defense", "certify")]
+               ("defense", "certify"), ("defense", "compare")]
 REPORTING = [("train",), ("bench",), ("sol", "generate"), ("sol", "train"), ("sol", "eval"), ("sol", "report"),
              ("sol", "compare"),
-             ("defense", "train"), ("defense", "certify"), ("defense", "report")]
+             ("defense", "train"), ("defense", "certify"), ("defense", "report"), ("defense", "compare")]
 
 
 def leaves(parser: argparse.ArgumentParser, path=()):

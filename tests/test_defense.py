@@ -273,6 +273,28 @@ def _fake_run(folder, method, radii, queries):
         "n": 100, "alpha": 0.001, "samples_per_second": 1.0}))
 
 
+def test_compare_trains_certifies_and_pools_over_seeds_and_resumes(clf, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["defense", "compare", "--methods", "none,zo-ds", "--seeds", "0,1", "--classifier", "local",
+            "--classifier-path", str(clf), "--dataset", "digits", "--sigma", "0.25", "--objective", "stab",
+            "--epochs", "1", "--max-train", "32", "--width", "4", "--depth", "2", "--n0", "10", "--n", "20",
+            "--max-examples", "4", "--quiet", "--json", "--out", str(out)]
+    assert _cli(argv) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert set(table["seeds"]) == {"0", "1"} and list(table["pooled"]) == ["none", "zo-ds"]
+    assert table["pooled"]["zo-ds"]["n_images"] == 8  # 4 images x 2 seeds
+    runs = {seed: json.loads((out / f"seed-{seed}" / "zo-ds" / "run.json").read_text()) for seed in (0, 1)}
+    assert runs[0]["config"]["seed"] == 0 and runs[1]["config"]["seed"] == 1
+    assert (out / "report.md").exists() and (out / "certified_accuracy.png").exists()
+    kept = {p: _sha(p) for name in ("front.pt", "certify.tsv") for p in out.rglob(name)}
+    assert len(kept) == 6
+    assert _cli(argv) == 0  # a finished comparison continues to the same fronts and certificates
+    assert json.loads(capsys.readouterr().out) == table
+    assert {p: _sha(p) for p in kept} == kept
+    with pytest.raises(ValueError, match="--methods: unknown"):
+        _cli([*argv[:2], "--methods", "zo-xx", "--out", str(tmp_path / "bad")])
+
+
 def test_report_over_seeds_pools_images_and_pairs_them_by_seed(tmp_path, capsys):
     # seed 0: zo-ds certifies images 0-3 at 0.6, fo-ds only 0-1; seed 1: both certify 0-1, and
     # fo-ds alone image 2. Pooled at r = 0.5: zo-ds alone certifies 2 (seed, image) pairs, fo-ds 1.

@@ -1,4 +1,4 @@
-"""``deepzero-oracle defense train | certify | report``: the black-box defense from the shell.
+"""``deepzero-oracle defense train | certify | report | compare``: the black-box defense from the shell.
 
 ``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). A run
 folder (``--out``) holds one method's trained front (``run.json``, ``front.pt``, per-stage
@@ -8,7 +8,8 @@ Trainer checkpoints) and, after ``certify``, its per-example log ``certify.tsv``
 Images come from ``--data`` (an ``.npz`` or an image folder, ``deepzero_oracle.apps.datasets``)
 or ``--dataset`` (an example); the classifier from ``--classifier`` (``local`` or a black-box
 spec, :func:`.classifier.open_classifier`). Both are read and checked before anything on disk
-changes; ``certify`` defaults to the run's data and classifier.
+changes; ``certify`` defaults to the run's data and classifier. ``compare`` runs train and
+certify for several methods and seeds (``OUT/seed-S/METHOD``), then the pooled report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder
+from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_quiet, add_run_folder, given_flags,
+                                          int_list, run_subcommand)
 from deepzero_oracle.atomic import write_json, write_text
 from deepzero_oracle.parallel import open_executor
 
@@ -227,6 +229,37 @@ def _report(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    """For each seed S and method M: ``defense train`` (not for none) and ``defense certify`` in
+    ``OUT/seed-S/M``, both seeded with S; then the per-seed and pooled report in ``OUT``. Each
+    step continues what its folder holds, so an interrupted comparison resumes where it stopped."""
+    seeds = int_list(args.seeds, "--seeds")
+    methods = [m.strip() for m in args.methods.split(",")]
+    bad = [m for m in methods if m not in CERTIFY_METHODS]
+    if bad or not methods:
+        raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(CERTIFY_METHODS)}")
+    out = Path(args.out)
+    common = ["--data", args.data, "--classifier", args.classifier,
+              *(["--classifier-path", args.classifier_path] if args.classifier_path else []),
+              *(["--quiet"] if args.quiet else []), *(["--restart"] if args.restart else [])]
+    certify = ["--n0", str(args.n0), "--n", str(args.n), "--alpha", str(args.alpha), "--max-examples",
+               str(args.max_examples), "--batch-size", str(args.certify_batch_size), "--executor", args.executor]
+    for seed in seeds:
+        for method in methods:
+            folder = str(out / f"seed-{seed}" / method)
+            if method == "none":
+                run_subcommand(register, ["defense", "certify", "--method", "none", "--sigma", str(args.sigma),
+                                          "--seed", str(seed), "--out", folder, *certify, *common])
+                continue
+            run_subcommand(register, ["defense", "train", "--method", method, "--seed", str(seed), "--out", folder,
+                                      "--sigma", str(args.sigma), "--executor", args.executor,
+                                      *given_flags(args, _recipe_flags), *common])
+            run_subcommand(register, ["defense", "certify", "--method", method, "--seed", str(seed), "--out", folder,
+                                      *certify, *common])
+    args.root, args.runs, args.markdown, args.plot = str(out), None, None, None
+    return _report(args)
+
+
 def _common(p: argparse.ArgumentParser, *, classifier_default: str | None, data_default: str | None) -> None:
     from deepzero_oracle.apps.datasets import DATASETS
 
@@ -252,12 +285,44 @@ def _common(p: argparse.ArgumentParser, *, classifier_default: str | None, data_
     add_quiet(p)
 
 
+def _recipe_flags(p: argparse.ArgumentParser) -> None:
+    """The training recipe's flags (``defense train`` and ``defense compare``)."""
+    from deepzero_oracle.adapters.defense.methods import OBJECTIVES, DefenseConfig
+
+    d = DefenseConfig()
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective, help="denoiser objective")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the main objective")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="MSE epochs before stab with mse+stab (default: --epochs)")
+    p.add_argument("--ae-epochs", type=int, default=d.ae_epochs, help="zo-ae-ds autoencoder pre-training")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per training step")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--width", type=int, default=d.width, help="denoiser channels")
+    p.add_argument("--depth", type=int, default=d.depth, help="denoiser conv layers")
+    p.add_argument("--latent", type=int, default=None, help="zo-ae-ds latent size (default ~pixels/16)")
+    p.add_argument("--sparsity", type=float, default=d.sparsity, help="zo-ds gradient sparsity")
+    p.add_argument("--pruner", choices=("zo-grasp", "uniform"), default=d.pruner, help="zo-ds layer ratios")
+    p.add_argument("--redraw-every", type=int, default=d.redraw_every,
+                   help="epochs between redraws of zo-ds's sparse coordinates")
+    p.add_argument("--mu", type=float, default=d.mu, help="CGE finite-difference step")
+    p.add_argument("--max-train", type=int, default=None, help="use only this many training images")
+
+
+def _certify_flags(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    """CERTIFY's sampling flags (``defense certify`` and ``defense compare``)."""
+    p.add_argument("--n0", type=int, default=100, help="noisy samples that choose the top class")
+    p.add_argument("--n", type=int, default=100_000, help="noisy samples that bound its probability")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    p.add_argument("--max-examples", type=int, default=100, help="first test images certified")
+    p.add_argument(batch_flag, type=int, default=1000, help="noisy samples per black-box call")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``defense`` with ``train``, ``certify`` and ``report`` to an argparse subparsers object.
+    """Add ``defense`` with ``train``, ``certify``, ``report`` and ``compare`` to an argparse subparsers object.
 
     Returns the ``defense`` parser. Each leaf sets ``func(args) -> exit code``.
     """
-    from deepzero_oracle.adapters.defense.methods import METHODS, OBJECTIVES, DefenseConfig
+    from deepzero_oracle.adapters.defense.methods import METHODS, DefenseConfig
 
     d = DefenseConfig()
     defense = add_command(subparsers, "defense",
@@ -268,22 +333,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--method", choices=METHODS, required=True, help="how the stability gradient is found")
     _common(train, classifier_default=d.classifier, data_default=d.dataset)
     train.add_argument("--sigma", type=float, default=d.sigma, help="noise level (0.12, 0.25, 0.5)")
-    train.add_argument("--objective", choices=OBJECTIVES, default=d.objective, help="denoiser objective")
-    train.add_argument("--epochs", type=int, default=d.epochs, help="epochs of the main objective")
-    train.add_argument("--pretrain-epochs", type=int, default=None,
-                       help="MSE epochs before stab with mse+stab (default: --epochs)")
-    train.add_argument("--ae-epochs", type=int, default=d.ae_epochs, help="zo-ae-ds autoencoder pre-training")
-    train.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    train.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    train.add_argument("--width", type=int, default=d.width, help="denoiser channels")
-    train.add_argument("--depth", type=int, default=d.depth, help="denoiser conv layers")
-    train.add_argument("--latent", type=int, default=None, help="zo-ae-ds latent size (default ~pixels/16)")
-    train.add_argument("--sparsity", type=float, default=d.sparsity, help="zo-ds gradient sparsity")
-    train.add_argument("--pruner", choices=("zo-grasp", "uniform"), default=d.pruner, help="zo-ds layer ratios")
-    train.add_argument("--redraw-every", type=int, default=d.redraw_every,
-                       help="epochs between redraws of zo-ds's sparse coordinates")
-    train.add_argument("--mu", type=float, default=d.mu, help="CGE finite-difference step")
-    train.add_argument("--max-train", type=int, default=None, help="use only this many training images")
+    _recipe_flags(train)
     train.add_argument("--seed", type=int, default=d.seed, help="seeds init, noise, masks and batches")
     add_executor(train, "zo-ds's stability queries")
     add_run_folder(train)
@@ -293,11 +343,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     cert.add_argument("--method", choices=CERTIFY_METHODS, required=True, help="the run's method, or none")
     _common(cert, classifier_default=None, data_default=None)
     cert.add_argument("--sigma", type=float, default=None, help="default: the run's training sigma")
-    cert.add_argument("--n0", type=int, default=100, help="noisy samples that choose the top class")
-    cert.add_argument("--n", type=int, default=100_000, help="noisy samples that bound its probability")
-    cert.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
-    cert.add_argument("--max-examples", type=int, default=100, help="first test images certified")
-    cert.add_argument("--batch-size", type=int, default=1000, help="noisy samples per black-box call")
+    _certify_flags(cert)
     cert.add_argument("--seed", type=int, default=0, help="seeds the per-image noise")
     cert.add_argument("--out", required=True,
                       help="run folder: writes certify.tsv and certify.json; an interrupted certify.tsv "
@@ -315,4 +361,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     rep.add_argument("--markdown", default=None, help="markdown output (default <root>/report.md)")
     rep.add_argument("--plot", default=None, help="plot output (default <root>/certified_accuracy.png)")
     rep.set_defaults(func=_report)
+
+    cmp_ = add_command(sub, "compare", "train and certify several methods over several seeds, then report "
+                                       "each seed and all pooled (OUT/seed-S/METHOD, OUT/report.md)")
+    add_run_folder(cmp_, "comparison")
+    cmp_.add_argument("--methods", default=",".join(CERTIFY_METHODS),
+                      help="methods, comma-separated (none: the classifier smoothed alone)")
+    cmp_.add_argument("--seeds", default="0", help="seeds, comma-separated: each seeds training and certification")
+    _common(cmp_, classifier_default=d.classifier, data_default=d.dataset)
+    cmp_.add_argument("--sigma", type=float, default=d.sigma, help="noise level, training and certification")
+    _recipe_flags(cmp_)
+    _certify_flags(cmp_, "--certify-batch-size")
+    add_executor(cmp_, "zo-ds's stability queries and the certified images")
+    cmp_.set_defaults(func=_compare)
     return defense

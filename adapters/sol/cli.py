@@ -15,14 +15,13 @@ Bad input (data, solver, corrector) is refused before anything is trained or wri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder, steps_count
+from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_quiet, add_run_folder, given_flags,
+                                          int_list, run_subcommand, steps_count)
 from deepzero_oracle.atomic import write_json
 
 __all__ = ["register", "report", "run_method", "write_config"]
@@ -237,26 +236,30 @@ def _train_length(out: Path) -> int | None:
     return load_trajectories(path).train_states.shape[1] - 1 if path.exists() else None
 
 
+def _run_sol(argv: list[str]) -> None:
+    run_subcommand(register, ["sol", *argv])
+
+
 def _compare(args) -> int:
     """Run the whole comparison once per seed in ``OUT/seed-S`` (generate unless --data, then
     train every method), then report each seed and all seeds pooled in ``OUT``."""
     from deepzero_oracle.adapters.sol.methods import METHODS
     from deepzero_oracle.adapters.sol.report import pooled_report
 
-    seeds = _int_list(args.seeds, "--seeds")
+    seeds = int_list(args.seeds, "--seeds")
     methods = [m.strip() for m in args.methods.split(",")]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     out = Path(args.out)
     common = [*(["--quiet"] if args.quiet else []), *(["--restart"] if args.restart else [])]
-    recipe = _given_flags(args, _recipe_flags)
+    recipe = given_flags(args, _recipe_flags)
     folders = {}
     for seed in seeds:
         folder = out / f"seed-{seed}"
         if not args.data:
             _run_sol(["generate", "--out", str(folder), "--seed", str(seed), *common,
-                      *_given_flags(args, _scenario_flags)])
+                      *given_flags(args, _scenario_flags)])
         for m in methods:
             data = ["--data", str(args.data)] if args.data else []
             solver = ["--solver", args.solver, "--timeout", str(args.timeout)] if args.solver else []
@@ -266,39 +269,6 @@ def _compare(args) -> int:
     result = pooled_report(out, folders, train_steps=_train_length(folders[seeds[0]]))
     print(json.dumps(result["pooled"]) if args.json else (out / "report.md").read_text())
     return 0
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
-    if not values or len(set(values)) != len(values):
-        raise ValueError(f"{flag} needs distinct integers, e.g. 0,1,2; got {text!r}")
-    return values
-
-
-def _given_flags(args, add_flags) -> list[str]:
-    """The flags of ``add_flags`` that were given on this command line, as argv to pass on."""
-    probe = argparse.ArgumentParser(add_help=False)
-    add_flags(probe)
-    argv = []
-    for action in probe._actions:
-        value = getattr(args, action.dest, None)
-        if value is not None:
-            argv += [action.option_strings[0], str(value)]
-    return argv
-
-
-def _run_sol(argv: list[str]) -> None:
-    """One ``sol`` subcommand, parsed by the same parser as on the command line."""
-    parser = argparse.ArgumentParser(prog="deepzero-oracle")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sol", *argv])
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is the comparison's own report
-        code = args.func(args)
-    if code != 0:
-        raise RuntimeError(f"`sol {' '.join(argv)}` did not finish (exit code {code})")
 
 
 def _report(args) -> int:

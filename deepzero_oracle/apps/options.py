@@ -6,6 +6,8 @@ in ``--help``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 
 from deepzero_oracle.parallel.executors import EXECUTOR_FORMS, TLS_ENV, parse_executor_spec
 
@@ -47,6 +49,44 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def given_flags(args: argparse.Namespace, add_flags) -> list[str]:
+    """The flags ``add_flags(parser)`` defines whose value in ``args`` is not None, as argv to
+    pass on to another command that defines them too (``sol compare`` -> ``sol train``)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_flags(probe)
+    argv = []
+    for action in probe._actions:
+        value = getattr(args, action.dest, None)
+        if value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` for ``flag`` (e.g. ``--seeds``); ValueError naming the flag for
+    anything but distinct integers."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes integers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"{flag} needs distinct integers, e.g. 0,1,2; got {text!r}")
+    return values
+
+
+def run_subcommand(register, argv: list[str]) -> None:
+    """Run ``deepzero-oracle ARGV`` for the commands ``register(subparsers)`` adds, parsed as on
+    the command line, with its stdout sent to stderr (the caller's stdout is its own report);
+    RuntimeError if it does not exit with 0."""
+    parser = argparse.ArgumentParser(prog="deepzero-oracle")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):
+        code = args.func(args)
+    if code != 0:
+        raise RuntimeError(f"`deepzero-oracle {' '.join(argv)}` did not finish (exit code {code})")
+
+
 def steps_count(text: str) -> int:
     """argparse type for a number of steps: a positive integer, or an error saying so."""
     try:
@@ -78,4 +118,4 @@ def add_executor(parser: argparse.ArgumentParser, what: str = "the oracle's quer
 
 
 __all__ = ["HelpFormatter", "add_command", "add_executor", "add_json", "add_quiet", "add_run_folder",
-           "executor_spec", "steps_count"]
+           "executor_spec", "given_flags", "int_list", "run_subcommand", "steps_count"]
