@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -34,6 +33,7 @@ from deepzero_oracle.blackbox import BlackBoxError, BlackBoxTimeout, BlackBoxUna
 from deepzero_oracle.blackbox.spec import BlackBoxSpec, load_callable, open_blackbox
 from deepzero_oracle.apps.datasets import load_dataset
 from deepzero_oracle.apps.models import cnn
+from deepzero_oracle.adapters.defense.denoiser import channels_last_runner
 from deepzero_oracle.atomic import save_torch
 
 __all__ = [
@@ -159,18 +159,13 @@ def query_only(model: nn.Module, *, channels_last: bool = False) -> Callable[[np
     whose layers take any memory layout (the model zoo's; a ``.view`` on activations does not).
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    run = channels_last_runner(model) if channels_last else model
 
     def classify(x: np.ndarray) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise TypeError("the frozen classifier takes numpy arrays only")
         with torch.no_grad():
-            images = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
-            if images.dim() == 4:
-                images = images.contiguous(memory_format=layout)
-            return model(images).numpy()
+            return run(torch.from_numpy(np.ascontiguousarray(x)).to(dtype)).numpy()
 
     return classify
 
