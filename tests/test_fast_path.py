@@ -71,7 +71,7 @@ def models():
     }
 
 
-def naive_coordinate_losses(learner, x, y, coords, mu):
+def naive_coordinate_losses(learner, x, y, coords, mu, loss_fn=F.cross_entropy):
     """The reference: for each coordinate perturb the weight in place, run, restore."""
     learner = copy.deepcopy(learner)
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -82,7 +82,7 @@ def naive_coordinate_losses(learner, x, y, coords, mu):
         theta[c] += mu
         torch.nn.utils.vector_to_parameters(theta, params)
         with torch.no_grad():
-            out.append(F.cross_entropy(learner(x), y))
+            out.append(loss_fn(learner(x), y))
     return torch.stack(out)
 
 
@@ -213,6 +213,27 @@ def test_black_box_sees_stacked_rows_and_gives_the_same_losses():
     assert box.rows == 20 * len(x)
     scaled = nn.Sequential(learner, Twice())
     assert torch.allclose(got, naive_coordinate_losses(scaled, x, y, coords, 1e-3), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_fn, shortcut", [
+    (F.cross_entropy, True), (nn.CrossEntropyLoss(), True),
+    (nn.CrossEntropyLoss(label_smoothing=0.1), False), (nn.CrossEntropyLoss(reduction="sum"), False),
+    (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10, dtype=torch.float64)), False)])
+def test_per_copy_cross_entropy_equals_the_loss_applied_to_each_copy(loss_fn, shortcut, monkeypatch):
+    from deepzero_oracle import module_oracle
+    used = []
+    real = module_oracle.cross_entropy_per_copy
+    monkeypatch.setattr(module_oracle, "cross_entropy_per_copy", lambda *a: used.append(1) or real(*a))
+    learner = models()["cnn_pool"].double()
+    x, y = data()
+    coords = torch.arange(0, 332, 5)
+    for targets in (y, torch.where(torch.arange(len(y)) == 0, -100, y)):  # -100: an ignored target
+        used.clear()
+        oracle = ModuleOracle(learner, loss_fn).bind(x, targets)
+        got = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+        want = naive_coordinate_losses(learner, x, targets, coords, 1e-3, loss_fn)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+        assert bool(used) == (shortcut and bool((targets >= 0).all()))
 
 
 def test_nan_from_black_box_is_a_clear_error():

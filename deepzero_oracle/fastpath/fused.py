@@ -34,7 +34,8 @@ MIN_CHANNEL_PER_COPY = 1 << 12
 
 
 def conv_pool_taps(xp: torch.Tensor, base4: torch.Tensor, wt: torch.Tensor, kernel: tuple[int, int],
-                   stride: tuple[int, int], dilation: tuple[int, int], relu: bool) -> torch.Tensor:
+                   stride: tuple[int, int], dilation: tuple[int, int], relu: bool,
+                   channels_last: bool = False) -> torch.Tensor:
     """``max_pool2d(base + conv(change), 2)`` (then ReLU if ``relu``) as one element-wise
     expression.
 
@@ -44,8 +45,11 @@ def conv_pool_taps(xp: torch.Tensor, base4: torch.Tensor, wt: torch.Tensor, kern
             (dim 1: window position ``2*da + db``).
         wt: each copy's weights of its block, ``[P, k*kh*kw, O]`` (row ``(c, i, j)``).
         kernel, stride, dilation: the convolution's.
+        channels_last: return the values as computed, O innermost (a convolution reading them
+            next runs faster so), rather than copied to the contiguous layout (what a flatten
+            or a linear layer next wants).
     Returns:
-        ``[P, B, O, Ho2, Wo2]``, contiguous.
+        ``[P, B, O, Ho2, Wo2]``.
     """
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     k, ho2, wo2 = xp.shape[2], base4.shape[2], base4.shape[3]
@@ -63,8 +67,9 @@ def conv_pool_taps(xp: torch.Tensor, base4: torch.Tensor, wt: torch.Tensor, kern
             best = acc if best is None else torch.maximum(best, acc)
     if relu:
         best = torch.relu(best)
-    # computed with O innermost (vectorised), stored in the natural layout
-    return best.permute(0, 1, 4, 2, 3).contiguous()
+    # computed with O innermost (vectorised)
+    best = best.permute(0, 1, 4, 2, 3)
+    return best if channels_last else best.contiguous()
 
 
 def conv_delta_pool(patches_cm: torch.Tensor, base_cm: torch.Tensor, channel: torch.Tensor,
@@ -94,9 +99,12 @@ def conv_delta_pool(patches_cm: torch.Tensor, base_cm: torch.Tensor, channel: to
 
 
 class Kernels:
-    """The fused kernels through ``torch.compile``, each compiled on first use with the number
-    of copies (dim 0 of the ``per_copy`` arguments) symbolic, so chunks of any size share one
-    kernel. After a failure (no C++ compiler, unsupported platform) every kernel reports itself
+    """The fused kernels through ``torch.compile``. Each is compiled on first use with the sizes
+    its caller names as varying (the number of copies, the batch) symbolic, so chunks and
+    batches of any size share one kernel, and every other size static: one kernel per layer
+    (up to dynamo's recompile limit, 8 by default; further layers run the same expression
+    uncompiled, with the same results).
+    After a failure (no C++ compiler, unsupported platform) every kernel reports itself
     unavailable, with one warning, and the callers keep the library-op path."""
 
     def __init__(self):
@@ -104,13 +112,22 @@ class Kernels:
         self._compiled: dict = {}
         self._lock = threading.Lock()
 
-    def __call__(self, fn, per_copy: tuple[int, ...], *args):
-        """``fn(*args)`` compiled, or None when compiling is impossible."""
+    def __call__(self, fn, varying: dict[int, tuple[int, ...]], *args):
+        """``fn(*args)`` compiled, or None when compiling is impossible. ``varying`` maps an
+        argument's position to its dims whose size changes between calls."""
         with self._lock:
             if fn not in self._compiled:
                 self._compiled[fn] = torch.compile(fn)
-        for i in per_copy:
-            torch._dynamo.maybe_mark_dynamic(args[i], 0)
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                # without marking, dynamo's automatic dynamic shapes turn every size symbolic
+                # once a kernel serves a second layer, and that generic kernel runs at about
+                # half the speed (channels and image sizes set its vector loops)
+                for d in range(a.dim()):
+                    if d in varying.get(i, ()):
+                        torch._dynamo.maybe_mark_dynamic(a, d)
+                    else:
+                        torch._dynamo.mark_static(a, d)
         try:
             return self._compiled[fn](*args)
         except Exception as exc:  # compiler missing or failing: the library ops still work
@@ -142,10 +159,10 @@ def fusable(m: nn.Conv2d, batch: int, out_shape: torch.Size, k: int) -> bool:
 
 
 def conv2d_max_pool(m: nn.Conv2d, change: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-                    base4: torch.Tensor, relu: bool) -> torch.Tensor | None:
+                    base4: torch.Tensor, relu: bool, channels_last: bool = False) -> torch.Tensor | None:
     """Pooled outputs of conv ``m`` then a 2x2 max-pool (then ReLU if ``relu``) for P copies
     whose input differs from the base by ``change [P, B, k, H, W]`` on block ``index [P]`` of
-    k channels.
+    k channels; ``channels_last``: in that memory format (for a convolution to read next).
 
     Returns ``[P*B, O, Ho//2, Wo//2]``, or None when the compiled kernel is unavailable.
     """
@@ -155,7 +172,8 @@ def conv2d_max_pool(m: nn.Conv2d, change: torch.Tensor, index: torch.Tensor, wei
     O, C, kh, kw = weight.shape
     blocks = weight.reshape(O, C // k, k * kh * kw).permute(1, 2, 0).contiguous()  # [C/k, k*kh*kw, O]
     wt = blocks[index]  # [P, k*kh*kw, O]
-    out = kernels(conv_pool_taps, (0, 2), xp, base4, wt, m.kernel_size, m.stride, m.dilation, relu)
+    out = kernels(conv_pool_taps, {0: (0, 1), 1: (0,), 2: (0,)}, xp, base4, wt, m.kernel_size, m.stride,
+                  m.dilation, relu, channels_last)
     if out is None:
         return None
     return out.reshape(P * B, *out.shape[2:])
@@ -170,7 +188,8 @@ def moved_weight_max_pool(m: nn.Conv2d, local: torch.Tensor, mu: float, patches_
     channel = local // (Cg * kh * kw)
     rows = local % (Cg * kh * kw)  # groups == 1: the patch row of weight (c, i, j)
     step = torch.tensor(mu, dtype=base_cm.dtype, device=base_cm.device)
-    return kernels(conv_delta_pool, (2, 3), patches_cm, base_cm, channel, rows, step, relu)
+    return kernels(conv_delta_pool, {0: (1,), 1: (1,), 2: (0,), 3: (0,)}, patches_cm, base_cm, channel, rows,
+                   step, relu)
 
 
 def fusable_moved_weight(m: nn.Module, attr: str, out_shape: torch.Size) -> bool:

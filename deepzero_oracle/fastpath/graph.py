@@ -100,6 +100,10 @@ class GraphForward:
                     relu = next(iter(user.users)) if len(user.users) == 1 else None
                     if relu is not None and _is_relu(relu, self.modules) and relu.args == (user,) and not relu.kwargs:
                         self.relu_after[node] = relu
+        # ... whose fused value only convolutions read: the kernel leaves it channels-last
+        self.feeds_convs = {node for node, user in self.pool_after.items()
+                            if all(u.op == "call_module" and isinstance(self.modules[u.target], nn.Conv2d)
+                                   for u in self.relu_after.get(node, user).users)}
         # after which node each value is no longer needed (memory in stacked runs)
         last_use = {n: max((self.position[u] for u in n.users), default=self.position[n])
                     for n in self.nodes}
@@ -277,7 +281,8 @@ class GraphForward:
         weight = params.get(f"{node.target}.weight", m.weight)
         change = delta.values - delta.base_slice(x_base, features.helper(source, "output_cm"))
         base4 = features.helper(node, "pool_layout")
-        return conv2d_max_pool(m, change, delta.index, weight, base4, relu=node in self.relu_after)
+        return conv2d_max_pool(m, change, delta.index, weight, base4, relu=node in self.relu_after,
+                               channels_last=node in self.feeds_convs)
 
     def _propagate(self, node, env, values, params, batched):
         """The one Delta input of ``node`` carried through it, or None when no rule keeps it."""
