@@ -166,9 +166,10 @@ def is_plain_cross_entropy(loss_fn: Callable, stacked: torch.Tensor, y: torch.Te
     plain = loss_fn is F.cross_entropy or (
         type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None
         and loss_fn.label_smoothing == 0 and loss_fn.reduction == "mean")
+    ignored = getattr(loss_fn, "ignore_index", -100)
     return (plain and stacked.dim() == 3 and stacked.is_floating_point() and y.dim() == 1
             and not y.is_floating_point() and len(y) == stacked.shape[1]
-            and bool(((y >= 0) & (y < stacked.shape[2])).all()))
+            and bool(((y >= 0) & (y < stacked.shape[2]) & (y != ignored)).all()))
 
 
 def cross_entropy_per_copy(stacked: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

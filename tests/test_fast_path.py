@@ -218,7 +218,8 @@ def test_black_box_sees_stacked_rows_and_gives_the_same_losses():
 @pytest.mark.parametrize("loss_fn, shortcut", [
     (F.cross_entropy, True), (nn.CrossEntropyLoss(), True),
     (nn.CrossEntropyLoss(label_smoothing=0.1), False), (nn.CrossEntropyLoss(reduction="sum"), False),
-    (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10, dtype=torch.float64)), False)])
+    (nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2, 10, dtype=torch.float64)), False),
+    (nn.CrossEntropyLoss(ignore_index=-100), True)])
 def test_per_copy_cross_entropy_equals_the_loss_applied_to_each_copy(loss_fn, shortcut, monkeypatch):
     from deepzero_oracle import module_oracle
     used = []
@@ -234,6 +235,13 @@ def test_per_copy_cross_entropy_equals_the_loss_applied_to_each_copy(loss_fn, sh
         want = naive_coordinate_losses(learner, x, targets, coords, 1e-3, loss_fn)
         assert torch.allclose(got, want, rtol=0, atol=1e-12)
         assert bool(used) == (shortcut and bool((targets >= 0).all()))
+    # a class index that is ignored: the loss skips those images, so no shortcut
+    ignoring = nn.CrossEntropyLoss(ignore_index=int(y[0]))
+    used.clear()
+    oracle = ModuleOracle(learner, ignoring).bind(x, y)
+    got = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+    assert torch.allclose(got, naive_coordinate_losses(learner, x, y, coords, 1e-3, ignoring), rtol=0, atol=1e-12)
+    assert not used
 
 
 def test_nan_from_black_box_is_a_clear_error():
