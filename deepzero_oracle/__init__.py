@@ -8,6 +8,7 @@ imports them.
 
 __version__ = "0.1.0"
 
+from deepzero_oracle.allocator import retain_freed_memory
 from deepzero_oracle.batches import SampledBatches, TensorBatches
 from deepzero_oracle.blackbox import BlackBoxError, LocalBlackBox
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded, SettingsMismatch, TrainingDiverged
@@ -46,4 +47,5 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "assign_gradient",
+    "retain_freed_memory",
 ]

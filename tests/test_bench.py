@@ -16,10 +16,13 @@ def test_engine_benchmark_runs_at_tiny_size(tmp_path, capsys):
         # delta propagation must do less arithmetic per coordinate than re-running the suffix
         assert result["flops_per_forward"] > 0
         assert result["engine_flops_per_coord"] < result["loop_flops_per_coord"]
+        for method in ("forward", "loop", "engine"):  # FLOP efficiency is reported for each
+            assert 0 < result[f"{method}_gflops"] < 10 * result["matmul_gflops"]
         assert set(result["ablation"]) == {"engine", "no fused kernels", "no delta propagation", "no one-weight delta",
                                         "no feature reuse"}
     assert json.loads((tmp_path / "engine.json").read_text())["results"]
     assert "speedup" in (tmp_path / "engine.md").read_text()
+    assert "engine GFLOP/s" in (tmp_path / "engine.md").read_text()
 
 
 def test_released_cge_and_the_loop_agree_with_the_engine_on_a_resnet():

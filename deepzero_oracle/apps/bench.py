@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from deepzero_oracle.allocator import retain_freed_memory
 from deepzero_oracle.atomic import write_json, write_text
 from deepzero_oracle.estimators.rge import RGE
 from deepzero_oracle.module_oracle import ModuleOracle
@@ -209,6 +210,7 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
     engine_rate = engine.dim / t_all
     for cfg in configs.values():
         cfg["speedup_vs_loop"] = cfg["coords_per_s"] / loop_rate
+    peak = matmul_gflops()
     return {
         "model": name,
         "parameters": engine.dim,
@@ -225,6 +227,11 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
         "loop_flops_per_coord": loop_flops / engine.dim,
         "flop_ceiling_coords_per_forward": forward_flops * engine.dim / max(engine_flops, 1),
         "flop_ratio_loop_to_engine": loop_flops / max(engine_flops, 1),
+        # FLOP efficiency: each method's counted FLOPs per second of its own, against a big matmul
+        "matmul_gflops": peak,
+        "forward_gflops": forward_flops * forwards_per_s / 1e9,
+        "loop_gflops": loop_flops / engine.dim * loop_rate / 1e9,
+        "engine_gflops": engine_flops / t_all / 1e9,
         "max_abs_diff": float((engine_grad[compared] - reference).abs().max()),
         "max_abs_grad": float(reference.abs().max()),
         "compared_coordinates": len(compared),
@@ -263,7 +270,9 @@ def sparse_step_bench(name: str, batch: int, *, sparsity: float = 0.9, engine_co
     ``released_coords`` drawn from the whole mask. Seconds per step are projected as
     ``sum over tensors of kept / rate``, plus one forward (the loss at theta). FLOPs are
     multiply-adds of matmuls and convolutions (``FlopCounterMode``); the necessary FLOPs of a
-    step are the engine's. Returns a dict (see ``markdown_sparse``).
+    step are the engine's. Runs with glibc's default allocator (a child process does not
+    inherit ``retain_freed_memory``), as the published peak-memory figures were measured.
+    Returns a dict (see ``markdown_sparse``).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -412,6 +421,13 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['flops_per_forward']:.3g} | {r['loop_flops_per_coord']:.3g} | "
                      f"{r['engine_flops_per_coord']:.3g} | {r['flop_ratio_loop_to_engine']:.1f}x | "
                      f"{r['flop_ceiling_coords_per_forward']:.3g} |")
+    lines += ["", "FLOP efficiency: counted FLOPs per second of each method's own time, and its share of a "
+              "float32 2048x2048 matmul's rate on this machine.", "",
+              "| model | matmul GFLOP/s | forward GFLOP/s | loop GFLOP/s | engine GFLOP/s |", "|---|---|---|---|---|"]
+    for r in results:
+        share = lambda g: f"{g:.1f} ({100 * g / r['matmul_gflops']:.0f}%)"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['matmul_gflops']:.1f} | {share(r['forward_gflops'])} | "
+                     f"{share(r['loop_gflops'])} | {share(r['engine_gflops'])} |")
     lines += ["", "| model | configuration | coords/s | speedup vs loop |", "|---|---|---|---|"]
     for r in results:
         for label, cfg in r["ablation"].items():
@@ -421,7 +437,12 @@ def markdown(results: list[dict]) -> str:
 
 def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablation_coords: int = 128,
         tiny: bool = False, out_dir="runs/bench", seed: int = 0) -> dict:
-    """Benchmark the MNIST-5k CNN and MLP; writes JSON and markdown under ``out_dir``."""
+    """Benchmark the MNIST-5k CNN and MLP; writes JSON and markdown under ``out_dir``.
+
+    Measured as the command line runs: with freed memory retained (``retain_freed_memory``)
+    unless ``DEEPZERO_ORACLE_MALLOC=default``; the report says which.
+    """
+    retained = retain_freed_memory()
     torch.manual_seed(seed)
     data = load_dataset("mnist5k", seed=seed)
     x, y = data.x_train[:batch], data.y_train[:batch]
@@ -432,7 +453,8 @@ def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablatio
         models = {"tiny-cnn": cnn(x.shape[1:], 10, channels=(4, 4)), "tiny-mlp": mlp(x.shape[1:], 10, (8,))}
     results = [bench_model(name, m, x, y, loop_coords=loop_coords, engine_coords=engine_coords,
                            ablation_coords=ablation_coords, seed=seed) for name, m in models.items()]
-    report = {"benchmark": "coordinate estimates", "threads": torch.get_num_threads(), "results": results}
+    report = {"benchmark": "coordinate estimates", "threads": torch.get_num_threads(),
+              "retained_freed_memory": retained, "results": results}
     report.update({k: results[0][k] for k in ("speedup_vs_loop", "coords_per_forward", "max_abs_diff")})
     if out_dir is not None:
         out = Path(out_dir)

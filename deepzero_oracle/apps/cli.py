@@ -13,7 +13,7 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from deepzero_oracle import __version__
+from deepzero_oracle import __version__, retain_freed_memory
 from deepzero_oracle.blackbox.errors import BlackBoxTimeout, BlackBoxUnavailable
 from deepzero_oracle.apps.options import HelpFormatter
 from deepzero_oracle.errors import (EXIT_BUDGET, EXIT_DIVERGED, EXIT_UNREACHABLE, EXIT_USAGE, ExecutorUnavailable,
@@ -81,6 +81,7 @@ def exit_code(exc: BaseException) -> int | None:
 def main(argv=None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # queries reuse freed tensor pages (DEEPZERO_ORACLE_MALLOC=default: off)
     try:
         return args.func(args)
     except Exception as exc:  # noqa: BLE001 - mapped to documented exit codes, else re-raised
