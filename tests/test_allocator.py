@@ -11,7 +11,7 @@ from deepzero_oracle.allocator import OPT_OUT
 
 # 20 rounds of allocating, writing and freeing 64 MiB; prints the page faults they took
 ROUNDS = """
-import resource, sys, torch
+import resource, torch
 from deepzero_oracle import retain_freed_memory
 applied = retain_freed_memory()
 torch.empty(16 << 20).fill_(1.0)
