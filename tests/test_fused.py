@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import deepzero_oracle.fastpath.fused as fused
 from deepzero_oracle import ModuleOracle
 from deepzero_oracle.fastpath.delta import conv_patches
-from deepzero_oracle.fastpath.fused import conv_delta_pool, conv_pool_taps, pool_layout
+from deepzero_oracle.fastpath.fused import conv_delta_pool, conv_pool_taps, pool_layout, window_major
 
 from test_fast_path import naive_coordinate_losses
 
@@ -65,9 +65,9 @@ def test_conv_delta_pool_equals_moved_weight_conv_then_pool(relu):
         out = F.max_pool2d(F.conv2d(x, moved.reshape(conv.weight.shape), conv.bias, padding=1), 2)
         o = i // (C * 9)
         want.append((out.relu() if relu else out)[:, o:o + 1].detach())
-    patches = conv_patches(conv, x, channel_major=True)
-    base_cm = conv(x).detach().transpose(0, 1).contiguous()
-    got = conv_delta_pool(patches, base_cm, local // (C * 9), local % (C * 9),
+    patches = conv_patches(conv, x, channel_major=True).view(C * 9, B, H, W)
+    base_cm = conv(x).detach().transpose(0, 1)
+    got = conv_delta_pool(window_major(patches), window_major(base_cm), local // (C * 9), local % (C * 9),
                           torch.tensor(1e-2, dtype=torch.float64), relu)
     assert torch.allclose(got, torch.stack(want), rtol=0, atol=1e-12)
 

@@ -155,11 +155,15 @@ def estimated_seconds(rates: list[float], oracle: ModuleOracle) -> float:
 
 
 def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine_coords: int,
-                ablation_coords: int = 128, mu: float = 5e-3, repeats: int = 15, seed: int = 0) -> dict:
+                ablation_coords: int = 128, mu: float = 5e-3, repeats: int = 15, rounds: int = 3,
+                seed: int = 0) -> dict:
     """One model: loop vs engine (+ ablations); returns a dict of rates, ratios and errors.
 
     Every ablation configuration, the full engine included, is timed on the same per-tensor
     sample of ``ablation_coords`` coordinates (chunk overheads weigh the same on all of them).
+    The engine on all coordinates is timed in ``rounds`` rounds, each right after the median of
+    ``repeats`` full forwards; coords_per_forward is the median of the rounds' ratios (a ratio
+    of two times taken side by side, so load that changes during the run cancels in it).
     """
     gen = torch.Generator().manual_seed(seed)
     base = ModuleOracle(learner, F.cross_entropy).bind(x, y)
@@ -169,10 +173,11 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
     engine_sample = sample_coordinates(base, engine_coords, gen)
     ablation_sample = sample_coordinates(base, ablation_coords, gen)
 
-    with torch.no_grad():  # full forwards per second at the same batch: the median of many
-        learner(x)
-        forwards_per_s = 1 / statistics.median(_timed(lambda: learner(x))[1] for _ in range(repeats))
+    def forward_seconds():  # one full forward at the same batch: the median of many
+        with torch.no_grad():
+            return statistics.median(_timed(lambda: learner(x))[1] for _ in range(repeats))
 
+    forward_seconds()  # warm-up
     loop = ReferenceLoop(learner, F.cross_entropy, x, y)
     loop_rates, loop_grads = [], []
     for coords in loop_sample:
@@ -195,7 +200,12 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
         if label == "engine":
             engine, engine_rates = oracle, rates_on(oracle, engine_sample)
     all_coords = torch.arange(engine.dim)
-    losses, t_all = _timed(lambda: engine.coordinate_losses(theta, all_coords, mu))
+    forward_times, all_times = [], []
+    for _ in range(rounds):
+        forward_times.append(forward_seconds())
+        losses, t = _timed(lambda: engine.coordinate_losses(theta, all_coords, mu))
+        all_times.append(t)
+    t_all, forwards_per_s = statistics.median(all_times), 1 / statistics.median(forward_times)
     engine_grad = (losses - loss0) / mu
     # arithmetic, not time: what the rates would be if every method ran at the forward's FLOP/s
     forward_flops = _flops(lambda: learner(x))
@@ -220,7 +230,7 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
         "loop_coords_per_s": loop_rate,
         "engine_coords_per_s": engine_rate,
         "speedup_vs_loop": engine_rate / loop_rate,
-        "coords_per_forward": engine_rate / forwards_per_s,
+        "coords_per_forward": statistics.median(engine.dim / t * f for t, f in zip(all_times, forward_times)),
         "loop_coords_per_forward": loop_rate / forwards_per_s,
         "flops_per_forward": forward_flops,
         "engine_flops_per_coord": engine_flops / engine.dim,
@@ -236,6 +246,8 @@ def bench_model(name: str, learner: nn.Module, x, y, *, loop_coords: int, engine
         "max_abs_grad": float(reference.abs().max()),
         "compared_coordinates": len(compared),
         "engine_seconds_all_coordinates": t_all,
+        "engine_seconds_all_coordinates_rounds": all_times,
+        "forwards_per_s_rounds": [1 / f for f in forward_times],
         "per_tensor": [
             {"tensor": s.name, "numel": s.numel, "loop_coords_per_s": lr, "engine_coords_per_s": er}
             for s, lr, er in zip(engine.slots, loop_rates, engine_rates)

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 
 from deepzero_oracle.fastpath.delta import channel_major, conv_patches
-from deepzero_oracle.fastpath.fused import pool_layout
+from deepzero_oracle.fastpath.fused import pool_layout, window_major
 from deepzero_oracle.fastpath.graph import GraphForward, UnsupportedLearner
 from deepzero_oracle.fastpath.layers import normalise, repeat_rows, updates_running_stats
 from deepzero_oracle.theta import ParamSlot, unflatten
@@ -52,7 +52,9 @@ class Features:
     Helper kinds (``helper(node, kind)``): ``"patches"``, the input patches of the Conv2d
     called at ``node``, channel-major ``[C*kh*kw, B, L]``; ``"output_cm"``, the node's value
     channel-major ``[C, B, ...]``; ``"pool_layout"``, a conv output at the positions a 2x2
-    max-pool reads, ``[B, 4, H//2, W//2, O]``; ``"xhat"``, the normalised input of the
+    max-pool reads, ``[B, 4, H//2, W//2, O]``; ``"output_windows"`` and ``"patch_windows"``, a
+    conv's output and input patches there, window-major ``[O or C*kh*kw, 4, B, H//2, W//2]``
+    (``fused.window_major``); ``"xhat"``, the normalised input of the
     BatchNorm called at ``node`` (shape of its input).
     """
 
@@ -80,9 +82,17 @@ class Features:
             return channel_major(self.values[node])
         if kind == "pool_layout":
             return pool_layout(self.values[node])
+        if kind == "output_windows":
+            return window_major(self.values[node].transpose(0, 1))
         module, source = self.modules[node.target], self.values[node.args[0]]
         if kind == "patches":
             return conv_patches(module, source, channel_major=True)
+        if kind == "patch_windows":
+            out = self.values[node]
+            patches = self.helpers.get((node, "patches"))
+            if patches is None:
+                patches = conv_patches(module, source, channel_major=True)
+            return window_major(patches.view(len(patches), *out.shape[:1], *out.shape[2:]))
         if kind == "xhat":
             return normalise(module, source)
         raise KeyError(f"no helper value of kind {kind!r}")

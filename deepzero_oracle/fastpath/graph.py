@@ -42,8 +42,8 @@ class GraphForward:
 
     ``run`` and ``moved_weight`` take the base forward as ``features``: an object with
     ``values`` (``{node: value}``, from ``base``) and ``helper(node, kind)`` (a value derived
-    from it, made once: ``"patches"``, ``"output_cm"``, ``"pool_layout"``, ``"xhat"``; see
-    ``front.Features``).
+    from it, made once: ``"patches"``, ``"output_cm"``, ``"pool_layout"``, ``"patch_windows"``,
+    ``"output_windows"``, ``"xhat"``; see ``front.Features``).
 
     Args:
         learner: the white-box ``nn.Module``; every module holding trainable parameters must be
@@ -256,7 +256,8 @@ class GraphForward:
 
         if fuse and node in self.pool_after and fusable_moved_weight(m, attr, values[node].shape):
             relu = node in self.relu_after
-            pooled = moved_weight_max_pool(m, local, mu, helper("patches"), helper("output_cm"), relu)
+            pooled = moved_weight_max_pool(m, local, mu, helper("patch_windows"), helper("output_windows"),
+                                           relu)
             if pooled is not None:
                 channel = local // m.weight[0].numel()
                 return {self.relu_after[node] if relu else self.pool_after[node]: Delta(channel, pooled)}
