@@ -69,7 +69,10 @@ def test_conv_delta_pool_equals_moved_weight_conv_then_pool(relu):
     base_cm = conv(x).detach().transpose(0, 1)
     got = conv_delta_pool(window_major(patches), window_major(base_cm), local // (C * 9), local % (C * 9),
                           torch.tensor(1e-2, dtype=torch.float64), relu)
-    assert torch.allclose(got, torch.stack(want), rtol=0, atol=1e-12)
+    assert torch.allclose(got[0], torch.stack(want), rtol=0, atol=1e-12)
+    base = F.max_pool2d(conv(x), 2).detach()
+    base = (base.relu() if relu else base)[:, local // (C * 9)].transpose(0, 1).unsqueeze(2)
+    assert torch.equal(got[1], got[0] - base)  # the change, exactly as a separate subtraction gives it
 
 
 def test_compiled_kernels_in_the_engine_equal_naive_loop(monkeypatch):

@@ -87,6 +87,7 @@ class Delta:
 
     index: torch.Tensor  # [P] block index
     values: torch.Tensor  # [P, B, k, *S]
+    change: torch.Tensor | None = None  # values minus the base block, when a kernel made it too
 
     @property
     def positions(self) -> torch.Tensor:
@@ -104,6 +105,10 @@ class Delta:
             return picked.reshape(P, k, *base_cm.shape[1:]).transpose(1, 2)
         picked = base[:, pos.reshape(-1)]  # [B, P*k, *S]
         return picked.reshape(base.shape[0], P, k, *base.shape[2:]).transpose(0, 1)
+
+    def difference(self, base: torch.Tensor, base_cm: torch.Tensor | None = None) -> torch.Tensor:
+        """``values`` minus the base block (see ``base_slice``), ``[P, B, k, *S]``."""
+        return self.change if self.change is not None else self.values - self.base_slice(base, base_cm)
 
     def dense(self, base: torch.Tensor) -> torch.Tensor:
         """All copies in full, stacked as ``[P*B, C, *S]``."""

@@ -86,14 +86,16 @@ def conv_delta_pool(patches_w: torch.Tensor, base_w: torch.Tensor, channel: torc
         channel, rows: ``[P]`` each copy's output channel and patch row (its weight ``(c, i, j)``).
         mu: 0-d tensor, the step.
     Returns:
-        ``[P, B, 1, Ho//2, Wo//2]``.
+        the pooled values and their change from the base's, ``[P, B, 1, Ho//2, Wo//2]`` each
+        (the base's pooled values come from the same loads, so the change is nearly free).
     """
     # one gather per window position: each read once, so the compiler fuses all into one pass
-    moved = [base_w[channel, d] + mu * patches_w[rows, d] for d in range(4)]  # 4 x [P, B, Ho//2, Wo//2]
-    best = torch.maximum(torch.maximum(moved[0], moved[1]), torch.maximum(moved[2], moved[3]))
+    base = [base_w[channel, d] for d in range(4)]  # 4 x [P, B, Ho//2, Wo//2]
+    moved = [base[d] + mu * patches_w[rows, d] for d in range(4)]
+    pooled = [torch.maximum(torch.maximum(v[0], v[1]), torch.maximum(v[2], v[3])) for v in (moved, base)]
     if relu:
-        best = torch.relu(best)
-    return best.unsqueeze(2)
+        pooled = [torch.relu(v) for v in pooled]
+    return pooled[0].unsqueeze(2), (pooled[0] - pooled[1]).unsqueeze(2)
 
 
 class Kernels:
@@ -188,11 +190,12 @@ def conv2d_max_pool(m: nn.Conv2d, change: torch.Tensor, index: torch.Tensor, wei
 
 
 def moved_weight_max_pool(m: nn.Conv2d, local: torch.Tensor, mu: float, patches_w: torch.Tensor,
-                          base_w: torch.Tensor, relu: bool) -> torch.Tensor | None:
+                          base_w: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Pooled (and rectified if ``relu``) outputs of conv ``m`` then a 2x2 max-pool with weight
     ``local [P]`` (flat indices) moved by ``mu``: only the moved output channel, ``[P, B, 1,
-    Ho//2, Wo//2]``; None when the compiled kernel is unavailable. ``patches_w``, ``base_w``:
-    the conv's input patches and output, window-major (``conv_delta_pool``)."""
+    Ho//2, Wo//2]``, and its change from the base; None when the compiled kernel is unavailable.
+    ``patches_w``, ``base_w``: the conv's input patches and output, window-major
+    (``conv_delta_pool``)."""
     O, Cg, kh, kw = m.weight.shape
     channel = local // (Cg * kh * kw)
     rows = local % (Cg * kh * kw)  # groups == 1: the patch row of weight (c, i, j)

@@ -260,7 +260,7 @@ class GraphForward:
                                            relu)
             if pooled is not None:
                 channel = local // m.weight[0].numel()
-                return {self.relu_after[node] if relu else self.pool_after[node]: Delta(channel, pooled)}
+                return {self.relu_after[node] if relu else self.pool_after[node]: Delta(channel, *pooled)}
         return {node: one_weight_delta(m, attr, local, mu, values[node.args[0]], values[node], helper)}
 
     def _fuses_pool(self, node: fx.Node, values: dict, k: int) -> bool:
@@ -280,7 +280,7 @@ class GraphForward:
             return None
         m, x_base = self.modules[node.target], values[source]
         weight = params.get(f"{node.target}.weight", m.weight)
-        change = delta.values - delta.base_slice(x_base, features.helper(source, "output_cm"))
+        change = delta.difference(x_base, features.helper(source, "output_cm"))
         base4 = features.helper(node, "pool_layout")
         return conv2d_max_pool(m, change, delta.index, weight, base4, relu=node in self.relu_after,
                                channels_last=node in self.feeds_convs)
