@@ -1,5 +1,6 @@
 # The two README commands (`make demo`, `make test`) work from a fresh clone: each creates
-# .venv if missing and installs the project with torch pinned (constraints.txt).
+# .venv if missing and installs the project with every extra and the test tools, torch pinned
+# (constraints.txt).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,13 +8,13 @@ PIP := $(PY) -m pip
 DEMO_OUT ?= runs/demo
 SOL_DEMO_OUT ?= runs/sol-demo
 
-.PHONY: demo test test-slow bench install proto mlserver-venv clean
+.PHONY: demo test test-slow test-core bench install proto mlserver-venv clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[all,test]'
 	touch $@
 
 # the main job: a solver-in-the-loop comparison with the solver served by an embedded gRPC
@@ -23,10 +24,16 @@ demo: install
 	$(PY) examples/demo.py --out $(DEMO_OUT)
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+	$(MAKE) test-core
+
+# the core install (no extra) in a fresh virtualenv: imports, the plain-function example, a served
+# query, and the one-line hints of missing extras
+test-core: install
+	$(PY) tests/core_only/check.py
 
 bench: install
 	$(PY) benchmarks/run.py

@@ -29,6 +29,11 @@ def main(argv=None):
     print("\n== replicas: ZO-SOL burgers (small) against serve --workers 1 vs --workers 2")
     runpy.run_path(str(Path(__file__).parent / "bench_replicas.py"))["main"](
         ["--json", str(out / "bench_replicas.json")])
+    print("\n== serving beside MLServer: tritonclient against `deepzero-oracle serve` and MLServer 1.7.1")
+    runpy.run_path(str(Path(__file__).parent / "bench_serving.py"))["main"](
+        ["--json", str(out / "bench_serving.json")])
+    print("\n== CSV logs: time to append one row at 1k, 10k, 100k rows (flat: the header lives in memory)")
+    runpy.run_path(str(Path(__file__).parent / "bench_csvlog.py"))["main"](["--json", str(out / "bench_csvlog.json")])
     print(f"\nresults in {out}/")
 
 

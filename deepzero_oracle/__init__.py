@@ -13,12 +13,14 @@ from deepzero_oracle.batches import SampledBatches, TensorBatches
 from deepzero_oracle.blackbox import BlackBoxError, LocalBlackBox
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded, SettingsMismatch, TrainingDiverged
 from deepzero_oracle.estimators import CGE, RGE, Autograd, Estimator
+from deepzero_oracle.minimize import MinimizeResult, minimize
 from deepzero_oracle.module_oracle import ModuleOracle
 from deepzero_oracle.oracle import CallableOracle, LearnerOracle, Oracle, QueryLedger
 from deepzero_oracle.parallel import ChunkError, InlineExecutor, ParallelOracle
 from deepzero_oracle.pruning import MaskSchedule
+from deepzero_oracle.stops import StopRequested
 from deepzero_oracle.theta import assign_gradient
-from deepzero_oracle.train import Callback, CSVLogger, TensorBoardLogger, Trainer
+from deepzero_oracle.train import Callback, CSVLogger, StopTraining, TensorBoardLogger, Trainer
 
 __all__ = [
     "Autograd",
@@ -33,6 +35,7 @@ __all__ = [
     "LearnerOracle",
     "LocalBlackBox",
     "MaskSchedule",
+    "MinimizeResult",
     "ModuleOracle",
     "NonFiniteLossError",
     "Oracle",
@@ -42,10 +45,13 @@ __all__ = [
     "RGE",
     "SampledBatches",
     "SettingsMismatch",
+    "StopTraining",
+    "StopRequested",
     "TensorBatches",
     "TensorBoardLogger",
     "Trainer",
     "TrainingDiverged",
     "assign_gradient",
+    "minimize",
     "retain_freed_memory",
 ]

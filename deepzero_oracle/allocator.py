@@ -3,8 +3,7 @@
 glibc's malloc serves blocks above a threshold (128 KiB at start, raised as blocks are freed,
 at most 32 MiB) with fresh ``mmap`` pages and unmaps them on free. A CNN forward at batch 256
 frees tens of megabytes of activations, and the engine's stacked copies more, so every query
-pays the kernel to fault those pages in again; how much depends on the allocator's history:
-the same CNN forward took 25 ms in a fresh process and 36-120 ms inside the engine benchmark.
+pays the kernel to fault those pages in again, more the longer the process has run.
 Fixing both thresholds lets freed blocks be reused. The command line does this at start;
 library users call it themselves.
 """
@@ -25,7 +24,7 @@ def retain_freed_memory(limit_mb: int = 256) -> bool:
 
     Blocks smaller than the limit come from the heap and stay there when freed (up to
     ``limit_mb`` of free memory at the heap's top), so a loop of same-sized queries reuses its
-    pages. The cost is memory held for reuse: the engine benchmark's peak RSS grew 10-12%.
+    pages. The cost is memory held for reuse (a higher peak RSS).
     Blocks above the limit are still mapped afresh. Process-wide and not undoable; call it once,
     early.
 

@@ -8,7 +8,7 @@ of every epoch, so a run interrupted mid-epoch resumes on the same batches.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -51,7 +51,7 @@ class TensorBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.tensors[0]) / self.batch_size)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.tensors[0])
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         epoch, self.epoch = self.epoch, self.epoch + 1
@@ -81,7 +81,7 @@ class SampledBatches:
         self.draw = draw
         self.generator = torch.Generator().manual_seed(source_seed(seed))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             yield self.draw(self.generator)
 

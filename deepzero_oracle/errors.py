@@ -44,7 +44,9 @@ EXIT_USAGE = 2  # bad arguments or bad input data
 EXIT_DIVERGED = 3  # training diverged (non-finite loss, gradient or state)
 EXIT_BUDGET = 4  # the query budget was exhausted before the work was done
 EXIT_UNREACHABLE = 5  # the black box or the executor could not be reached (down, wrong address, deadline)
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C); the run folder holds where it stopped (deepzero_oracle.stops)
+EXIT_TERMINATED = 143  # stopped by SIGTERM (a batch scheduler's stop); as for SIGINT
 
-__all__ = ["BlackBoxError", "EXIT_BUDGET", "EXIT_DIVERGED", "EXIT_OK", "EXIT_UNREACHABLE",
-           "EXIT_USAGE", "ExecutorUnavailable", "NonFiniteLossError", "NotShippable", "QueryBudgetExceeded", "SettingsMismatch",
+__all__ = ["BlackBoxError", "EXIT_BUDGET", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED",
+           "EXIT_UNREACHABLE", "EXIT_USAGE", "ExecutorUnavailable", "NonFiniteLossError", "NotShippable", "QueryBudgetExceeded", "SettingsMismatch",
            "TrainingDiverged"]

@@ -36,14 +36,17 @@ class ModuleOracle(LearnerOracle):
         blackbox: optional callable applied to the learner's outputs ``[N, ...] -> [N, ...]``;
             it sees ``P * B`` rows for P queries.
         fast: use the structure-aware fast path when possible (feature reuse).
-        one_weight_delta, delta_propagation, fused_kernels: the fast path's further savings
-            (``fused_kernels``: a change entering a Conv2d + 2x2 max-pool is computed by one
-            ``torch.compile``d kernel, see ``deepzero_oracle.fastpath.fused``); switches exist for
-            ablation benchmarks, results are the same either way (to float rounding).
+        one_weight_delta: a fast-path saving (a moved weight's effect as a one-channel change).
+        delta_propagation: a fast-path saving (that change carried through element-wise layers
+            and pooling).
+        fused_kernels: a fast-path saving (a change entering a Conv2d + 2x2 max-pool is computed
+            by one ``torch.compile``d kernel, see ``deepzero_oracle.fastpath.fused``). These three
+            switches exist for ablation benchmarks; results are the same either way (to float
+            rounding).
         max_batch: perturbations evaluated together; None sizes each parameter tensor's chunks
             so that the largest stacked value takes about ``working_set`` bytes.
         working_set: target bytes for the largest stacked value of one chunk. The stacked
-            runs are memory-bound; chunks that stay in cache run 2-3x faster than huge ones.
+            runs are memory-bound, so chunks that stay in cache run faster than huge ones.
             Default: a quarter of the L3 cache (8 MB if unknown).
     """
 
@@ -97,17 +100,17 @@ class ModuleOracle(LearnerOracle):
 
     # -- queries --------------------------------------------------------------------------------
 
-    def evaluate_losses(self, thetas):
+    def evaluate_losses(self, thetas: torch.Tensor) -> torch.Tensor:
         return self._head(self.fastpath.outputs(self._require_data(), thetas), len(thetas))
 
-    def evaluate_coordinates(self, theta, coords, mu):
+    def evaluate_coordinates(self, theta: torch.Tensor, coords: torch.Tensor, mu: float) -> torch.Tensor:
         losses = torch.empty(len(coords), dtype=theta.dtype, device=theta.device)
         groups = self.fastpath.coordinate_outputs(self._require_data(), theta, coords, mu, self.max_batch)
         for where, outputs in groups:
             losses[where] = self._head(outputs, len(where)).to(theta.dtype)
         return losses
 
-    def dense_chunk(self, theta):
+    def dense_chunk(self, theta: torch.Tensor) -> int | None:
         if self.max_batch is not None or not self.fastpath.active:
             return self.max_batch
         return self.fastpath.dense_chunk(self._require_data(), theta)
@@ -141,7 +144,7 @@ class ModuleOracle(LearnerOracle):
                     self._vmap_loss = False
             return torch.stack([torch.as_tensor(self.loss_fn(o, y)).reshape(()) for o in stacked])
 
-    def evaluate_gradient(self, theta):
+    def evaluate_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         theta = theta.clone().requires_grad_(True)
         if isinstance(self.blackbox, LocalBlackBox) or (
             self.blackbox is not None and not isinstance(self.blackbox, nn.Module)
@@ -174,9 +177,9 @@ def is_plain_cross_entropy(loss_fn: Callable, stacked: torch.Tensor, y: torch.Te
 
 def cross_entropy_per_copy(stacked: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``F.cross_entropy(stacked[p], y)`` for every p, ``[P, B, C], [B] -> [P]``, as
-    ``logsumexp - target logit``: the same values (to rounding), and on CPU about 5x faster
-    than the log-softmax a vmapped ``F.cross_entropy`` runs when C is small (its kernel is
-    slow on a short last dimension)."""
+    ``logsumexp - target logit``: the same values (to rounding), and faster on CPU than the
+    log-softmax a vmapped ``F.cross_entropy`` runs when C is small (its kernel is slow on a
+    short last dimension)."""
     target = stacked.gather(2, y.expand(stacked.shape[0], -1).unsqueeze(2)).squeeze(2)
     return (torch.logsumexp(stacked, 2) - target).mean(1)
 

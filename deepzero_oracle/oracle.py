@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -123,7 +124,7 @@ class Oracle:
         return self._chunked(len(dirs), lambda s: self.evaluate_directions(theta, dirs[s], float(mu)),
                              self.dense_chunk(theta))
 
-    def autograd_gradient(self, theta, *, with_loss: bool = False):
+    def autograd_gradient(self, theta, *, with_loss: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The exact gradient ``[dim]`` at ``theta [dim]`` by back-propagation, where the oracle
         allows it; with ``with_loss`` also the loss there, ``(grad, loss)``. Costs one query."""
         theta = self._as_vector(theta)
@@ -241,10 +242,12 @@ class CallableOracle(Oracle):
     """An oracle from any function of a flat theta: a pure black box.
 
     Args:
-        fn: ``fn(theta [dim]) -> scalar`` or, with ``batched=True``, ``fn(thetas [P, dim]) -> [P]``.
+        fn: ``fn(theta [dim], *batch) -> scalar`` (a float, a 0-d array or tensor) or, with
+            ``batched=True``, ``fn(thetas [P, dim], *batch) -> [P]``. ``batch`` is what was
+            last bound with ``bind(*batch)`` (nothing for a plain function of theta).
         dim: length of theta.
         batched: whether ``fn`` takes a batch of thetas in one call.
-        numpy: pass NumPy arrays to ``fn`` instead of torch tensors.
+        numpy: pass NumPy arrays to ``fn`` (theta and the bound tensors) instead of torch tensors.
     """
 
     def __init__(self, fn: Callable, dim: int, *, batched: bool = False, numpy: bool = False, **kw):
@@ -252,21 +255,49 @@ class CallableOracle(Oracle):
         if not callable(fn):
             raise TypeError(f"CallableOracle needs a callable, got {type(fn).__name__}")
         self.fn, self.batched, self.numpy = fn, batched, numpy
+        self.batch: tuple = ()
+
+    def bind(self, *batch) -> "CallableOracle":
+        """Pass ``batch`` (e.g. ``x [B, ...], y [B]``) to ``fn`` after theta in the next queries:
+        ``fn(theta, *batch)``; ``bind()`` with nothing goes back to ``fn(theta)``. Returns the
+        oracle."""
+        if self.numpy:
+            batch = tuple(b.detach().cpu().numpy() if isinstance(b, torch.Tensor) else b for b in batch)
+        self.batch = batch
+        return self
 
     def _call(self, x):
-        return as_tensor(self.fn(x.numpy() if self.numpy else x))
+        value = self.fn(x.numpy() if self.numpy else x, *self.batch)
+        if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+            return as_tensor(value)
+        try:  # a Python float straight to theta's dtype (via float32 it would lose digits)
+            return torch.as_tensor(value, dtype=x.dtype)
+        except (TypeError, RuntimeError, ValueError) as exc:
+            raise BlackBoxError(f"the function returned a {type(value).__name__} ({exc}); it must "
+                                "return a number (a float, a 0-d array or tensor)") from None
 
-    def evaluate_losses(self, thetas):
+    def evaluate_losses(self, thetas: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self.batched:
                 return self._call(thetas).to(thetas.dtype).reshape(-1)
-            return torch.stack([self._call(t).to(thetas.dtype).reshape(()) for t in thetas])
+            return torch.stack([self._one(self._call(t)).to(thetas.dtype) for t in thetas])
 
-    def evaluate_gradient(self, theta):
+    @staticmethod
+    def _one(value: torch.Tensor) -> torch.Tensor:
+        """A 0-d loss from one call, or a clear error if the function returned several numbers."""
+        if value.numel() != 1:
+            raise BlackBoxError(
+                f"the function returned shape {tuple(value.shape)} for one theta; it must return "
+                f"one number (a float, a 0-d array or tensor): sum or average what it computes, or "
+                f"pass batched=True if it takes a batch of thetas [P, dim] and returns [P]")
+        return value.reshape(())
+
+    def evaluate_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.numpy:
             return super().evaluate_gradient(theta)
         theta = theta.clone().requires_grad_(True)
-        value = self.fn(theta[None]).reshape(()) if self.batched else self.fn(theta)
+        value = self.fn(theta[None], *self.batch) if self.batched else self.fn(theta, *self.batch)
+        value = self._one(torch.as_tensor(value))
         return torch.autograd.grad(value, theta)[0], value
 
 

@@ -10,6 +10,7 @@ settings is refused.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import time
 from pathlib import Path
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 from deepzero_oracle.atomic import atomic_write, save_torch
 from deepzero_oracle.errors import NonFiniteLossError, SettingsMismatch, TrainingDiverged
 from deepzero_oracle.estimators.base import Estimator
-from deepzero_oracle.oracle import LearnerOracle
+from deepzero_oracle.extras import require
+from deepzero_oracle.oracle import Oracle
 from deepzero_oracle.pruning import MaskSchedule
-from deepzero_oracle.theta import assign_gradient
+from deepzero_oracle.stops import StopRequested, shielded, signal_name, stop_on_signals
+from deepzero_oracle.theta import assign_gradient, flatten
 
 STEP_FIELDS = ("step", "epoch", "queries", "lr", "loss", "grad_norm", "seconds")
 
@@ -43,99 +46,162 @@ class Callback:
 class CSVLogger(Callback):
     """Appends metrics rows to a CSV file: evaluation rows (``on="eval"``) or step rows
     (``on="step"``). A resumed run first drops rows written after its checkpoint, so every
-    step appears once."""
+    step appears once.
+
+    Appending a row costs the same however long the file is: the header is kept in memory
+    and only read from the file once. A row with a column the header lacks rewrites the file
+    once with the union of the columns (rows without a column leave it empty)."""
 
     def __init__(self, path, on: str = "eval"):
         if on not in ("eval", "step"):
             raise ValueError(f"on must be 'eval' or 'step', got {on!r}")
         self.path, self.on = Path(path), on
+        self._fields: list[str] | None = None  # the file's header; None until read or written
+        self._tail_ok = False  # the file ends with a whole line (known after our own write)
 
-    def on_step_end(self, trainer, metrics):
+    def on_step_end(self, trainer: "Trainer", metrics: dict) -> None:
         if self.on == "step":
             self._append({k: metrics.get(k) for k in STEP_FIELDS})
 
-    def on_epoch_end(self, trainer, metrics):
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict) -> None:
         if self.on == "eval":
             self._append(metrics)
 
-    def rewind(self, step: int) -> None:
-        """Keep only rows of steps ``<= step`` (what a checkpoint at ``step`` had seen)."""
-        rows, fields = self._read()
-        kept = [r for r in rows if int(float(r["step"])) <= step]
-        if len(kept) != len(rows):
-            self._rewrite(kept, fields)
+    @property
+    def fields(self) -> list[str]:
+        """The columns of the file (empty if it has none yet)."""
+        if self._fields is None:
+            self._fields = self._read_header()
+        return list(self._fields)
 
-    def _read(self) -> tuple[list[dict], list[str]]:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return [], []
+    def rows(self) -> list[dict]:
+        """Every complete row of the file, as dicts of strings."""
+        return self._read()[0]
+
+    def rewind(self, step: int) -> None:
+        """Keep only rows of steps ``<= step`` (what a checkpoint at ``step`` had seen); a
+        negative ``step`` empties the log. Reads the whole file: once per resume, not per row."""
+        rows, fields, partial = self._read()
+        kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
+        if not kept and step < 0:
+            self.path.unlink(missing_ok=True)
+            self._fields, self._tail_ok = [], False
+        elif len(kept) != len(rows) or partial:
+            self._rewrite(kept, fields)
+        else:
+            self._fields, self._tail_ok = fields, True
+
+    def _read_header(self) -> list[str]:
+        if not self.path.exists():
+            return []
         with self.path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            return list(reader), list(reader.fieldnames or [])
+            return next(csv.reader(f), [])
+
+    def _read(self) -> tuple[list[dict], list[str], bool]:
+        """(rows, header, whether a partial last line, cut by a crash mid-write, was left out)."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return [], [], False
+        with self.path.open(newline="") as f:
+            text = f.read()
+        partial = not text.endswith("\n")
+        if partial:  # a crash mid-append: the last line is incomplete
+            text = text[: text.rfind("\n") + 1]
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        return list(reader), list(reader.fieldnames or []), partial
 
     def _rewrite(self, rows, fields) -> None:
         def write(tmp):
             with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
+                writer = csv.DictWriter(f, fieldnames=fields, restval="")
                 writer.writeheader()
                 writer.writerows(rows)
         atomic_write(self.path, write)
+        self._fields, self._tail_ok = list(fields), True
 
     def _append(self, row: dict) -> None:
         row = {k: ("" if v is None else v) for k, v in row.items()}
-        rows, fields = self._read()
-        if fields and not set(row) <= set(fields):  # a new column: rewrite with the union
+        fields = self.fields
+        if not fields or any(k not in fields for k in row) or not (self._tail_ok or self._ends_with_newline()):
+            # a new file, a new column or a cut last line: the rare full rewrite
+            rows, fields, _ = self._read()
             self._rewrite(rows + [row], fields + [k for k in row if k not in fields])
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields or list(row))
-            if not fields:
-                writer.writeheader()
-            writer.writerow(row)
+            csv.DictWriter(f, fieldnames=fields, restval="").writerow(row)
+        self._tail_ok = True
+
+    def _ends_with_newline(self) -> bool:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(-1, 2)
+                return f.read(1) == b"\n"
+        except (FileNotFoundError, OSError):  # deleted, or empty (seek before the start)
+            return False
+
+
+def _row_step(row: dict) -> int | None:
+    try:
+        return int(float(row.get("step")))
+    except (TypeError, ValueError):
+        return None
 
 
 class TensorBoardLogger(Callback):
-    """Writes step and evaluation metrics to TensorBoard (x axis: queries); a no-op if
-    tensorboard is not installed (``pip install deepzero-oracle[tensorboard]``)."""
+    """Writes step and evaluation metrics to TensorBoard under ``log_dir`` (x axis: queries).
+
+    Raises:
+        MissingExtra: tensorboard is not installed (an ``ImportError`` whose message is the
+            install command, ``pip install 'deepzero-oracle[tensorboard]'``).
+    """
 
     def __init__(self, log_dir):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.writer = None
-        else:
-            self.writer = SummaryWriter(str(log_dir))
+        board = require("tensorboard", "torch.utils.tensorboard", "tensorboard", feature="TensorBoardLogger")
+        self.writer = board.SummaryWriter(str(log_dir))
 
-    def on_step_end(self, trainer, metrics):
-        if self.writer:
-            for k in ("lr", "grad_norm", "loss"):
-                if metrics.get(k) is not None:
-                    self.writer.add_scalar(f"step/{k}", metrics[k], metrics["queries"])
+    def on_step_end(self, trainer: "Trainer", metrics: dict) -> None:
+        for k in ("lr", "grad_norm", "loss"):
+            if metrics.get(k) is not None:
+                self.writer.add_scalar(f"step/{k}", metrics[k], metrics["queries"])
 
-    def on_epoch_end(self, trainer, metrics):
-        if self.writer:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "queries"):
-                    self.writer.add_scalar(f"eval/{k}", v, metrics["queries"])
-            self.writer.flush()
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "queries"):
+                self.writer.add_scalar(f"eval/{k}", v, metrics["queries"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
 
 
 class Trainer:
-    """Trains ``oracle.learner`` from gradient estimates with a stock optimizer.
+    """Trains the tensors theta lives in from gradient estimates with a stock optimizer.
+
+    theta is a learner's trainable parameters for a ``LearnerOracle``; for any other oracle
+    (a ``CallableOracle`` of a plain function, a ``ParallelOracle`` around one) it is the
+    tensors given as ``params`` or, by default, the ones the optimizer holds, flattened in
+    order: e.g. ``x = nn.Parameter(torch.zeros(d))`` with ``torch.optim.Adam([x])``.
 
     Args:
-        oracle: a ``LearnerOracle`` (``ModuleOracle``, an adapter's oracle, or a
-            ``ParallelOracle`` around one): ``bind(*batch)``, ``theta()``, ``parameters()``,
-            ``end_step()``.
+        oracle: any ``Oracle``: a ``LearnerOracle`` (``ModuleOracle``, an adapter's oracle, or
+            a ``ParallelOracle`` around one) or an oracle of a flat theta ``[dim]`` such as a
+            ``CallableOracle``. Each step calls ``bind(*batch)`` (when there is a batch),
+            estimates, then ``end_step()``.
         estimator: ``CGE``, ``RGE``, ``Autograd`` or any ``Estimator``.
-        optimizer: any ``torch.optim`` optimizer holding the learner's trainable parameters.
+        optimizer: any ``torch.optim`` optimizer holding theta's tensors (the learner's
+            trainable parameters, or ``params``).
+        params: for an oracle without a learner: the tensors theta lives in, in theta order
+            (their sizes sum to ``oracle.dim``); None: all tensors of the optimizer's
+            ``param_groups``. Not allowed with a ``LearnerOracle``.
         scheduler: optional LR scheduler, stepped per ``scheduler_interval`` ("step"/"epoch").
         mask_schedule: optional ``MaskSchedule`` for sparse gradients (its ``unit`` says whether
             ``redraw_every`` counts epochs or steps).
-        evaluate: ``evaluate(learner) -> {name: float}`` in eval mode without gradients, run
-            before training, after each epoch and every ``eval_every`` steps.
+        evaluate: ``evaluate(learner) -> {name: float}`` in eval mode without gradients (for an
+            oracle without a learner: ``evaluate(theta [dim])``, a copy), run before training,
+            after each epoch and every ``eval_every`` steps.
         eval_every: steps between evaluations (None: at epoch ends only).
-        callbacks: more ``Callback`` objects (TensorBoard, yours).
+        callbacks: more ``Callback`` objects (TensorBoard, yours); one may raise
+            ``StopTraining`` to end training after a step.
         out_dir: where ``checkpoint.pt``, ``metrics.csv`` (evaluations) and ``steps.csv`` (one
             row per step) go; None keeps nothing on disk.
         checkpoint_every: steps between checkpoints (None: at epoch ends only); a checkpoint is
@@ -143,24 +209,23 @@ class Trainer:
         settings: a JSON-like dict of what defines the run (recipe, data, method); saved in
             the checkpoint, and a resume with different settings is refused.
         seed: seeds the generator used for random directions and masks.
-        progress: show a tqdm progress bar; ``desc`` labels it.
+        progress: a tqdm progress bar on stderr: None (default) shows it when stderr is a
+            terminal, True always, False never; ``desc`` labels it.
     """
 
-    def __init__(self, oracle: LearnerOracle, estimator: Estimator, optimizer: torch.optim.Optimizer,
-                 *, scheduler=None, scheduler_interval: str = "epoch",
+    def __init__(self, oracle: Oracle, estimator: Estimator, optimizer: torch.optim.Optimizer,
+                 *, params: Iterable[torch.Tensor] | None = None, scheduler=None, scheduler_interval: str = "epoch",
                  mask_schedule: MaskSchedule | None = None,
-                 evaluate: Callable[[torch.nn.Module], dict] | None = None, eval_every: int | None = None,
+                 evaluate: Callable[..., dict] | None = None, eval_every: int | None = None,
                  callbacks: Iterable[Callback] = (), out_dir=None, checkpoint_every: int | None = None,
-                 settings: dict | None = None, seed: int = 0, progress: bool = True, desc: str | None = None):
+                 settings: dict | None = None, seed: int = 0, progress: bool | None = None, desc: str | None = None):
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be a positive number of steps or None, got {value}")
-        if not callable(getattr(oracle, "parameters", None)) or getattr(oracle, "learner", None) is None:
-            raise TypeError(f"Trainer trains a learner's parameters; {type(oracle).__name__} has none "
-                            "(for a plain function of theta, call estimator.estimate directly)")
         self.oracle, self.estimator, self.optimizer = oracle, estimator, optimizer
+        self._params = self._theta_tensors(params)  # None: the learner's parameters
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.mask_schedule, self.evaluate, self.eval_every = mask_schedule, evaluate, eval_every
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -182,21 +247,83 @@ class Trainer:
         self._resumed = False  # loaded from a checkpoint: the next epoch restores the source
         self._check_optimizer()
 
+    # -- theta ----------------------------------------------------------------------------------
+
+    @property
+    def has_learner(self) -> bool:
+        """Whether theta is a learner's trainable parameters (a ``LearnerOracle``)."""
+        return self._params is None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The tensors theta lives in, in theta order (where estimates go as ``.grad``)."""
+        return self.oracle.parameters() if self._params is None else self._params
+
+    def theta(self) -> torch.Tensor:
+        """A copy of theta ``[dim]``: the tensors of ``params`` flattened."""
+        return self.oracle.theta() if self._params is None else flatten(self._params)
+
+    def _theta_tensors(self, params) -> list[torch.Tensor] | None:
+        """None for a learner's oracle, else the tensors theta lives in (checked against dim)."""
+        if callable(getattr(self.oracle, "parameters", None)) and getattr(self.oracle, "learner", None) is not None:
+            if params is not None:
+                raise ValueError("params= is for oracles without a learner: a learner's oracle "
+                                 "trains the learner's trainable parameters; leave params out")
+            return None
+        if not isinstance(getattr(self.oracle, "dim", None), int):
+            raise TypeError(f"Trainer needs an Oracle (dim, bind, queries), got {type(self.oracle).__name__}")
+        where = "params=" if params is not None else "the optimizer's param_groups"
+        if params is None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        bad = [type(p).__name__ if not isinstance(p, torch.Tensor) else str(p.dtype)
+               for p in params if not (isinstance(p, torch.Tensor) and p.is_floating_point())]
+        if bad:
+            raise TypeError(f"theta's tensors must be floating-point torch tensors; {where} holds "
+                            f"{', '.join(bad)}")
+        total = sum(p.numel() for p in params)
+        if total != self.oracle.dim:
+            raise ValueError(
+                f"{where} holds {total} numbers but the oracle's theta has dim={self.oracle.dim}; "
+                f"give params= the tensor(s) theta lives in (sizes summing to dim, in theta order) "
+                f"and an optimizer built on them, e.g. torch.optim.Adam([x])")
+        return params
+
     # -- training -------------------------------------------------------------------------------
 
-    def fit(self, batches: Iterable, *, epochs: int | None = None, max_steps: int | None = None,
-            max_queries: int | None = None, resume: bool = True) -> list[dict]:
-        """Train on ``batches`` until ``epochs`` passes or ``max_steps`` steps (whichever comes
-        first; at least one must be given); returns the evaluation history.
+    def fit(self, batches: Iterable | None = None, *, epochs: int | None = None, max_steps: int | None = None,
+            max_queries: int | None = None, resume: bool = True, handle_signals: bool = True) -> list[dict]:
+        """Train on ``batches`` until ``epochs`` passes, ``max_steps`` steps or ``max_queries``
+        queries (whichever comes first; at least one must be given); returns the evaluation
+        history.
 
         ``batches``: any re-iterable of tuples, each passed as ``oracle.bind(*batch)`` (a
-        ``DataLoader``, a ``TensorBatches``, an endless ``SampledBatches`` with ``max_steps``).
+        ``DataLoader``, a ``TensorBatches``, an endless ``SampledBatches`` with ``max_steps``),
+        or None: no data, every step queries the oracle as it is (a plain function of theta, or
+        an oracle bound once), until ``max_steps`` or ``max_queries``.
         With ``resume`` and a checkpoint in ``out_dir``, training continues from it on the same
         trajectory (sources with ``state_dict`` are restored, others replayed from the global
         RNG of the epoch's start). ``max_queries`` stops before a step that would exceed it.
+
+        With ``handle_signals`` (called from the main thread), SIGINT (Ctrl-C) and SIGTERM stop
+        training between steps: the step in flight completes and is counted, the checkpoint is
+        written (with an ``out_dir``), and ``deepzero_oracle.stops.StopRequested`` (a
+        ``KeyboardInterrupt``) is raised; ``fit`` again with the same ``out_dir`` continues on the
+        same trajectory. A second signal aborts the step in flight without saving (the last
+        checkpoint stays); a signal during a save waits for it. ``handle_signals=False`` leaves
+        signal handling to the caller.
         """
-        if epochs is None and max_steps is None:
-            raise ValueError("give epochs= or max_steps= (or both) to say when training ends")
+        if batches is None:
+            if epochs is not None:
+                raise ValueError("epochs= counts passes over batches; without batches give "
+                                 "max_steps= or max_queries= to say when training ends")
+            if max_steps is None and max_queries is None:
+                raise ValueError("give max_steps= or max_queries= (or both) to say when training ends")
+            batches = itertools.repeat(())  # endless, stateless: one step per item
+        elif epochs is None and max_steps is None and max_queries is None:
+            raise ValueError("give epochs=, max_steps= or max_queries= to say when training ends")
+        if max_queries is not None and int(max_queries) < 0:
+            raise ValueError(f"max_queries must be >= 0 or None, got {max_queries}")
         if (epochs is not None and int(epochs) < 0) or (max_steps is not None and int(max_steps) < 0):
             raise ValueError(f"epochs and max_steps must be >= 0, got {epochs} and {max_steps}")
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
@@ -206,25 +333,56 @@ class Trainer:
             for log in self.logs:  # a fresh run owns its logs
                 log.rewind(-1)
         self.stopped_reason = None
-        if not self.history:
-            self._evaluate()  # where training starts
-        bar = self._progress_bar(batches, epochs, max_steps)
-        try:
-            while not self._finished(epochs, max_steps):
-                if not self._run_epoch(batches, epochs, max_steps, max_queries, bar):
-                    break
-        finally:
-            bar.close()
-        if self.stopped_reason is not None or self._finished(epochs, max_steps):
-            self.save_checkpoint()
+        with stop_on_signals(enabled=handle_signals) as stop:
+            try:
+                if not self.history:
+                    self._evaluate()  # where training starts
+                bar = self._progress_bar(batches, epochs, max_steps)
+                try:
+                    while not self._finished(epochs, max_steps):
+                        if not self._run_epoch(batches, epochs, max_steps, max_queries, bar, stop):
+                            break
+                finally:
+                    bar.close()
+            except StopRequested as exc:  # a second signal: the step in flight is abandoned, unsaved
+                raise exc.annotate(where=f"during step {self.step + 1}", run_dir=self.out_dir,
+                                   checkpoint=self._kept())
+            except Exception as exc:
+                if not stop.requested:
+                    raise
+                # the signal also reached the step's workers (a scheduler signals the whole job)
+                raise stop.stop(where=f"during step {self.step + 1}, which failed ({type(exc).__name__})",
+                                run_dir=self.out_dir, checkpoint=self._kept()) from exc
+            if stop.requested:  # the first signal: stopped between steps (or after the last one)
+                with stop.shielded():
+                    self.stopped_reason = f"stopped by {signal_name(stop.signum)}"
+                    self.save_checkpoint()
+                    raise stop.stop(where=self._where(epochs, max_steps), run_dir=self.out_dir,
+                                    saved=self.out_dir is not None)
+            if self.stopped_reason is not None or self._finished(epochs, max_steps):
+                self.save_checkpoint()
         return self.history
+
+    def _kept(self) -> str | None:
+        """The checkpoint left on disk, for a stop message."""
+        return None if self.checkpoint_step is None else f"the checkpoint of step {self.checkpoint_step}"
+
+    def _where(self, epochs, max_steps) -> str:
+        """Where training stands, for a stop message: ``after step 12 of 40 (epoch 1, ...)``."""
+        if self._finished(epochs, max_steps):
+            return f"after step {self.step}, the last (training is done)"
+        total = f" of {max_steps}" if max_steps is not None else ""
+        epoch = (f" (epoch {self.epoch + 1} of {epochs}, {self.step_in_epoch} steps into it)"
+                 if epochs is not None else "")
+        return f"after step {self.step}{total}{epoch}"
 
     def _finished(self, epochs, max_steps) -> bool:
         return ((epochs is not None and self.epoch >= epochs)
                 or (max_steps is not None and self.step >= max_steps))
 
-    def _run_epoch(self, batches, epochs, max_steps, max_queries, bar) -> bool:
-        """One pass (or what is left of it); False when training stopped inside it."""
+    def _run_epoch(self, batches, epochs, max_steps, max_queries, bar, stop) -> bool:
+        """One pass (or what is left of it); False when training stopped inside it (the query
+        budget, or a signal seen by ``stop``, checked between steps)."""
         resumed, self._resumed = self._resumed, False
         if resumed:  # put the source and torch's RNG where this epoch started, skip what was done
             rng_now = torch.get_rng_state()
@@ -239,7 +397,7 @@ class Trainer:
             torch.set_rng_state(rng_now)
         ran = self.step_in_epoch
         while True:
-            if max_steps is not None and self.step >= max_steps:
+            if (max_steps is not None and self.step >= max_steps) or stop.requested:
                 return False  # checked before drawing a batch, so the source is not advanced
             batch = next(iterator, None)
             if batch is None:
@@ -275,9 +433,10 @@ class Trainer:
         self._rng_state = torch.get_rng_state()
 
     def _step(self, batch: tuple, max_queries) -> dict | None:
-        """One optimizer step on ``batch``; its metrics, or None if the query budget stops it."""
+        """One optimizer step on ``batch`` (empty: the oracle as it is); its metrics, or None if
+        the query budget stops it or a callback raised ``StopTraining`` after it."""
         started = time.perf_counter()
-        oracle = self.oracle.bind(*batch)
+        oracle = self.oracle.bind(*batch) if batch else self.oracle
         mask = None
         if self.mask_schedule is not None:
             when = self.epoch if self.mask_schedule.unit == "epoch" else self.step
@@ -288,13 +447,13 @@ class Trainer:
                 self.stopped_reason = f"query budget of {max_queries} reached"
                 return None
         try:
-            grad, loss = self.estimator.estimate_and_loss(oracle, oracle.theta(), mask, self.generator)
+            grad, loss = self.estimator.estimate_and_loss(oracle, self.theta(), mask, self.generator)
             if not torch.isfinite(grad).all() or (loss is not None and not torch.isfinite(loss)):
                 raise NonFiniteLossError("the gradient estimate or the loss is NaN or Inf")
         except NonFiniteLossError as exc:
             raise self._diverged(exc) from exc
         self.optimizer.zero_grad(set_to_none=True)
-        assign_gradient(oracle.parameters(), grad)
+        assign_gradient(self.params, grad)
         oracle.end_step()
         self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":
@@ -306,8 +465,15 @@ class Trainer:
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "loss": None if loss is None else float(loss), "grad_norm": float(grad.norm()),
                    "seconds": round(self.seconds, 3)}
+        stop = None
         for cb in self.callbacks:
-            cb.on_step_end(self, metrics)
+            try:
+                cb.on_step_end(self, metrics)
+            except StopTraining as exc:  # the other callbacks still see the step
+                stop = stop or exc
+        if stop is not None:
+            self.stopped_reason = str(stop) or f"stopped by {type(stop).__name__}"
+            return None
         return metrics
 
 
@@ -322,7 +488,10 @@ class Trainer:
     def _evaluate(self) -> dict:
         metrics = {"epoch": self.epoch, "step": self.step, "queries": self.oracle.queries,
                    "seconds": round(self.seconds, 3), "lr": self.optimizer.param_groups[0]["lr"]}
-        if self.evaluate is not None:
+        if self.evaluate is not None and not self.has_learner:
+            with torch.no_grad():
+                metrics.update(self.evaluate(self.theta()))
+        elif self.evaluate is not None:
             learner = self.oracle.learner
             was_training = learner.training
             learner.eval()
@@ -341,9 +510,8 @@ class Trainer:
             per_epoch = None
         totals = [t for t in (max_steps, None if epochs is None or per_epoch is None else epochs * per_epoch)
                   if t is not None]
-        bar = tqdm(total=min(totals) if totals else None, initial=self.step, disable=not self.progress,
-                   desc=self.desc, unit="step")
-        return bar
+        return tqdm(total=min(totals) if totals else None, initial=self.step,
+                    disable=progress_disabled(self.progress), desc=self.desc, unit="step")
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -355,7 +523,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything needed to continue on the same trajectory."""
         return {
-            "learner": self.oracle.learner.state_dict(),
+            **({"learner": self.oracle.learner.state_dict()} if self.has_learner
+               else {"params": [p.detach().clone() for p in self.params]}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "mask_schedule": None if self.mask_schedule is None else self.mask_schedule.state_dict(),
@@ -374,7 +543,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict``; refuses one whose settings differ from this trainer's."""
         check_settings(state.get("settings"), self.settings, self.checkpoint_path)
-        self.oracle.learner.load_state_dict(state["learner"])
+        self._load_theta(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -399,21 +568,54 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             return
-        save_torch(self.state_dict(), path)
+        with shielded():  # a signal during the save waits for it
+            save_torch(self.state_dict(), path)
         self.checkpoint_step = self.step
 
     def load_checkpoint(self, path) -> None:
         """Load a checkpoint written by ``save_checkpoint`` (tensors and plain data only)."""
         self.load_state_dict(torch.load(path, weights_only=True))
 
+    def _load_theta(self, state: dict) -> None:
+        """theta from a ``state_dict``: the learner's state, or the values of ``params``."""
+        if self.has_learner:
+            if "learner" not in state:
+                raise ValueError(f"{self.checkpoint_path or 'the state'} holds a plain function's "
+                                 "parameters, not a learner's: resume it with the same kind of oracle")
+            self.oracle.learner.load_state_dict(state["learner"])
+            return
+        saved = state.get("params")
+        shapes = [tuple(p.shape) for p in self.params]
+        if saved is None or [tuple(t.shape) for t in saved] != shapes:
+            found = "a learner's state" if saved is None else [tuple(t.shape) for t in saved]
+            raise ValueError(f"{self.checkpoint_path or 'the state'} holds {found}, but this trainer's "
+                             f"theta lives in tensors shaped {shapes}: resume with the same parameters")
+        with torch.no_grad():
+            for p, t in zip(self.params, saved):
+                p.copy_(t)
+
     def _check_optimizer(self):
         theirs = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        ours = {id(p) for p in self.oracle.parameters()}
+        ours = {id(p) for p in self.params}
         if not ours <= theirs:
             raise ValueError(
                 "the optimizer does not hold all of the learner's trainable parameters; build it "
-                "from learner.parameters()"
+                "from learner.parameters()" if self.has_learner else
+                "the optimizer does not hold all of the tensors given as params=; build it from "
+                "them, e.g. torch.optim.Adam(params)"
             )
+
+
+class StopTraining(Exception):
+    """Raised by a callback's ``on_step_end`` to end ``Trainer.fit`` after that step, cleanly:
+    the message becomes ``trainer.stopped_reason`` and the checkpoint is written, as when the
+    query budget stops training."""
+
+
+def progress_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` setting: None (off when stderr is not a terminal,
+    tqdm's own convention), True (always on) or False (off)."""
+    return None if progress is None else not progress
 
 
 def check_settings(saved: dict | None, wanted: dict | None, where=None) -> None:
@@ -458,4 +660,5 @@ def _restore(batches, state) -> None:
         batches.generator.set_state(state["generator"])
 
 
-__all__ = ["CSVLogger", "Callback", "STEP_FIELDS", "TensorBoardLogger", "Trainer", "check_settings"]
+__all__ = ["CSVLogger", "Callback", "STEP_FIELDS", "StopTraining", "TensorBoardLogger", "Trainer", "check_settings",
+           "progress_disabled"]

@@ -104,7 +104,7 @@ class Scenario(abc.ABC):
             setattr(self, name, make())
 
     # ------------------------------------------------------------------ public API
-    def source_step(self, state, params):
+    def source_step(self, state, params) -> np.ndarray | torch.Tensor:
         """One step of the low-fidelity solver.
 
         Args:
@@ -117,7 +117,7 @@ class Scenario(abc.ABC):
         """
         return self._step(state, params, "source")
 
-    def reference_step(self, state, params):
+    def reference_step(self, state, params) -> np.ndarray | torch.Tensor:
         """One step of the high-fidelity solver (same physical time ``dt`` as `source_step`).
 
         Args:
@@ -129,7 +129,7 @@ class Scenario(abc.ABC):
         return self._step(state, params, "reference")
 
     @abc.abstractmethod
-    def downsample(self, state_hi):
+    def downsample(self, state_hi) -> np.ndarray | torch.Tensor:
         """Reference grid -> source grid: ``[N, C, H_ref, W_ref] -> [N, C, H_src, W_src]``.
 
         Works on ndarrays and torch tensors (linear, differentiable)."""
@@ -173,7 +173,7 @@ class Scenario(abc.ABC):
         return Cases(self.name, seed, arrays["params"], arrays["reference_states"], arrays["source_states"])
 
     def rollout(self, state, params, steps: int, *, solver: str = "source",
-                correct: Callable | None = None):
+                correct: Callable | None = None) -> np.ndarray | torch.Tensor:
         """Run ``steps`` steps and return the whole trajectory.
 
         Args:
@@ -201,7 +201,7 @@ class Scenario(abc.ABC):
         return np.stack([np.asarray(s) for s in out], axis=1)
 
     def reference_trajectory(self, cases: Cases, steps: int, *, batch_size: int | None = None,
-                             cache_dir: str | os.PathLike | None = None, progress: bool = False) -> np.ndarray:
+                             cache_dir: str | os.PathLike | None = None, progress: bool | None = False) -> np.ndarray:
         """The reference solution of ``cases`` down-sampled to the source grid at every step.
 
         Args:
@@ -209,7 +209,7 @@ class Scenario(abc.ABC):
             steps: number of reference steps (each advances ``dt``).
             batch_size: simulations per solver call (default: all at once).
             cache_dir: if given, store/reload the result as ``.npz`` keyed by config + cases content.
-            progress: show a tqdm bar.
+            progress: a tqdm bar: True always, None when stderr is a terminal, False never.
         Returns:
             ``[N, steps + 1, C, H_src, W_src]`` float64; ``[:, 0] == cases.source_states``.
         """
@@ -235,7 +235,7 @@ class Scenario(abc.ABC):
 
         return _cached(cache_dir, f"{self.name}-reference", key, compute)["trajectory"]
 
-    def to_centered(self, state):
+    def to_centered(self, state) -> np.ndarray | torch.Tensor:
         """Velocity at cell centres ``[N, 2, H, W]`` for plots and cell-wise metrics.
 
         The default returns ``state`` unchanged (cell-centred scenarios); staggered ones override it."""
@@ -371,8 +371,9 @@ def _cached(cache_dir, kind: str, key: dict, compute: Callable[[], dict]) -> dic
     return arrays
 
 
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
+def _progress(enabled: bool | None, total: int, desc: str):
+    """A tqdm bar: None shows it when stderr is a terminal (tqdm's convention), True always."""
+    if enabled is False:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="sim-step")
+    return tqdm(total=total, desc=desc, unit="sim-step", disable=None if enabled is None else False)

@@ -12,13 +12,14 @@ import warnings
 
 import torch
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # phiml touches numpy.core on import
-        from phi import field, math
-        from phi.torch import TORCH
-except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
-    raise ImportError("deepzero_oracle.simulators needs PhiFlow: pip install 'phiflow>=3.4,<3.5'") from e
+from deepzero_oracle.extras import require
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # phiml touches numpy.core on import
+    require("sim", "phi.field", "phi.math", "phi.torch", "phiml.math",
+            feature="a built-in simulator (burgers, wake2d)")
+    from phi import field, math
+    from phi.torch import TORCH
 
 from phiml.math import batch, channel, spatial
 

@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from deepzero_oracle.apps.cli import build_parser, main
+from support.cli import leaves
 
 # commands that write a run folder: continued from --out by default, --restart starts over
 RUN_FOLDERS = [("train",), ("sol", "generate"), ("sol", "train"), ("sol", "compare"), ("defense", "train"),
@@ -14,16 +15,6 @@ RUN_FOLDERS = [("train",), ("sol", "generate"), ("sol", "train"), ("sol", "compa
 REPORTING = [("train",), ("bench",), ("sol", "generate"), ("sol", "train"), ("sol", "eval"), ("sol", "report"),
              ("sol", "compare"),
              ("defense", "train"), ("defense", "certify"), ("defense", "report"), ("defense", "compare")]
-
-
-def leaves(parser: argparse.ArgumentParser, path=()):
-    """``(command path, parser)`` of every leaf subcommand."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield path, parser
-        return
-    for name, child in subs[0].choices.items():
-        yield from leaves(child, path + (name,))
 
 
 def flags(parser):

@@ -1,7 +1,7 @@
 """The black-box defense adapter: frozen classifier, FO-DS / ZO-DS / ZO-AE-DS, CLI, report.
 
 Tiny sizes throughout (digits, 64 training images, a 77-parameter denoiser, n = 20 noisy samples);
-the real comparison lives in the README, produced by the CLI.
+the real comparison lives in docs/RESULTS.md, produced by the CLI.
 """
 
 from __future__ import annotations

@@ -72,7 +72,6 @@ def test_commands_take_executor_and_refuse_bad_specs(capsys):
 
 
 def test_unreachable_scheduler_fails_fast_naming_the_address(tmp_path, capsys):
-    pytest.importorskip("distributed")
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     began = time.perf_counter()
     with pytest.raises(ExecutorUnavailable) as err:
@@ -104,7 +103,6 @@ def test_parallelize_leaves_inline_alone():
 
 
 def test_dask_local_round_trip():
-    pytest.importorskip("distributed")
     theta = torch.linspace(-1, 1, 200, dtype=torch.float64)
     inline = CGE(mu=1e-3).estimate(CallableOracle(Bowl(), 200), theta)
     with open_executor("dask-local:2") as client:
@@ -125,7 +123,6 @@ def _learner(run: Path) -> torch.Tensor:
 
 
 def test_train_on_an_executor_equals_inline(tmp_path):
-    pytest.importorskip("distributed")
     recipe = dict(dataset="digits", model="mlp", sparsity=0.9, pruner="zo-grasp", epochs=1, max_queries=3000)
     inline = train_classifier(Recipe(**recipe), tmp_path / "inline", progress=False)
     fanned = train_classifier(Recipe(**recipe), tmp_path / "dask", progress=False, executor="dask-local:2")
@@ -251,7 +248,6 @@ def test_sol_compare_on_an_executor_equals_inline(tmp_path, capsys):
 def test_bench_scaleout_runs_quick(tmp_path):
     import runpy
 
-    pytest.importorskip("distributed")
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scaleout.py"
     result = runpy.run_path(str(bench))["main"](["--quick", "--json", str(tmp_path / "scaleout.json")])
     assert (tmp_path / "scaleout.json").exists()

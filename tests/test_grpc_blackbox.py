@@ -169,10 +169,8 @@ def test_killed_server_gives_clear_error_then_wait_for_ready_recovers():
 
 
 def _module_oracle():
-    try:
-        from deepzero_oracle import ModuleOracle
-    except ImportError as e:  # the engine is another engineer's work in progress
-        pytest.skip(f"ModuleOracle not available: {e}")
+    from deepzero_oracle import ModuleOracle
+
     return ModuleOracle
 
 

@@ -3,7 +3,6 @@ follows the same trajectory (same seed) as with the same function in-process."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -11,9 +10,6 @@ from deepzero_oracle.blackbox import GrpcBlackBox, LocalBlackBox
 from grpcbb_functions import digits_head
 from grpcbb_helpers import start_server
 
-engine = pytest.importorskip("deepzero_oracle", reason="the engine is not available")
-if not all(hasattr(engine, name) for name in ("ModuleOracle", "CGE", "Trainer")):  # pragma: no cover
-    pytest.skip("the engine does not export ModuleOracle, CGE and Trainer yet", allow_module_level=True)
 from deepzero_oracle import CGE, ModuleOracle, TensorBatches, Trainer  # noqa: E402
 from deepzero_oracle.apps.datasets import load_dataset  # noqa: E402
 from deepzero_oracle.apps.models import mlp  # noqa: E402

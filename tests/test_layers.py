@@ -1,4 +1,4 @@
-"""The layering the README's file map describes: imports point down.
+"""The layering docs/ARCHITECTURE.md's file map describes: imports point down.
 
 The engine (everything in deepzero_oracle/ except apps/) never imports the app layer
 (deepzero_oracle.apps), the adapters or the simulators; the app layer's modules do not import

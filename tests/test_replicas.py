@@ -256,11 +256,16 @@ def test_replicas_over_tls_with_a_token_share_the_calls(tmp_path, monkeypatch):
         assert rest.base.startswith("https://")
 
 
-def test_serve_workers_refuse_rest_and_fail_when_a_worker_cannot_start():
+def test_serve_workers_refuse_rest_and_fail_when_a_worker_cannot_start(tmp_path):
     with pytest.raises(RuntimeError, match="exited with 2"):
         _replica("--workers", "2", "--http-port", "0")
-    with pytest.raises(RuntimeError, match="exited with 1"):
-        _replica("--workers", "2", "--max-concurrency", "0")
+    # Bad flags stop the supervisor before any worker starts; this module imports there but
+    # not in a worker process.
+    (tmp_path / "not_in_workers.py").write_text(
+        "import multiprocessing\n\nif multiprocessing.parent_process() is not None:\n"
+        "    raise RuntimeError('not in a worker')\n\n\ndef head(x):\n    return x\n")
+    with pytest.raises(RuntimeError, match="exited with 1.*failed to start"):
+        ServerProcess("not_in_workers:head", "--workers", "2", cwd=tmp_path)
 
 
 def test_rest_replicas_rotate_and_survive_a_killed_one():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("phi", reason="simulators need phiflow")
 
 from deepzero_oracle.simulators import Cases, available_scenarios, get_scenario  # noqa: E402
 

@@ -111,7 +111,7 @@ def _nan_states():
 
 BAD_FILES = {
     "missing train_states": ({"train_states": None}, "missing key(s) ['train_states']"),
-    "missing format": ({"format": None}, "missing key(s) ['format']"),
+    "other format": ({"format": np.array("someone/else")}, "format is 'someone/else'"),
     "wrong rank": ({"test_states": np.zeros((2, 6, 8, 8))}, "test_states must be [S', T'+1, C, H, W] (rank 5)"),
     "NaN": ({"train_states": _nan_states()}, "train_states contains NaN or Inf (first at index (1, 2, 0, 3, 4))"),
     "S mismatch": ({"train_params": np.ones((2, 2))}, "train_params has 2 rows but train_states has S = 3"),
@@ -291,3 +291,27 @@ def test_the_python_api_example_improves_on_its_own_solver(tmp_path):
     line = done.stdout.strip().splitlines()[-1]  # test MAE: SRC a, ZO-SOL b after N queries
     src, zo = (float(w.rstrip(",")) for w in (line.split()[3], line.split()[5]))
     assert zo < src and load_trajectories(tmp_path / "trajectories.npz").n_params == 2
+
+
+# ---------------------------------------------------------------------- a file made by hand, a budget
+def test_a_hand_made_file_of_just_the_arrays_trains_and_a_budget_stops_and_continues(tmp_path, capsys):
+    """np.savez with only the documented arrays (no format keys) is read as format version 1."""
+    t = user.make_trajectories()
+    np.savez(tmp_path / "mine.npz", train_states=t.train_states, test_states=t.test_states,
+             train_params=t.train_params, test_params=t.test_params)
+    mine = load_trajectories(tmp_path / "mine.npz")
+    assert np.array_equal(mine.train_states, t.train_states) and np.array_equal(mine.test_params, t.test_params)
+    one = ["sol", "train", "--method", "zo-sol", "--data", str(tmp_path / "mine.npz"), "--solver", SOLVER, *RECIPE]
+    assert cli([*one, "--steps", "1", "--out", str(tmp_path / "one")]) == 0
+    per_step = json.loads((tmp_path / "one" / "zo-sol" / "train.json").read_text())["queries"]
+    assert per_step > 0
+    capsys.readouterr()
+    # a budget for one step of three: exit 4, the checkpoint kept, one line on how to continue
+    out = tmp_path / "budget"
+    assert cli([*one, "--out", str(out), "--max-queries", str(per_step + 1)]) == 4
+    err = capsys.readouterr().err
+    assert f"query budget of {per_step + 1} reached after {per_step} queries" in err and "--max-queries" in err
+    assert (out / "zo-sol" / "checkpoint.pt").exists() and not (out / "zo-sol" / "eval.json").exists()
+    assert cli([*one, "--out", str(out), "--max-queries", str(10 * per_step)]) == 0
+    done = json.loads((out / "zo-sol" / "train.json").read_text())
+    assert done["step"] == 3 and done["queries"] == 3 * per_step and done["stopped_reason"] is None

@@ -146,7 +146,7 @@ def test_datasets_load_offline_and_stratified():
 def test_cli_train_writes_metrics(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", "--dataset", "digits", "--model", "mlp", "--estimator", "cge", "--epochs", "1",
-               "--sparsity", "0.5", "--out", str(out), "--quiet"])
+               "--sparsity", "0.5", "--out", str(out), "--quiet", "--json"])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("test_accuracy", "queries", "seconds", "estimator", "sparsity"):

@@ -13,8 +13,8 @@ import pytest
 
 from grpcbb_helpers import start_server
 
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the test extra")
-httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
+import tritonclient.grpc as grpcclient  # noqa: E402 -- the test extra installs tritonclient[grpc,http]
+import tritonclient.http as httpclient  # noqa: E402
 
 TOKEN = "triton-token"
 

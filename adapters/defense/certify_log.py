@@ -32,9 +32,13 @@ from deepzero_oracle.adapters.defense.smoothing import (
     check_certify_n,
     check_count,
 )
+from deepzero_oracle.atomic import write_text
 from deepzero_oracle.blackbox.local import as_tensor
+from deepzero_oracle.extras import require
 from deepzero_oracle.parallel.executors import InlineExecutor, dask_client, executor_slots
 from deepzero_oracle.parallel.payloads import compact, to_bytes
+from deepzero_oracle.stops import StopRequested, stop_on_signals
+from deepzero_oracle.train import progress_disabled
 
 __all__ = [
     "LOG_COLUMNS",
@@ -190,7 +194,7 @@ def certify_dataset(
     seed: int = 0,
     log_path: str | os.PathLike | None = None,
     indices: Sequence[int] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "certify",
     resume: bool = False,
     settings: Mapping | None = None,
@@ -209,7 +213,8 @@ def certify_dataset(
             overwritten and flushed after every row, so an interrupted run keeps its rows).
         indices: the dataset indices of ``xs`` rows, written to the ``idx`` column
             (default ``0..M-1``); use it when certifying a subset of a larger set.
-        progress: show a tqdm progress bar.
+        progress: a tqdm progress bar: None shows it when stderr is a terminal, True always,
+            False never.
         desc: progress bar label.
         resume: keep the rows an interrupted run already wrote to ``log_path`` and certify only the
             rest. The log's settings file (:func:`settings_path`, written by every run with a log)
@@ -219,6 +224,11 @@ def certify_dataset(
         executor: where the examples are certified (``open_executor``; None: here, one after the
             other). Each example's noise comes from its own seed, so the rows are the same on every
             executor; ``time`` is then the seconds a worker spent on the example.
+
+    SIGINT (Ctrl-C) and SIGTERM (from the main thread) stop between examples: the example in
+    flight is finished and its row written and flushed, examples started ahead on an executor are
+    dropped, and ``deepzero_oracle.stops.StopRequested`` is raised; ``resume=True`` continues
+    the log. A second signal drops the example in flight too (its row is not written).
     Returns:
         :class:`CertifyRun` with the rows, query count and throughput (noisy samples/s). Resumed
         rows count ``n0 + n`` queries each (what CERTIFY spends) and their logged times.
@@ -245,39 +255,57 @@ def certify_dataset(
     fh = None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        settings_path(path).write_text(json.dumps(run_settings, indent=2) + "\n")
-        fh = open(path, "w", encoding="utf-8")  # rewritten whole: drops a half-written last line
-        fh.write("\t".join(LOG_COLUMNS) + "\n")
-        for row in rows:
-            fh.write(_format_row(row) + "\n")
-        fh.flush()
+        write_text(settings_path(path), json.dumps(run_settings, indent=2) + "\n")
+        # rewritten whole (drops a half-written last line), atomically: a kill here keeps the rows
+        write_text(path, "".join(line + "\n" for line in ["\t".join(LOG_COLUMNS), *map(_format_row, rows)]))
+        fh = open(path, "a", encoding="utf-8")
 
     queries_before = smooth.queries - len(rows) * (n0 + n)
     total_seconds = float(sum(row["time"] for row in rows))
     certified = sum(int(row["correct"]) for row in rows)
-    try:
-        bar = tqdm(desc=desc, disable=not progress, unit="img", initial=len(rows), total=xs.shape[0])
-        seeds = [example_seed(seed, idx) for idx in idxs]
-        for i, (prediction, radius, dt) in _certified(smooth, xs, range(len(rows), xs.shape[0]), seeds, n0, n,
-                                                      alpha, batch_size, executor):
-            idx, label = idxs[i], int(ys[i])
-            total_seconds += dt
-            correct = int(prediction == label)
-            certified += correct
-            row = {"idx": idx, "label": label, "predict": int(prediction), "radius": float(radius),
-                   "correct": correct, "time": dt}
-            rows.append(row)
+    total = xs.shape[0]
+    where = f" in {path}" if path is not None else ""
+    with stop_on_signals() as stop:
+        examples = None
+        try:
+            bar = tqdm(desc=desc, disable=progress_disabled(progress), unit="img", initial=len(rows), total=total)
+            seeds = [example_seed(seed, idx) for idx in idxs]
+            examples = _certified(smooth, xs, range(len(rows), total), seeds, n0, n, alpha, batch_size, executor)
+            while not stop.requested and (item := next(examples, None)) is not None:
+                i, (prediction, radius, dt) = item
+                idx, label = idxs[i], int(ys[i])
+                correct = int(prediction == label)
+                row = {"idx": idx, "label": label, "predict": int(prediction), "radius": float(radius),
+                       "correct": correct, "time": dt}
+                with stop.shielded():  # a row is written whole or not at all
+                    total_seconds += dt
+                    certified += correct
+                    rows.append(row)
+                    if fh is not None:
+                        fh.write(_format_row(row) + "\n")
+                        fh.flush()
+                spent = smooth.queries - queries_before
+                bar.update(1)
+                bar.set_postfix(correct=f"{certified}/{len(rows)}",
+                                samples_s=f"{spent / total_seconds:,.0f}" if total_seconds > 0 else "-")
+            bar.close()
+        except StopRequested as exc:  # a second signal: the example in flight is dropped
+            raise exc.annotate(where=f"during example {len(rows) + 1} of {total}",
+                               checkpoint=f"the log of the first {len(rows)} examples{where}")
+        except Exception as exc:
+            if not stop.requested:
+                raise
+            # the signal also reached the executor's workers (a scheduler signals the whole job)
+            raise stop.stop(where=f"during example {len(rows) + 1} of {total}, which failed ({type(exc).__name__})",
+                            checkpoint=f"the log of the first {len(rows)} examples{where}") from exc
+        finally:
+            if examples is not None:
+                examples.close()  # cancels examples started ahead on an executor
             if fh is not None:
-                fh.write(_format_row(row) + "\n")
-                fh.flush()
-            spent = smooth.queries - queries_before
-            bar.update(1)
-            bar.set_postfix(correct=f"{certified}/{len(rows)}",
-                            samples_s=f"{spent / total_seconds:,.0f}" if total_seconds > 0 else "-")
-        bar.close()
-    finally:
-        if fh is not None:
-            fh.close()
+                fh.close()
+        if stop.requested:
+            raise stop.stop(where=f"after example {len(rows)} of {total}",
+                            run_dir=None if path is None else path.parent, saved=path is not None)
 
     queries = smooth.queries - queries_before
     return CertifyRun(
@@ -453,8 +481,8 @@ def plot_certified_curve(
     Returns:
         the path written.
     """
+    Figure = require("apps", "matplotlib.figure", "matplotlib.backends.backend_agg", feature="plotting").Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     all_rows = {m: _rows(log) for m, log in logs_by_method.items()}
     if not all_rows:

@@ -66,7 +66,7 @@ def _build(meta: dict) -> nn.Sequential:
 
 def train_classifier(dataset: str, path: str | Path, *, epochs: int | None = None, batch_size: int = 64,
                      lr: float = 3e-3, channels: tuple[int, ...] = (16, 16, 32), seed: int = 0,
-                     max_train: int | None = None, progress: bool = True) -> dict:
+                     max_train: int | None = None, progress: bool | None = None) -> dict:
     """Train the base classifier with FO (autograd, Adam) on clean images and save it.
 
     Args:
@@ -96,7 +96,7 @@ def train_classifier(dataset: str, path: str | Path, *, epochs: int | None = Non
     return meta
 
 
-def ensure_classifier(dataset: str, path: str | Path | None = None, *, progress: bool = True) -> Path:
+def ensure_classifier(dataset: str, path: str | Path | None = None, *, progress: bool | None = None) -> Path:
     """The path of a trained ``local`` classifier for ``dataset``, training it on first use."""
     path = Path(path) if path is not None else default_classifier_path(dataset)
     if not path.exists():
@@ -154,8 +154,8 @@ def query_only(model: nn.Module, *, channels_last: bool = False) -> Callable[[np
 
     The model lives only inside the closure; the returned function exposes no parameters and
     returns plain arrays, so no autograd graph can reach the weights. Inputs are cast to the
-    model's floating dtype. ``channels_last`` runs a channels-last copy of the model (about
-    1.6x faster convolutions on a CPU, equal scores up to float rounding); only for models
+    model's floating dtype. ``channels_last`` runs a channels-last copy of the model (faster
+    convolutions on a CPU, equal scores up to float rounding); only for models
     whose layers take any memory layout (the model zoo's; a ``.view`` on activations does not).
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -351,8 +351,8 @@ def _import_classifier(spec: BlackBoxSpec):
     return obj
 
 
-def open_classifier(spec: str, data, *, path: str | Path | None = None, timeout: float = 60.0,
-                    progress: bool = True) -> Classifier:
+def open_classifier(spec: str | Callable, data, *, path: str | Path | None = None, timeout: float = 60.0,
+                    progress: bool | None = None) -> Classifier:
     """The classifier a ``--classifier`` spec names, checked against ``data`` before any training.
 
     Args:
@@ -361,7 +361,9 @@ def open_classifier(spec: str, data, *, path: str | Path | None = None, timeout:
             ``grpc://HOST:PORT[/MODEL]``, ``kserve://HOST:PORT/MODEL``,
             ``kserve+http://HOST:PORT/MODEL`` (``grpcs``, ``kserves``, ``kserve+https``: over TLS),
             ``MODULE:FUNCTION`` (called in this process with
-            NumPy arrays ``[N, C, H, W]``; a ``torch.nn.Module`` is also a white box for FO-DS).
+            NumPy arrays ``[N, C, H, W]``; a ``torch.nn.Module`` is also a white box for FO-DS),
+            or the callable itself (from Python: ``fn(images [N, C, H, W] ndarray) -> scores
+            [N, classes]``; an ``nn.Module`` is called with tensors and is also a white box).
         data: a Dataset (``x_train [N, C, H, W]``, ``classes``, ``name``) or a ``--data`` value.
         timeout: deadline of every remote call, in seconds.
     Returns:
@@ -375,7 +377,13 @@ def open_classifier(spec: str, data, *, path: str | Path | None = None, timeout:
 
     data = load_data(data) if isinstance(data, str) else data
     whitebox = None
-    if spec == "local":
+    if callable(spec):  # from Python: the function or module itself
+        fn, spec = spec, f"python:{getattr(spec, '__qualname__', type(spec).__name__)}"
+        if isinstance(fn, nn.Module):
+            whitebox = freeze(fn)
+            fn = query_only(whitebox)
+        blackbox = LocalBlackBox(fn, numpy=True)
+    elif spec == "local":
         if data.name not in DATASETS:
             raise ValueError(f"--classifier local is the adapter's own CNN for {' and '.join(DATASETS)}; for your "
                              "own images name your classifier: --classifier MODULE:FUNCTION, grpc://HOST:PORT[/MODEL] "

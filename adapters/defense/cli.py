@@ -3,7 +3,7 @@
 ``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). A run
 folder (``--out``) holds one method's trained front (``run.json``, ``front.pt``, per-stage
 Trainer checkpoints) and, after ``certify``, its per-example log ``certify.tsv`` and
-``certify.json``; ``report`` reads the run folders under ``--root``.
+``certify.json``; ``report`` reads the run folders under its ``--out`` and writes its table there.
 
 Images come from ``--data`` (an ``.npz`` or an image folder, ``deepzero_oracle.apps.datasets``)
 or ``--dataset`` (an example); the classifier from ``--classifier`` (``local`` or a black-box
@@ -17,15 +17,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_quiet, add_run_folder, given_flags,
-                                          int_list, run_subcommand)
+from deepzero_oracle.apps.options import (add_command, add_deprecated_alias, add_executor, add_json, add_max_queries,
+                                          add_quiet, add_run_folder, add_timeout, budget_message, given_flags,
+                                          int_list, progress_flags, progress_of, run_subcommand)
+from deepzero_oracle.errors import EXIT_BUDGET
 from deepzero_oracle.atomic import write_json, write_text
 from deepzero_oracle.parallel import open_executor
 
 __all__ = ["register", "report", "pooled_report", "CERTIFY_METHODS"]
+
+log = logging.getLogger(__name__)
 
 CERTIFY_METHODS = ("none", "fo-ds", "zo-ds", "zo-ae-ds")
 _ORDER = {m: i for i, m in enumerate(CERTIFY_METHODS)}
@@ -41,7 +46,7 @@ def _data(value: str):
 def _classifier(args, spec: str, data):
     from deepzero_oracle.adapters.defense.classifier import open_classifier
 
-    return open_classifier(spec, data, path=args.classifier_path, progress=not args.quiet)
+    return open_classifier(spec, data, path=args.classifier_path, timeout=args.timeout, progress=progress_of(args))
 
 
 def _train(args) -> int:
@@ -62,8 +67,13 @@ def _train(args) -> int:
                              "(zo-ds and zo-ae-ds work on any classifier)")
         out = Path(args.out)
         info = train_defense(config, classifier, out, data=data, whitebox=classifier.whitebox,
-                             classifier_info=classifier.describe(), restart=args.restart, progress=not args.quiet,
-                             executor=pool)
+                             classifier_info=classifier.describe(), restart=args.restart, progress=progress_of(args),
+                             executor=pool, max_queries=args.max_queries)
+    if info.get("stopped_reason"):
+        if args.json:
+            print(json.dumps(info))
+        print(budget_message("defense train", info["stopped_reason"], info["queries"], out), file=sys.stderr)
+        return EXIT_BUDGET
     summary = {k: info[k] for k in ("method", "queries", "blackbox_images", "seconds",
                                     "pipeline_clean_accuracy", "denoiser_parameters")}
     print(json.dumps(summary) if args.json else
@@ -101,25 +111,34 @@ def _certify(args) -> int:
                              "images it was trained on")
         spec = args.classifier or config.classifier
         if spec != config.classifier:
-            print(f"note: certifying with --classifier {spec}; the front was trained against {config.classifier}",
-                  file=sys.stderr)
+            log.warning("certifying with --classifier %s; the front was trained against %s", spec, config.classifier)
         sigma = args.sigma if args.sigma is not None else config.sigma
         if sigma != config.sigma:
-            print(f"note: certifying at sigma={sigma} a front trained at sigma={config.sigma}", file=sys.stderr)
+            log.warning("certifying at sigma=%s a front trained at sigma=%s", sigma, config.sigma)
     # What the log's rows depend on beyond the sampling settings: resuming must not mix models.
     model = {"method": args.method, "classifier": spec,
              "front_sha256": hashlib.sha256((out / "front.pt").read_bytes()).hexdigest() if front else None}
     with open_executor(args.executor) as pool, _classifier(args, spec, data) as classifier:
         run = certify_front(front, classifier, data, sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                             max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
-                            log_path=out / "certify.tsv", progress=not args.quiet, resume=not args.restart,
+                            log_path=out / "certify.tsv", progress=progress_of(args), resume=not args.restart,
                             settings=model, executor=pool)
     summary = {"method": args.method, "dataset": dataset, **run.summary(),
                "training_queries": int(training["queries"]),
                "training_blackbox_images": int(training["blackbox_images"])}
     write_json(out / "certify.json", summary)
-    print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"defense certify: {args.method} on {summary['examples']} {dataset} images at sigma={sigma:g}: "
+              f"certified accuracy {_accuracy_line(summary)}; {summary['queries']:,} noisy samples")
+    print(f"wrote {out}/certify.tsv and certify.json", file=sys.stderr)
     return 0
+
+
+def _accuracy_line(summary: dict) -> str:
+    at = summary.get("certified_accuracy") or {}
+    return ", ".join(f"{float(v):.3f} at r={r}" for r, v in at.items()) or "n/a"
 
 
 def _runs(root: Path, runs: list[str] | None) -> list[Path]:
@@ -212,7 +231,7 @@ def _seed_folders(root: Path) -> dict[int, list[Path]]:
 def _report(args) -> int:
     from deepzero_oracle.adapters.defense.report import plot_with_bands
 
-    root = Path(args.root)
+    root = Path(args.out)
     seeds = {} if args.runs else _seed_folders(root)
     if seeds:
         table, md, logs = pooled_report(seeds)
@@ -241,7 +260,7 @@ def _compare(args) -> int:
     out = Path(args.out)
     common = ["--data", args.data, "--classifier", args.classifier,
               *(["--classifier-path", args.classifier_path] if args.classifier_path else []),
-              *(["--quiet"] if args.quiet else []), *(["--restart"] if args.restart else [])]
+              "--timeout", str(args.timeout), *progress_flags(args), *(["--restart"] if args.restart else [])]
     certify = ["--n0", str(args.n0), "--n", str(args.n), "--alpha", str(args.alpha), "--max-examples",
                str(args.max_examples), "--batch-size", str(args.certify_batch_size), "--executor", args.executor]
     for seed in seeds:
@@ -256,7 +275,7 @@ def _compare(args) -> int:
                                       *given_flags(args, _recipe_flags), *common])
             run_subcommand(register, ["defense", "certify", "--method", method, "--seed", str(seed), "--out", folder,
                                       *certify, *common])
-    args.root, args.runs, args.markdown, args.plot = str(out), None, None, None
+    args.runs, args.markdown, args.plot = None, None, None
     return _report(args)
 
 
@@ -281,6 +300,7 @@ def _common(p: argparse.ArgumentParser, *, classifier_default: str | None, data_
                              + ("" if data_default else "; default: the run's"))
     images.add_argument("--dataset", dest="data", choices=DATASETS,
                         help="an example dataset (offline), short for --data NAME")
+    add_timeout(p, 60.0, "classifier call")
     add_json(p)
     add_quiet(p)
 
@@ -335,6 +355,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--sigma", type=float, default=d.sigma, help="noise level (0.12, 0.25, 0.5)")
     _recipe_flags(train)
     train.add_argument("--seed", type=int, default=d.seed, help="seeds init, noise, masks and batches")
+    add_max_queries(train, "oracle queries (the stability stage's, plus the clean labels' and ZO-GraSP's)")
     add_executor(train, "zo-ds's stability queries")
     add_run_folder(train)
     train.set_defaults(func=_train)
@@ -353,13 +374,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     cert.set_defaults(func=_certify)
 
     rep = add_command(sub, "report", "certified accuracy at r = 0, 0.25, 0.5, 0.75 per method, plus plots")
-    rep.add_argument("--root", default="runs/defense",
-                     help="folder whose */certify.json runs are reported; a folder of seed-S/ folders (one "
-                          "comparison per seed) is reported per seed and pooled")
-    rep.add_argument("--runs", nargs="*", default=None, help="explicit run folders instead of --root/*")
+    rep.add_argument("--out", default="runs/defense",
+                     help="folder whose */certify.json runs are reported, and where report.md and "
+                          "certified_accuracy.png go; a folder of seed-S/ folders (one comparison per seed) is "
+                          "reported per seed and pooled")
+    add_deprecated_alias(rep, "--root", "--out", "out")
+    rep.add_argument("--runs", nargs="*", default=None, help="explicit run folders instead of OUT/*")
     add_json(rep)
-    rep.add_argument("--markdown", default=None, help="markdown output (default <root>/report.md)")
-    rep.add_argument("--plot", default=None, help="plot output (default <root>/certified_accuracy.png)")
+    rep.add_argument("--markdown", default=None, help="markdown output (default OUT/report.md)")
+    rep.add_argument("--plot", default=None, help="plot output (default OUT/certified_accuracy.png)")
     rep.set_defaults(func=_report)
 
     cmp_ = add_command(sub, "compare", "train and certify several methods over several seeds, then report "

@@ -92,7 +92,7 @@ class Decoder(nn.Module):
 
 def channels_last_runner(model: nn.Module):
     """``x [N, C, H, W] -> model(x)`` on a channels-last copy of ``model`` (``model`` is left as
-    it is): small convolutions run 1.6-1.75x faster on a CPU that way, with equal values up to
+    it is): small convolutions run faster on a CPU that way, with equal values up to
     float rounding. The answer comes back in the usual layout. Only for models whose layers take
     any memory layout (a ``.view`` on activations does not)."""
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)

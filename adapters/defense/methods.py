@@ -13,9 +13,9 @@ How the ``stab`` gradient is obtained is what distinguishes the methods:
 - ``zo-ds`` (DeepZero): sparse CGE over the denoiser's weights, through the black box only;
   layer-wise sparsity ratios from ZO-GraSP, random coordinates redrawn every few epochs;
 - ``zo-ae-ds``: denoiser ``D`` + encoder ``E`` -> latent ``z`` -> frozen pre-trained decoder
-  ``Dec`` -> black box. Plain CGE with central differences on :class:`LatentOracle` estimates
+  ``Dec`` -> black box. Plain CGE with central differences on ``LatentOracle`` estimates
   ``dL/dz`` (2 x latent queries per image), autograd carries it back through ``E`` and ``D``
-  (the engine's ``ChainRule`` estimator on a :class:`ZOAEOracle`).
+  (the engine's ``ChainRule`` estimator on a ``ZOAEOracle``).
 
 Every stage (autoencoder pre-training, MSE pre-training, the stability objective) is one run
 of the engine's ``Trainer`` in its own folder, with fresh noise every epoch.
@@ -94,7 +94,7 @@ class DefenseConfig:
         ae_epochs: ZO-AE-DS autoencoder pre-training epochs (clean images, FO).
         batch_size, lr: Adam recipe shared by all methods.
         width, depth: denoiser size.
-        latent: ZO-AE-DS latent size (None: :func:`default_latent`).
+        latent: ZO-AE-DS latent size (None: ``default_latent``).
         sparsity: ZO-DS gradient sparsity (share of denoiser coordinates not queried per step).
         pruner: "zo-grasp" (DeepZero) or "uniform" layer-wise ratios for ZO-DS.
         redraw_every: epochs between ZO-DS mask redraws.
@@ -226,7 +226,7 @@ class ZOAEOracle(LearnerOracle):
     only queried.
 
     Its gradient is found through the latent (the engine's ``ChainRule`` estimator):
-    ``latent(theta)`` is a :class:`LatentOracle` at ``z = learner(x)`` that counts on this
+    ``latent(theta)`` is a ``LatentOracle`` at ``z = learner(x)`` that counts on this
     oracle's ledger, and ``pullback(g_z)`` is ``(dz/dtheta)^T g_z`` by autograd through the
     learner only.
 
@@ -290,7 +290,7 @@ class ZOAEOracle(LearnerOracle):
 def build_front(config: DefenseConfig, image_shape: tuple[int, ...]) -> nn.Module:
     """The white-box module placed before the classifier, ``[B, C, H, W] -> [B, C, H, W]``.
 
-    ``fo-ds`` / ``zo-ds``: a :class:`Denoiser`; ``zo-ae-ds``: ``Sequential(denoiser, encoder,
+    ``fo-ds`` / ``zo-ds``: a ``Denoiser``; ``zo-ae-ds``: ``Sequential(denoiser, encoder,
     decoder)`` (named ``denoiser``, ``encoder``, ``decoder``).
     ZO-AE-DS needs even image sides (the decoder up-samples by 2).
     """
@@ -352,11 +352,12 @@ class NoisyBatches(TensorBatches):
 
 def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *, data=None,
                   whitebox: nn.Module | None = None, classifier_info: dict | None = None,
-                  restart: bool = False, progress: bool = True, executor=None) -> dict:
+                  restart: bool = False, progress: bool | None = None, executor=None,
+                  max_queries: int | None = None) -> dict:
     """Train the front for ``config.method`` against ``blackbox`` and save it under ``out``.
 
     Args:
-        config: the run's :class:`DefenseConfig`.
+        config: the run's ``DefenseConfig``.
         blackbox: the classifier, only queried: ``images [N, C, H, W] -> scores [N, classes]``.
         out: run folder: ``front.pt``, ``run.json`` and one Trainer folder per stage (``ae/``,
             ``mse/``, ``stab/``); rerunning resumes every stage from its checkpoint (more epochs
@@ -373,6 +374,10 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
             is the same on every executor; the black box then answers on the executor's workers,
             so ``blackbox_images`` counts the images of those queries (the bound batch per query)
             rather than the rows the workers actually sent.
+        max_queries: the query budget (counted as ``queries`` below, over every run of ``out``):
+            the stability stage stops before a step would exceed it, its checkpoint is kept and
+            the returned dict's ``stopped_reason`` says so (then no ``front.pt`` / ``run.json`` is
+            written: the front is unfinished). A later call with a larger budget continues.
     Returns:
         the ``run.json`` dict: config, ``queries`` (oracle queries of the black-box stage plus
         ZO-GraSP and clean-label queries), ``blackbox_images``, seconds, the accuracy of
@@ -419,7 +424,8 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
     box = CountingBlackBox(blackbox)
     started = time.perf_counter()
 
-    def stage(name, oracle, estimator, learner, targets, epochs, salt, *, noise=True, masks=None, callbacks=()):
+    def stage(name, oracle, estimator, learner, targets, epochs, salt, *, noise=True, masks=None, callbacks=(),
+              budget=None):
         trainer = Trainer(oracle, estimator, torch.optim.Adam(learner.parameters(), lr=config.lr),
                           mask_schedule=masks, callbacks=callbacks, out_dir=out / name,
                           settings={"stage": name, **settings}, seed=config.seed, progress=progress,
@@ -427,7 +433,7 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         batches = (NoisyBatches(x, targets, sigma=config.sigma, seed=config.seed + 7919 * salt,
                                 batch_size=config.batch_size) if noise
                    else TensorBatches(x, targets, batch_size=config.batch_size, seed=config.seed))
-        trainer.fit(batches, epochs=epochs)
+        trainer.fit(batches, epochs=epochs, max_queries=budget)
         return trainer
 
     if config.method == "zo-ae-ds":
@@ -479,9 +485,17 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
             oracle = ZOAEOracle(learner, front.decoder, box)
             estimator = ChainRule(CGE(mu=config.mu, difference="central"))
         ledger_cb = _Ledger(stab_dir / "ledger.json", box, extra_queries, prior_images, fanned=fanned)
+        budget = None if max_queries is None else max(0, int(max_queries) - extra_queries)
         trainer = stage("stab", parallelize(oracle, executor), estimator, learner, y, config.epochs, 2, masks=masks,
-                        callbacks=[ledger_cb])
-        stab_queries, prior_images = trainer.oracle.queries, prior_images + ledger_cb.fanned_images
+                        callbacks=[ledger_cb], budget=budget)
+        if trainer.stopped_reason is not None:
+            for name in ("run.json", "front.pt"):  # an unfinished front is never certified by mistake
+                (out / name).unlink(missing_ok=True)
+            reason = (f"query budget of {max_queries} reached" if "query budget" in trainer.stopped_reason
+                      else trainer.stopped_reason)
+            return {"method": config.method, "stopped_reason": reason, "step": trainer.step,
+                    "queries": int(trainer.oracle.queries + extra_queries)}
+        stab_queries, prior_images = trainer.oracle.queries, ledger_cb.prior + ledger_cb.fanned_images
 
     front.eval()
     save_torch(front.state_dict(), out / "front.pt")
@@ -498,6 +512,7 @@ def train_defense(config: DefenseConfig, blackbox: Callable, out: str | Path, *,
         "pipeline_clean_accuracy": acc,
         "data_sha256": data_sha256,
         "classifier": classifier_info or {"spec": config.classifier},
+        "stopped_reason": None,
     }
     write_json(out / "run.json", info)
     return info
@@ -526,6 +541,15 @@ class _Ledger(Callback):
         self._queries = metrics["queries"]
         write_json(self.path, {"extra_queries": self.extra,
                                "blackbox_images": self.prior + self.box.rows + self.fanned_images})
+
+    def state_dict(self) -> dict:
+        """What was spent up to the checkpoint (a stop between evaluations resumes from there)."""
+        return {"queries": self._queries, "blackbox_images": self.prior + self.box.rows + self.fanned_images}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue counting from a checkpoint's totals (they replace ``ledger.json``'s)."""
+        self._queries = state["queries"]
+        self.prior = int(state["blackbox_images"]) - self.box.rows - self.fanned_images
 
 
 def _zo_ds_masks(oracle: ModuleOracle, x, y, config: DefenseConfig, path: Path,
@@ -568,7 +592,7 @@ def smoothed_pipeline(front: nn.Module | None, blackbox: Callable) -> LocalBlack
     """The base classifier that is smoothed: ``x [N, C, H, W] -> f(front(x)) [N, classes]``.
 
     ``front`` runs locally (white box, no grad) on a channels-last copy, whose convolutions run
-    about 1.7x faster on a CPU (equal values up to float rounding); ``f`` is only queried and
+    faster on a CPU (equal values up to float rounding); ``f`` is only queried and
     gets ``front(x)`` in the usual layout. ``None`` = no denoiser.
     """
     run = channels_last_runner(front) if front is not None else None
@@ -582,15 +606,15 @@ def smoothed_pipeline(front: nn.Module | None, blackbox: Callable) -> LocalBlack
 
 def certify_front(front: nn.Module | None, blackbox: Callable, data, sigma: float, *, n0: int = 100,
                   n: int = 100_000, alpha: float = 0.001, max_examples: int = 100, batch_size: int = 1000,
-                  seed: int = 0, log_path: str | Path | None = None, progress: bool = True,
+                  seed: int = 0, log_path: str | Path | None = None, progress: bool | None = None,
                   resume: bool = False, settings: dict | None = None, executor=None) -> CertifyRun:
     """CERTIFY the first ``max_examples`` test images through ``f(front(x + noise))``.
 
     ``data``: images with ``x_test [N, C, H, W]``, ``y_test [N]`` and ``classes`` (a ``Dataset``),
-    or a ``--data`` value. Returns the :class:`CertifyRun` (rows, queries = noisy samples,
+    or a ``--data`` value. Returns the ``CertifyRun`` (rows, queries = noisy samples,
     samples/s); the per-example log goes to ``log_path``. ``resume``, ``settings`` and
     ``executor`` (where the images are certified, the same rows anywhere) are
-    :func:`certify_dataset`'s; the data's fingerprint is always among the settings.
+    ``certify_dataset``'s; the data's fingerprint is always among the settings.
     """
     from deepzero_oracle.apps.datasets import data_fingerprint, load_data
 

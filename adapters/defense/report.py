@@ -12,6 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
+from deepzero_oracle.extras import require
 from deepzero_oracle.stats import paired_sign_test, proportion_interval
 
 from .certify_log import read_log
@@ -106,7 +107,7 @@ def summary_markdown(table: dict, radii) -> str:
 
 def plot_with_bands(logs: Mapping[str, object], path, *, max_radius: float | None = None) -> None:
     """Certified accuracy against radius per method, with a 95% Clopper-Pearson band."""
-    from matplotlib.figure import Figure
+    Figure = require("apps", "matplotlib.figure", feature="plotting").Figure
 
     rows_by = {name: _rows(log) for name, log in logs.items()}
     top = max_radius or max((max((float(r["radius"]) for r in rows), default=0.0) for rows in rows_by.values()),

@@ -3,7 +3,7 @@
 The smoothed classifier ``g(x) = argmax_c P(f(x + eps) = c)``, ``eps ~ N(0, sigma^2 I)``, is
 estimated by Monte Carlo. ``f`` is a *black box*: it is only ever queried with noisy inputs, one
 noisy sample = one query, and its outputs are reduced to labels (argmax of scores, or labels
-as returned). :class:`Smooth` follows the paper's pseudo-code:
+as returned). ``Smooth`` follows the paper's pseudo-code:
 
 - ``CERTIFY``: ``n0`` samples pick the top class ``cA``; ``n`` fresh samples count ``nA``; the
   one-sided Clopper-Pearson bound ``pA_lower = Beta.ppf(alpha; nA, n - nA + 1)``; abstain if
@@ -190,7 +190,7 @@ class Smooth:
     Args:
         classifier: the black box ``f(inputs [N, *x.shape]) -> [N, num_classes]`` scores or
             logits (argmax taken) or ``[N]`` integer labels; torch tensors or NumPy arrays.
-            A :class:`~deepzero_oracle.blackbox.LocalBlackBox` (or anything following the
+            A ``LocalBlackBox`` (or anything following the
             black-box contract and returning one row per input) is used as is; any other
             callable is wrapped in one.
         num_classes: number of classes, ``>= 2``.
@@ -250,7 +250,7 @@ class Smooth:
             generator: ``torch.Generator``, an int seed, or ``None`` (global RNG). The result is
                 deterministic for a given seed, ``batch_size`` and black box.
         Returns:
-            :class:`Certificate` ``(prediction, radius)``; ``(ABSTAIN, 0.0)`` when abstaining.
+            ``Certificate`` ``(prediction, radius)``; ``(ABSTAIN, 0.0)`` when abstaining.
             Exactly ``n0 + n`` queries are spent.
         """
         n0 = check_count("n0", n0)

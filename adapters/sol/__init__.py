@@ -3,6 +3,7 @@ installed as ``deepzero_oracle.adapters.sol``: bring your own solver and traject
 built-in scenario.
 
 Modules (the names below are also importable from this package; modules load on first use):
+
 - ``trajectories``: the data format (`Trajectories`, `load_trajectories`, `save_trajectories`).
 - ``solver``: `Solver` (a source solver behind any black-box spec, probed once), `open_solver`.
 - ``data``: `SOLConfig` (the training recipe), `prepare_data` -> `SOLData` (NON pairs, corrector inputs).

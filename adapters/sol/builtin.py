@@ -46,7 +46,7 @@ def builtin_scenario(scenario: str, size: str):
 
 def generate_trajectories(scenario: str = "burgers", size: str = "small", *, n_train: int = 16, n_test: int = 16,
                           train_steps: int = 32, test_steps: int = 64, seed: int = 0, cache_dir=None,
-                          progress: bool = False) -> Trajectories:
+                          progress: bool | None = False) -> Trajectories:
     """Seeded cases and down-sampled reference trajectories of a built-in scenario.
 
     Args:

@@ -18,10 +18,13 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_quiet, add_run_folder, given_flags,
-                                          int_list, run_subcommand, steps_count)
+from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_max_queries, add_quiet,
+                                          add_run_folder, add_timeout, budget_message, given_flags, int_list,
+                                          progress_flags, progress_of, run_subcommand, steps_count)
+from deepzero_oracle.errors import EXIT_BUDGET
 from deepzero_oracle.atomic import write_json
 
 __all__ = ["register", "report", "run_method", "write_config"]
@@ -30,8 +33,8 @@ TRAJECTORIES = "trajectories.npz"  # what `sol generate` writes into --out
 _REPORT_FILES = ("report.md", "report.json", "error_over_time.png", "snapshot.png")
 
 
-def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = True, restart: bool = False,
-               executor=None) -> dict:
+def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool | None = None, restart: bool = False,
+               executor=None, max_queries: int | None = None) -> dict:
     """Train (if needed) and evaluate one method of a comparison; writes ``<out>/<method>/eval.json``.
 
     Args:
@@ -40,9 +43,10 @@ def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = 
         solver: a `Solver` (or a plain callable): rolls out evaluation, computes NON's pairs (cached in
             ``<out>/data``), answers ZO-SOL's queries and gives FO-SOL its torch step.
         executor: where ZO-SOL's queries run (``open_executor``); None: here.
+        max_queries: the training's query budget (`train_method`); a run it stops is not evaluated.
     Returns:
         ``{"method", "mae_mean", "mae_std", "queries", "solver_calls", "seconds", "steps", "mae_per_sim",
-        "mae_over_time", "diverged"}``.
+        "mae_over_time", "diverged"}``, or `train_method`'s summary when ``stopped_reason`` is set.
     """
     from deepzero_oracle.adapters.sol.data import prepare_data
     from deepzero_oracle.adapters.sol.methods import train_method
@@ -50,7 +54,9 @@ def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool = 
     run = Path(out) / method
     data = None if method == "src" else prepare_data(trajectories, solver, cache_dir=Path(out) / "data")
     summary = train_method(cfg, method, data, run, solver=solver, progress=progress, restart=restart,
-                           executor=executor)
+                           executor=executor, max_queries=max_queries)
+    if summary.get("stopped_reason"):
+        return summary
     return _evaluate(cfg, method, trajectories, solver, run, summary)
 
 
@@ -148,7 +154,7 @@ def _generate(args) -> int:
                              "--out, or --restart to start this comparison over")
         traj = load_trajectories(path)
     else:
-        traj = generate_trajectories(**wanted, cache_dir=out / "data", progress=not args.quiet)
+        traj = generate_trajectories(**wanted, cache_dir=out / "data", progress=progress_of(args))
         traj.save(path)
     info = {**{k: wanted[k] for k in ("scenario", "size")}, "train_states": list(traj.train_states.shape),
             "test_states": list(traj.test_states.shape), "data": str(path)}
@@ -189,8 +195,14 @@ def _train(args) -> int:
             if not args.restart:
                 check_resumable(cfg, args.method, traj, solver, out / args.method)
         write_config(out, cfg, traj, path)
-        r = run_method(cfg, args.method, out, traj, solver, progress=not args.quiet, restart=args.restart,
-                       executor=pool)
+        r = run_method(cfg, args.method, out, traj, solver, progress=progress_of(args), restart=args.restart,
+                       executor=pool, max_queries=args.max_queries)
+    if r.get("stopped_reason"):
+        if args.json:
+            print(json.dumps({k: r[k] for k in ("method", "step", "oracle_queries", "stopped_reason")}))
+        print(budget_message("sol train", r["stopped_reason"], r["oracle_queries"], out / args.method),
+              file=sys.stderr)
+        return EXIT_BUDGET
     _print_result(args, traj.label, r, "train")
     return 0
 
@@ -252,7 +264,7 @@ def _compare(args) -> int:
     if bad:
         raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     out = Path(args.out)
-    common = [*(["--quiet"] if args.quiet else []), *(["--restart"] if args.restart else [])]
+    common = [*progress_flags(args), *(["--restart"] if args.restart else [])]
     recipe = given_flags(args, _recipe_flags)
     folders = {}
     for seed in seeds:
@@ -287,7 +299,7 @@ def _solver_flags(p, what: str, default: str) -> None:
     p.add_argument("--solver", default=None, metavar="SPEC",
                    help=f"the source solver f(state [N, C, H, W], params [N, K]) -> [N, C, H, W] that {what}: "
                         f"{', '.join(SPEC_FORMS)} (default: {default})")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a remote solver call may take")
+    add_timeout(p, 120.0, "solver call")
 
 
 def _scenario_flags(p) -> None:
@@ -364,6 +376,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                   "the built-in scenario's in-process step, for data from `sol generate`")
     _recipe_flags(train)
     train.add_argument("--seed", type=int, default=None, help=f"seeds the corrector init and windows (default {d.seed})")
+    add_max_queries(train, "oracle queries (one per loss evaluated: ZO-SOL's perturbed rollouts through the "
+                           "solver; NON and FO-SOL one per step)")
     add_executor(train, "ZO-SOL's queries (each step's rollouts split into one block per worker)")
     add_json(train)
     add_quiet(train)

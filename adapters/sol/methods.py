@@ -98,11 +98,12 @@ def training_windows(data: SOLData, *, unroll: int, batch_size: int,
 
 
 def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solver,
-                   progress: bool = True, executor=None) -> tuple[Trainer, SampledBatches]:
+                   progress: bool | None = None, executor=None) -> tuple[Trainer, SampledBatches]:
     """The ``Trainer`` and the window source of one trained method (``non``, ``fo-sol``, ``zo-sol``).
 
     Args:
-        cfg, data: the comparison's recipe and data (`prepare_data`).
+        cfg: the comparison's recipe.
+        data: the comparison's data (`prepare_data`).
         run_dir: the method's folder (checkpoint, logs).
         solver: a `Solver` (or a plain callable): ZO-SOL's black box, FO-SOL's torch step.
         executor: where ZO-SOL's queries run (``open_executor``; None: here). Each step's
@@ -175,17 +176,24 @@ def check_resumable(cfg: SOLConfig, method: str, trajectories: Trajectories, sol
 
 
 def train_method(cfg: SOLConfig, method: str, data: SOLData | None, run_dir, *, solver,
-                 progress: bool = True, restart: bool = False, executor=None) -> dict:
+                 progress: bool | None = None, restart: bool = False, executor=None,
+                 max_queries: int | None = None) -> dict:
     """Train one method's corrector (``src`` trains nothing, and needs no data); resumes from ``run_dir``.
 
     Args:
-        cfg, data: recipe and `SOLData`; run_dir: the method's folder.
+        cfg: the recipe.
+        data: the `SOLData`.
+        run_dir: the method's folder.
         solver: a `Solver` (or a plain callable ``f(state, params)``).
         restart: start over instead of continuing a checkpoint in ``run_dir``.
         executor: where ZO-SOL's queries run (`method_trainer`); None: here.
+        max_queries: stop before the method's oracle queries (all runs of ``run_dir`` together)
+            would exceed it; the checkpoint is kept and ``stopped_reason`` says so. A later call
+            with a larger budget continues the run.
     Returns:
         ``{"method", "solver" (its spec), "step", "queries" (of the black-box solver: ZO-SOL only),
-        "solver_calls", "seconds", "history": [loss per step]}``; also written to ``run_dir/train.json``.
+        "solver_calls", "seconds", "history": [loss per step], "stopped_reason" (None when
+        training finished), "oracle_queries" (what ``max_queries`` counts)}``; also written to ``run_dir/train.json``.
     Raises:
         TrainingDiverged: the rollout became non-finite; the last good checkpoint stays in run_dir.
     """
@@ -195,17 +203,19 @@ def train_method(cfg: SOLConfig, method: str, data: SOLData | None, run_dir, *, 
     run_dir = Path(run_dir)
     solver = Solver.of(solver)
     if method == "src":
-        summary = {"method": method, "step": 0, "queries": 0, "solver_calls": 0, "seconds": 0.0, "history": []}
+        summary = {"method": method, "step": 0, "queries": 0, "solver_calls": 0, "seconds": 0.0, "history": [],
+                   "stopped_reason": None}
     else:
         trainer, windows = method_trainer(cfg, method, data, run_dir, solver=solver, progress=progress,
                                           executor=executor)
-        trainer.fit(windows, max_steps=cfg.steps, resume=not restart)
+        trainer.fit(windows, max_steps=cfg.steps, max_queries=max_queries, resume=not restart)
         # queries of the black-box solver: NON and FO-SOL evaluate their loss in process (by
         # autograd, one engine query per step) and never query the black box
         black_box = trainer.oracle.solver is not None
         summary = {"method": method, "step": trainer.step, "queries": trainer.oracle.queries if black_box else 0,
                    "solver_calls": trainer.oracle.solver_calls, "seconds": trainer.seconds,
-                   "history": step_losses(run_dir)}
+                   "history": step_losses(run_dir), "stopped_reason": trainer.stopped_reason,
+                   "oracle_queries": trainer.oracle.queries}
     summary["solver"] = solver.spec
     write_json(run_dir / "train.json", summary, indent=1)
     return summary

@@ -136,7 +136,7 @@ class SOLOracle(LearnerOracle):
             return unroll(step, lambda s: corrections(self.learner, s, pf, weights), start.expand(P, *start.shape),
                           targets, first)
 
-    def evaluate_gradient(self, theta: torch.Tensor):
+    def evaluate_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, params, pf, targets, first = self._windows()
         theta = theta.clone().requires_grad_(True)
         p = torch.as_tensor(params)

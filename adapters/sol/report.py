@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.extras import require
 from deepzero_oracle.stats import mean_interval, paired_wilcoxon
 
 from .methods import METHODS
@@ -171,7 +172,7 @@ def pooled_report(root, seed_dirs: dict[int, Path], *, train_steps: int | None =
 
 def plot_errors(errors: dict[str, np.ndarray], path) -> None:
     """MAE against time step per method: the mean over simulations with a 95% t band."""
-    from matplotlib.figure import Figure
+    Figure = require("apps", "matplotlib.figure", feature="plotting").Figure
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -189,7 +190,7 @@ def plot_errors(errors: dict[str, np.ndarray], path) -> None:
 
 def plot_snapshot(out: Path) -> None:
     """Reference, source and corrected state of test simulation 0 at the last step."""
-    from matplotlib.figure import Figure
+    Figure = require("apps", "matplotlib.figure", feature="plotting").Figure
 
     best = next((m for m in ("zo-sol", "fo-sol", "non") if (out / m / "snapshot.npz").exists()), None)
     if best is None:

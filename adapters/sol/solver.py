@@ -10,7 +10,7 @@ version with a gradient path when there is one (`Solver.gradient_step`).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ class Solver:
         """``solver`` if it is a `Solver`, else a plain callable wrapped as one (also its torch step)."""
         return solver if isinstance(solver, Solver) else cls(solver, torch_step=solver)
 
-    def __call__(self, *inputs):
+    def __call__(self, *inputs) -> np.ndarray | torch.Tensor:
         return self.box(*inputs)
 
     def probe(self, trajectories: Trajectories) -> None:
@@ -167,7 +167,8 @@ def builtin_solver(trajectories: Trajectories) -> Solver:
 
 
 @contextlib.contextmanager
-def open_solver(spec: str | None, trajectories: Trajectories, *, timeout: float = 120.0, probe: bool = True):
+def open_solver(spec: str | None, trajectories: Trajectories, *, timeout: float = 120.0,
+                probe: bool = True) -> Iterator[Solver]:
     """The `Solver` a ``--solver`` value names, probed once on ``trajectories`` (closed on exit).
 
     Args:

@@ -2,13 +2,14 @@
 
 Every SOL comparison reads its data from this format, whoever produced it: ``sol generate``
 writes it for the built-in scenarios, a user writes it for their own solver (`save_trajectories`
-or `Trajectories.save`). Format ``deepzero-oracle/sol-trajectories``, version 1; keys:
+or `Trajectories.save`), or plain ``numpy.savez`` with just the arrays. Format
+``deepzero-oracle/sol-trajectories``, version 1; keys:
 
 =====================  ==========================  =================================================
 key                    shape                       meaning
 =====================  ==========================  =================================================
-``format``             scalar string               ``"deepzero-oracle/sol-trajectories"``
-``format_version``     scalar int                  ``1``
+``format``             scalar string (optional)    ``"deepzero-oracle/sol-trajectories"``
+``format_version``     scalar int (optional)       ``1``; a file without it is read as version 1
 ``train_states``       ``[S, T+1, C, H, W]``       reference trajectories on the source grid
 ``test_states``        ``[S', T'+1, C, H, W]``     held-out trajectories (the test metric)
 ``train_params``       ``[S, K]`` (optional)       per-simulation physical parameters: sent to the
@@ -24,6 +25,11 @@ key                    shape                       meaning
                                                    circularly), and anything else (built-ins add
                                                    ``scenario`` and ``size``)
 =====================  ==========================  =================================================
+
+A file made by hand needs only ``train_states`` and ``test_states`` (plus the optional arrays):
+``np.savez("mine.npz", train_states=..., test_states=..., train_params=..., test_params=...)``.
+``save_trajectories`` also writes ``format`` and ``format_version``, so that a later version of
+the format is refused with a clear message rather than misread.
 
 States are float64 (any real dtype is accepted and converted), finite, and ``states[:, t+1]`` is the
 reference one solver step of ``dt`` after ``states[:, t]``. With K = 0 (no params) the solver receives
@@ -49,7 +55,7 @@ FORMAT_VERSION = 1
 _ARRAYS = ("train_states", "test_states", "train_params", "test_params", "train_fields", "test_fields",
            "correction_mask")
 _KEYS = ("format", "format_version", "metadata", *_ARRAYS)
-_REQUIRED = ("format", "format_version", "train_states", "test_states")
+_REQUIRED = ("train_states", "test_states")
 _SHAPES = {"train_states": "[S, T+1, C, H, W]", "test_states": "[S', T'+1, C, H, W]", "train_params": "[S, K]",
            "test_params": "[S', K]", "train_fields": "[S, F, H, W]", "test_fields": "[S', F, H, W]",
            "correction_mask": "[C, H, W]"}
@@ -190,7 +196,8 @@ def load_trajectories(path, *, unroll: int | None = None) -> Trajectories:
         `Trajectories`.
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an ``.npz``, not this format or a newer version, missing or unknown keys,
+        ValueError: not an ``.npz``, another ``format`` or a newer ``format_version`` (both keys are
+            optional: without them the file is read as version 1), missing or unknown keys,
             wrong ranks, NaN/Inf, S mismatch between states and params, C/H/W, K or F mismatch between
             train and test, trajectories too short for ``unroll``. Each message names the key.
     """
@@ -206,17 +213,15 @@ def load_trajectories(path, *, unroll: int | None = None) -> Trajectories:
                          f"numpy.savez or save_trajectories()") from None
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
-        hint = (" (format and format_version mark a file made for this reader: use save_trajectories(), or "
-                f"add format={FORMAT!r}, format_version={FORMAT_VERSION})" if "format" in missing else "")
-        raise ValueError(f"{path}: missing key(s) {missing}{hint}; a SOL trajectories file holds "
+        raise ValueError(f"{path}: missing key(s) {missing}; a SOL trajectories file holds "
                          f"{list(_REQUIRED)} and optionally {[k for k in _KEYS if k not in _REQUIRED]}")
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; the format's keys are {list(_KEYS)}")
-    if str(raw["format"]) != FORMAT:
-        raise ValueError(f"{path}: format is {str(raw['format'])!r}, expected {FORMAT!r}")
-    try:
-        version = int(raw["format_version"])
+    if "format" in raw and str(raw["format"]) != FORMAT:
+        raise ValueError(f"{path}: format is {str(raw['format'])!r}, expected {FORMAT!r} (or leave the key out)")
+    try:  # a file made by hand, without the key, is version 1: the arrays are all it needs
+        version = int(raw["format_version"]) if "format_version" in raw else FORMAT_VERSION
     except (TypeError, ValueError):
         raise ValueError(f"{path}: format_version must be an integer, got {raw['format_version']!r}") from None
     if version != FORMAT_VERSION:

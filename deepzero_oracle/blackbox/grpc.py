@@ -1,5 +1,5 @@
 """A black box behind any KServe v2 gRPC server: ``deepzero-oracle serve`` (or
-:func:`deepzero_oracle.server.serve_blackbox`), MLServer, Triton, KServe.
+``deepzero_oracle.server.serve_blackbox``), MLServer, Triton, KServe.
 
     box = GrpcBlackBox("127.0.0.1:50051", timeout=10)
     y = box(x)                         # x [N, ...] -> y [N, ...], like LocalBlackBox
@@ -16,9 +16,9 @@ batches) are retried on UNAVAILABLE by gRPC itself through a service-config retr
 streams are not retried. Given several addresses (replicas of one model), the channel
 balances calls round-robin over the healthy ones, and an idempotent call that meets a dead
 or stalled replica is sent again to another (the channel is
-:class:`~deepzero_oracle.blackbox.transport.GrpcTransport`). Black boxes pickle and
+``GrpcTransport``). Black boxes pickle and
 reconnect on first use, so they can travel to process pools and Dask workers. Failures raise
-:class:`~deepzero_oracle.blackbox.errors.BlackBoxRemoteError` subclasses, which are
+``BlackBoxRemoteError`` subclasses, which are
 ``BlackBoxError`` like every black box's errors.
 """
 
@@ -41,6 +41,7 @@ from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
     ORACLE_SERVICE,
     WireError,
+    check_timeout,
     datatype_of,
     decode_raw,
     decode_typed,
@@ -101,7 +102,7 @@ def metadata_dict(md: pb.ModelMetadataResponse) -> dict:
 class GrpcBlackBox(RemoteBlackBox):
     """A black box behind a KServe v2 gRPC server: ``box(*inputs [N, ...]) -> [N, ...]``.
 
-    Behaves like :class:`~deepzero_oracle.blackbox.LocalBlackBox`: same call, a torch tensor
+    Behaves like ``LocalBlackBox``: same call, a torch tensor
     back (a tuple for several outputs), ``BlackBoxError`` subclasses on failure. Inputs are
     sent under the names the model's metadata declares, matched by position.
 
@@ -110,7 +111,14 @@ class GrpcBlackBox(RemoteBlackBox):
             balanced over them; see GrpcTransport).
         model: model name ("" = our server's only model; other servers need the name).
         timeout: deadline of every call, in seconds (each chunk of a large call gets its own).
-        token, tls, tls_server_name, max_message_mb, retries, wait_for_ready: see GrpcTransport.
+        token: shared token sent as ``authorization: Bearer <token>`` (default:
+            $DEEPZERO_ORACLE_TOKEN).
+        tls: None/False for plaintext, True for TLS with system roots, or a CA certificate
+            (PEM path or bytes) to trust, e.g. a self-signed server certificate.
+        tls_server_name: expected name in the server certificate, if not the target host.
+        max_message_mb: message size limit, both directions.
+        retries: extra attempts on UNAVAILABLE for idempotent calls (0 disables, max 4).
+        wait_for_ready: wait (until the deadline) for an unreachable server instead of failing.
         max_batch_rows: most rows per message; larger calls are split and pipelined.
         max_inflight: chunks of one call in flight at once.
         stream_timeout: deadline of a whole ``stream()`` call, in seconds.
@@ -125,9 +133,9 @@ class GrpcBlackBox(RemoteBlackBox):
                                        max_message_mb=max_message_mb, retries=retries,
                                        wait_for_ready=wait_for_ready)
         self.target = self.transport.target
-        self.model, self.timeout = model, timeout
+        self.model, self.timeout = model, check_timeout(timeout)
         self.max_inflight = max(1, int(max_inflight))
-        self.stream_timeout = stream_timeout
+        self.stream_timeout = check_timeout(stream_timeout, "stream_timeout")
 
     # -- plumbing --------------------------------------------------------------------------
     @property
@@ -136,7 +144,7 @@ class GrpcBlackBox(RemoteBlackBox):
         return self.transport.targets
 
     def _kw(self, timeout: float | None = None) -> dict:
-        return dict(timeout=self.timeout if timeout is None else timeout,
+        return dict(timeout=self.timeout if timeout is None else check_timeout(timeout),
                     metadata=self.transport.metadata, wait_for_ready=self.transport.wait_for_ready)
 
     def _call(self, method: str, response_cls, request, service: str = KSERVE_SERVICE):
@@ -150,7 +158,7 @@ class GrpcBlackBox(RemoteBlackBox):
 
     def _pipelined(self, service: str, method: str, response_cls, requests: list) -> list:
         """Send idempotent requests with at most ``max_inflight`` outstanding; answers in order.
-        A failed one is sent again as :meth:`GrpcTransport.call` says (replicas)."""
+        A failed one is sent again as ``GrpcTransport.call`` says (replicas)."""
         rpc = self.transport.unary(service, method, response_cls)
         if len(requests) == 1 or self.max_inflight == 1:
             # Blocking calls: a future costs a helper thread per call in grpc's Python API.
@@ -343,7 +351,7 @@ class GrpcBlackBox(RemoteBlackBox):
         stub = health_pb2_grpc.HealthStub(self.transport.channel)
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=""),
-                              timeout=self.timeout if timeout is None else timeout,
+                              timeout=self.timeout if timeout is None else check_timeout(timeout),
                               metadata=self.transport.metadata)
         except grpc.RpcError:
             return False

@@ -18,8 +18,8 @@ import socket
 import ssl
 import time
 import urllib.parse
+from typing import TYPE_CHECKING
 
-import httpx
 import numpy as np
 
 from deepzero_oracle.blackbox.errors import remote_error, unreachable_replicas
@@ -29,11 +29,19 @@ from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
     WireError,
     bearer,
+    check_timeout,
     decode_json,
     json_tensor,
     resolve_token,
 )
 from deepzero_oracle.blackbox.remote import RemoteBlackBox
+from deepzero_oracle.extras import require
+
+if TYPE_CHECKING:
+    import httpx
+
+# the REST client is an extra; gRPC users never import httpx
+_REST_CLIENT = "the KServe v2 REST client (protocol='rest', kserve+http://)"
 
 
 _NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
@@ -74,7 +82,8 @@ class KServeBlackBox(RemoteBlackBox):
                          input_names=input_names)
         if protocol not in ("grpc", "rest"):
             raise ValueError(f"protocol must be 'grpc' or 'rest', got {protocol!r}")
-        self.protocol, self.model, self.version, self.timeout = protocol, model, version, timeout
+        self.protocol, self.model, self.version = protocol, model, version
+        self.timeout = check_timeout(timeout)
         self.output_names = list(output_names) if output_names is not None else None
         self.retries = max(0, int(retries))
         urls = [url] if isinstance(url, str) else list(url)
@@ -87,6 +96,7 @@ class KServeBlackBox(RemoteBlackBox):
                                            retries=retries, wait_for_ready=wait_for_ready)
             self.target = self.transport.target
         else:
+            require("rest", "httpx", feature=_REST_CLIENT)
             self.bases = [(u if "://" in u else "http://" + u).rstrip("/") for u in urls]
             self.base = self.bases[0]
             self.target = ",".join(self.bases)
@@ -104,6 +114,7 @@ class KServeBlackBox(RemoteBlackBox):
         """REST: one ``httpx.Client`` per address (opened on first use), whose connection pool keeps
         its connection alive between calls."""
         if self._clients is None:
+            httpx = require("rest", "httpx", feature=_REST_CLIENT)
             verify = ssl.create_default_context(cafile=self._cafile) if self._cafile else True
             # No Nagle delay: a request's headers and body are separate small writes, and waiting
             # for the server's delayed ACK between them costs ~40 ms per call.
@@ -120,7 +131,7 @@ class KServeBlackBox(RemoteBlackBox):
     def _grpc_call(self, method: str, request, response_cls, timeout: float | None = None):
         """One idempotent gRPC call, retried on other replicas (GrpcTransport.call)."""
         rpc = self.transport.unary(KSERVE_SERVICE, method, response_cls)
-        return self.transport.call(rpc, request, timeout=self.timeout if timeout is None else timeout,
+        return self.transport.call(rpc, request, timeout=self.timeout if timeout is None else check_timeout(timeout),
                                    context=f"{method}({self.model!r})")
 
     # -- metadata --------------------------------------------------------------------------
@@ -144,8 +155,11 @@ class KServeBlackBox(RemoteBlackBox):
                                        pb.ModelReadyResponse, timeout).ready
             except BlackBoxError:
                 return False
+        import httpx
+
         try:
-            r = self.http.get(self._model_path("/ready"), timeout=self.timeout if timeout is None else timeout)
+            r = self.http.get(self._model_path("/ready"),
+                              timeout=self.timeout if timeout is None else check_timeout(timeout))
         except httpx.HTTPError:
             return False
         return r.status_code == 200
@@ -206,6 +220,8 @@ class KServeBlackBox(RemoteBlackBox):
         With several addresses, calls rotate over them; a connection failure or a timeout is
         retried on the next address (a timeout at most once per address, each with the full
         ``timeout``)."""
+        import httpx
+
         replicas = len(self.bases) > 1
         deadline = time.monotonic() + self.timeout
         attempt, stalls = 0, 0
@@ -249,10 +265,12 @@ class KServeBlackBox(RemoteBlackBox):
         check; REST: ``GET /v2/health/live``)."""
         if self.protocol == "grpc":
             return self.transport.check_replicas(timeout)
+        import httpx
+
         problems = []
         for base, client in zip(self.bases, self.clients):
             try:
-                r = client.get("/v2/health/live", timeout=timeout)
+                r = client.get("/v2/health/live", timeout=check_timeout(timeout))
                 if r.status_code != 200:
                     problems.append(f"{base} (HTTP {r.status_code})")
             except httpx.HTTPError as e:

@@ -77,6 +77,62 @@ def read_pem(value: str | bytes | os.PathLike) -> bytes:
         return f.read()
 
 
+def pem_file(value: str | bytes | os.PathLike, path: str) -> str:
+    """A file path holding the PEM ``value``: ``value`` itself if it is a path, else ``path``
+    with the bytes written to it, private to this user (for APIs that only read files)."""
+    if not isinstance(value, bytes):
+        return os.fspath(value)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(value)
+    return path
+
+
+# Durations longer than this are treated as "no deadline" (a client's timeout is clamped to it;
+# a server sees a caller without a deadline as one with an effectively infinite one). gRPC
+# turns deadlines of ~1e10 s and more into already-passed ones, and Python's locks refuse
+# timeouts past the platform's time_t, so no duration above this reaches either.
+NO_DEADLINE_SECONDS = 30 * 86400.0
+
+
+def check_timeout(value, name: str = "timeout") -> float:
+    """A caller's timeout in seconds, checked: a positive number; None or anything above
+    :data:`NO_DEADLINE_SECONDS` (inf included) means "no deadline" and gives that cap.
+
+    Raises:
+        ValueError: zero, negative, NaN, or not a number (naming ``name``).
+    """
+    if value is None:
+        return NO_DEADLINE_SECONDS
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds (or None: no deadline), got {value!r}") from None
+    if not seconds > 0:  # also NaN
+        raise ValueError(f"{name} must be a positive number of seconds (or None: no deadline), got {value!r}")
+    return min(seconds, NO_DEADLINE_SECONDS)
+
+
+# gRPC's message size limits are C ints: 2 GiB and more does not fit.
+MAX_MESSAGE_MB = 2047.0
+
+
+def check_message_mb(value, name: str = "max_message_mb") -> float:
+    """A message size limit in MiB, checked: a number in (0, :data:`MAX_MESSAGE_MB`].
+
+    Raises:
+        ValueError: anything else (naming ``name``), e.g. 0, negative, NaN, inf, 4096.
+    """
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of MiB, got {value!r}") from None
+    if not 0 < mb <= MAX_MESSAGE_MB or mb * 2**20 < 1:
+        raise ValueError(f"{name} must be more than 0 and at most {MAX_MESSAGE_MB:.0f} MiB (gRPC's limit), "
+                         f"got {value!r}")
+    return mb
+
+
 def message_limit_options(max_bytes: int) -> list[tuple[str, int]]:
     """gRPC channel/server options that cap received and sent messages at ``max_bytes``."""
     return [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
@@ -128,11 +184,14 @@ _TYPED_FIELDS = tuple(sorted(set(TYPED_FIELD.values()))) + ("bytes_contents",)
 
 
 class WireError(ValueError):
-    """A tensor on the wire is malformed. ``code`` is the gRPC status name to answer with."""
+    """A tensor on the wire is malformed. ``code`` is the gRPC status name to answer with;
+    ``http`` the HTTP status when it is not the usual one for ``code`` (429 for a full queue,
+    where RESOURCE_EXHAUSTED otherwise means 413: a body over the limit)."""
 
-    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT", *, http: int | None = None):
         super().__init__(message)
         self.code = code
+        self.http = http
 
 
 def datatype_of(arr: np.ndarray) -> str:
@@ -163,16 +222,31 @@ def to_numpy(value, *, what: str = "input") -> np.ndarray:
 
 
 def check_shape(shape, name: str, *, batched: bool = True) -> tuple[int, ...]:
-    """Validate a wire shape: non-negative ints, and a leading batch dimension if ``batched``."""
+    """Validate a wire shape: non-negative ints, and a leading batch dimension if ``batched``.
+
+    Also refuses shapes no array can have (more than :data:`MAX_DIMS` dimensions, or a size
+    past NumPy's index range even when a zero dimension makes it empty), so such requests
+    are INVALID_ARGUMENT rather than a server error."""
     dims = tuple(int(d) for d in shape)
     if batched and len(dims) == 0:
         raise WireError(f"tensor {name!r}: shape [] has no batch dimension; send shape [N, ...]")
     if any(d < 0 for d in dims):
-        raise WireError(f"tensor {name!r}: shape {list(dims)} has a negative dimension")
+        raise WireError(f"tensor {name!r}: shape {list(dims)[:8]} has a negative dimension")
+    if len(dims) > MAX_DIMS:
+        raise WireError(f"tensor {name!r}: shape has {len(dims)} dimensions; at most {MAX_DIMS} are supported")
+    if _count(d or 1 for d in dims) > _MAX_ELEMENTS:  # NumPy checks the non-zero dimensions' product
+        raise WireError(f"tensor {name!r}: shape {list(dims)} needs more elements than any array can hold")
     return dims
 
 
-def _count(dims: tuple[int, ...]) -> int:
+# Most dimensions a wire tensor may have (NumPy's own limit is 32 or 64, by version).
+MAX_DIMS = 32
+# Largest element count of a shape (its non-zero dimensions): any dtype's byte size still fits
+# NumPy's index type.
+_MAX_ELEMENTS = np.iinfo(np.intp).max // 16
+
+
+def _count(dims) -> int:
     n = 1
     for d in dims:  # Python ints: a hostile shape cannot overflow the product
         n *= d
@@ -290,9 +364,20 @@ def decode_json(data, datatype: str, shape, name: str) -> np.ndarray:
         raise WireError(f"tensor {name!r}: values out of range for {datatype}: {e}") from None
 
 
-def json_tensor(name: str, arr: np.ndarray) -> dict:
-    """A REST JSON tensor ``{"name", "datatype", "shape", "data"}`` (flat row-major data)."""
-    return {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape), "data": arr.ravel().tolist()}
+def json_tensor(name: str, arr: np.ndarray, *, numpy: bool = False) -> dict:
+    """A REST JSON tensor ``{"name", "datatype", "shape", "data"}`` of ``arr [N, ...]``, with
+    flat row-major ``data`` of ``prod(shape)`` values: a list (any JSON encoder), or with
+    ``numpy=True`` a flat C-contiguous native-endian array for ``orjson.dumps(...,
+    option=orjson.OPT_SERIALIZE_NUMPY)``. Floats go as float64 there, so they print as the
+    same round-trip numbers as the list's Python floats (FP32 values stay exact)."""
+    flat = arr.ravel()
+    if not numpy:
+        data = flat.tolist()
+    elif flat.dtype.kind == "f":
+        data = np.ascontiguousarray(flat, dtype=np.float64)
+    else:
+        data = np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
+    return {"name": name, "datatype": datatype_of(arr), "shape": list(arr.shape), "data": data}
 
 
 def encode_raw(arr: np.ndarray) -> bytes:

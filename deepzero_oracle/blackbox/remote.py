@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deepzero_oracle.blackbox.protocol import WireError, datatype_of, to_numpy
+from deepzero_oracle.blackbox.protocol import WireError, check_message_mb, datatype_of, to_numpy
 from deepzero_oracle.blackbox.errors import BlackBoxInvalidArgument, BlackBoxResourceExhausted
 from deepzero_oracle.blackbox.local import BlackBoxError
 
@@ -33,7 +33,7 @@ class RemoteBlackBox:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
         self.max_batch_rows = int(max_batch_rows)
-        self.max_message_bytes = int(max_message_mb * 2**20)
+        self.max_message_bytes = int(check_message_mb(max_message_mb, "max_message_mb") * 2**20)
         self.input_names = list(input_names) if input_names is not None else None
         self._metadata: dict | None = None
         self.calls = 0

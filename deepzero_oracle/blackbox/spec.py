@@ -12,7 +12,7 @@ checked against the system's roots, or against the CA certificate (PEM) that
 
 Replicas of one remote black box are several specs joined by commas, all with the same scheme
 and model: ``grpc://h1:p1,grpc://h2:p2`` (calls are spread over them and a failed or stalled
-replica's call goes to another; see :mod:`deepzero_oracle.blackbox.grpc`).
+replica's call goes to another; see ``deepzero_oracle.blackbox.grpc``).
 
 ``open_blackbox(spec)`` returns the black box, a context manager that closes its connection.
 """
@@ -20,12 +20,15 @@ replica's call goes to another; see :mod:`deepzero_oracle.blackbox.grpc`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from deepzero_oracle.blackbox.local import LocalBlackBox
+from deepzero_oracle.blackbox.protocol import check_timeout
 
 SPEC_FORMS = ("grpc[s]://HOST:PORT[/MODEL]", "kserve[s]://HOST:PORT/MODEL", "kserve+http[s]://HOST:PORT/MODEL",
               "MODULE:FUNCTION")
@@ -117,23 +120,83 @@ def load_callable(spec: str) -> Callable | Mapping[str, Callable]:
     """Import ``MODULE:ATTR[.ATTR...]`` (the current directory is importable) and return it.
 
     The attribute may also be a dict ``{model_name: callable}`` (``serve`` serves every entry).
+
+    Raises:
+        ValueError: ``spec`` is not ``MODULE:CALLABLE``.
+        ImportError: the module is not found, needs a package that is not installed, or
+            raised while importing (the message names the file and line).
+        AttributeError: the module has no such attribute (the message lists its callables).
+        TypeError: the attribute is not a callable (nor a dict of callables).
+    Every message is one line saying what is wrong and what to do.
     """
     module_name, sep, attr = str(spec).partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{spec!r}: expected MODULE:CALLABLE, e.g. mypkg.sim:step")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    obj = importlib.import_module(module_name)
+    obj = _import(module_name, spec)
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            have = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+            listed = ", ".join(have[:12]) + (", ..." if len(have) > 12 else "") if have else "none"
+            raise AttributeError(f"{spec}: {_describe(obj)} has no attribute {part!r} (its callables: {listed}); "
+                                 "name one of them after the colon") from None
     if isinstance(obj, Mapping):
         bad = [k for k, v in obj.items() if not callable(v)]
         if bad or not obj:
-            raise TypeError(f"{spec!r} is a mapping, but not of names to callables (bad: {bad})")
+            raise TypeError(f"{spec} is a mapping, but not of names to callables (bad: {bad[:5]}); "
+                            "give a dict {model_name: callable}")
         return obj
     if not callable(obj):
-        raise TypeError(f"{spec!r} is a {type(obj).__name__}, not a callable")
+        raise TypeError(f"{spec} is not callable (its type is {type(obj).__name__}); name a function (or an object "
+                        "with __call__) f(*inputs [N, ...]) -> [N, ...], or a dict of them")
     return obj
+
+
+def load_callable_for(spec: str, what: str = "") -> Callable | Mapping[str, Callable]:
+    """``load_callable`` for the command line: every failure is one ``ValueError`` (exit
+    code 2) saying what is wrong and what to do, prefixed by ``what`` (e.g. ``"--solver"``)."""
+    try:
+        return load_callable(spec)
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the module's error said
+        raise ValueError(f"{what} {message}" if what else message) from e
+
+
+def _import(module_name: str, spec: str):
+    """``importlib.import_module`` with one-line errors (see ``load_callable``)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise ImportError(f"{spec}: no module named {missing!r}; MODULE must be importable from the "
+                              "current folder or installed in this Python environment") from e
+        raise ImportError(f"{spec}: importing {module_name!r} needs the package {missing!r}, which is not "
+                          "installed; install it in this Python environment") from e
+    except Exception as e:  # noqa: BLE001 -- the module's own code failed: say where, in one line
+        raise ImportError(f"{spec}: importing {module_name!r} raised {type(e).__name__}: {_first_line(e)}"
+                          f"{_where(e)}; fix the module") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = e.msg if isinstance(e, SyntaxError) and e.msg else str(e)
+    return text.strip().splitlines()[0][:300] if text.strip() else "(no message)"
+
+
+def _where(e: BaseException) -> str:
+    """`` (FILE, line N)``: where a module's import failed (the file's name only), or ""."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" ({os.path.basename(e.filename)}, line {e.lineno})"
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if f.name == "<module>" and not f.filename.startswith("<")]
+    return f" ({os.path.basename(frames[-1].filename)}, line {frames[-1].lineno})" if frames else ""
+
+
+def _describe(obj) -> str:
+    return f"module {obj.__name__!r}" if inspect.ismodule(obj) else f"{type(obj).__name__} object"
 
 
 def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str | None = None,
@@ -156,6 +219,7 @@ def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str
         FileNotFoundError: the CA file does not exist.
     """
     spec = spec if isinstance(spec, BlackBoxSpec) else BlackBoxSpec.parse(spec)
+    timeout = check_timeout(timeout)
     if spec.kind == "python":
         fn = load_callable(str(spec))
         if isinstance(fn, Mapping):
@@ -201,4 +265,4 @@ def _forms() -> str:
     return "use one of " + ", ".join(SPEC_FORMS)
 
 
-__all__ = ["BlackBoxSpec", "SPEC_FORMS", "TLS_CA_ENV", "load_callable", "open_blackbox"]
+__all__ = ["BlackBoxSpec", "SPEC_FORMS", "TLS_CA_ENV", "load_callable", "load_callable_for", "open_blackbox"]

@@ -26,6 +26,8 @@ from deepzero_oracle.blackbox.protocol import (
     ORACLE_SERVICE,
     WORKER_METADATA_KEY,
     bearer,
+    check_message_mb,
+    check_timeout,
     message_limit_options,
     read_pem,
     resolve_token,
@@ -170,7 +172,7 @@ class GrpcTransport:
         token = resolve_token(token)
         self.metadata = (("authorization", bearer(token)),) if token else ()
         self.options = [
-            *message_limit_options(int(max_message_mb * 2**20)),
+            *message_limit_options(int(check_message_mb(max_message_mb) * 2**20)),
             ("grpc.enable_retries", 1),
             ("grpc.service_config", _service_config(retries, replicas=len(targets) > 1)),
             # Reconnect to a restarted server within seconds (gRPC's default backoff grows to
@@ -268,6 +270,7 @@ class GrpcTransport:
         Raises:
             BlackBoxRemoteError: the matching subclass (see :func:`remote_error`).
         """
+        timeout = check_timeout(timeout)
         started, stalls, attempts, backoff = time.monotonic(), 0, 0, 0.1
         while True:
             attempts += 1
@@ -311,7 +314,7 @@ class GrpcTransport:
             channel = self._open(target, [o for o in self.options if o[0] != "grpc.service_config"])
             try:
                 status = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
+                    health_pb2.HealthCheckRequest(service=""), timeout=check_timeout(timeout)).status
                 if status != health_pb2.HealthCheckResponse.SERVING:
                     problems.append(f"{target} ({health_pb2.HealthCheckResponse.ServingStatus.Name(status)})")
             except grpc.RpcError as e:

@@ -50,13 +50,13 @@ class Autograd(Estimator):
 
     name = "fo"
 
-    def estimate_and_loss(self, oracle, theta, mask=None, generator=None):
+    def estimate_and_loss(self, oracle, theta, mask=None, generator=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         grad, loss = oracle.autograd_gradient(theta, with_loss=True)
         if mask is not None:
             grad = grad * torch.as_tensor(mask, dtype=grad.dtype)
         return grad, loss
 
-    def queries_per_estimate(self, oracle, mask=None):
+    def queries_per_estimate(self, oracle, mask=None) -> int:
         return 1
 
     def __repr__(self):

@@ -31,7 +31,7 @@ class CGE(Estimator):
             raise ValueError("joint=True needs forward differences (central ones have no l(theta))")
         self.mu, self.difference, self.joint = float(mu), difference, bool(joint)
 
-    def estimate_and_loss(self, oracle, theta, mask=None, generator=None):
+    def estimate_and_loss(self, oracle, theta, mask=None, generator=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(estimate [dim], l(theta) or None)``; masked-out coordinates are zero and not
         queried (``generator`` is accepted for a uniform interface; CGE draws nothing)."""
         coords = mask_coordinates(mask, oracle.dim)
@@ -52,7 +52,7 @@ class CGE(Estimator):
         grad[coords] = ((moved - base) / self.mu).to(grad.dtype)
         return grad, base
 
-    def queries_per_estimate(self, oracle, mask=None):
+    def queries_per_estimate(self, oracle, mask=None) -> int:
         active = len(mask_coordinates(mask, oracle.dim))
         return active + 1 if self.difference == "forward" else 2 * active
 

@@ -33,7 +33,7 @@ class ChainRule(Estimator):
         self.inner = inner
         self.name = f"chain({inner.name})"
 
-    def estimate_and_loss(self, oracle, theta, mask=None, generator=None):
+    def estimate_and_loss(self, oracle, theta, mask=None, generator=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(estimate [dim], l(theta) or None)``; ``mask [dim]`` zeroes coordinates of theta
         (the latent estimate is dense)."""
         latent = oracle.latent(theta)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from deepzero_oracle.estimators.base import Estimator, mask_coordinates
 from deepzero_oracle.estimators.directions import Directions, check_distribution, direction_matrix
 
@@ -37,13 +39,14 @@ class RGE(Estimator):
         return Directions.draw(self.q, theta.numel(), generator, mask, dtype=theta.dtype,
                                distribution=self.distribution)
 
-    def estimate(self, oracle, theta, mask=None, generator=None, directions=None):
+    def estimate(self, oracle, theta, mask=None, generator=None, directions=None) -> torch.Tensor:
         """Returns the estimate ``[dim]``. Pass ``directions`` (a ``Directions`` recipe or a
         tensor ``[q, dim]``) to reuse directions (e.g. two estimates that must share them);
         otherwise they are drawn from ``generator`` (or torch's global RNG)."""
         return self.estimate_and_loss(oracle, theta, mask, generator, directions)[0]
 
-    def estimate_and_loss(self, oracle, theta, mask=None, generator=None, directions=None):
+    def estimate_and_loss(self, oracle, theta, mask=None, generator=None,
+                          directions=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(estimate [dim], l(theta) or None)``; ``directions`` as for ``estimate``. The
         oracle gets the directions as they are (a recipe travels as one), the estimate is
         computed with their matrix."""
@@ -61,7 +64,7 @@ class RGE(Estimator):
         matrix = direction_matrix(dirs).to(theta.device)  # recipes draw on the CPU
         return phi / len(matrix) * (slopes.to(matrix.dtype) @ matrix), base
 
-    def queries_per_estimate(self, oracle, mask=None):
+    def queries_per_estimate(self, oracle, mask=None) -> int:
         return 2 * self.q if self.antithetic else self.q + 1
 
     def __repr__(self):

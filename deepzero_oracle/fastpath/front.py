@@ -36,8 +36,7 @@ from deepzero_oracle.theta import ParamSlot, unflatten
 
 def default_working_set() -> float:
     """Bytes for the largest stacked value of one query chunk: a quarter of the last-level
-    cache where the OS reports it (Linux), else 8 MB. (Measured on the MNIST-5k CNN with a
-    64 MB L3: 8 / 16 / 24 / 48 MB took 2.83 / 2.51 / 2.54 / 2.99 s for all coordinates.)"""
+    cache where the OS reports it (Linux), else 8 MB: chunks that stay in cache run fastest."""
     try:
         l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -198,8 +197,8 @@ class FastPath:
         if self.graph is None:
             return None
         if any(isinstance(self.graph.modules[s.module], nn.Conv2d) for s in self.slots):
-            # per-copy convolution kernels (grouped) run 2-3x slower per copy on CPU than
-            # one plain forward per query (measured: digits/MNIST CNNs, batch 128)
+            # per-copy (grouped) convolution kernels are slower per copy on CPU than one
+            # plain forward per query
             return 1
         return self.graph.copies_within(self.working_set, self.features(x, theta).values, None)
 

@@ -10,8 +10,7 @@ max-pool (and maybe a ReLU) follows.
 Done with library ops, each is a few passes over the whole stacked output (a small matrix
 product or gather, an add, two maxima); with only a few multiply-adds per value, those memory
 passes, not arithmetic, set the speed. Written as one element-wise expression, ``torch.compile``
-turns each into a single loop nest that computes every pooled value in registers (on the
-MNIST-5k CNN: conv2's coordinates 2.5x faster, all coordinates 2.8x). Without a working
+turns each into a single loop nest that computes every pooled value in registers. Without a working
 compiler the callers keep the library-op path.
 """
 
@@ -105,7 +104,7 @@ class Kernels:
     (up to dynamo's recompile limit, 8 by default; further layers run the same expression
     uncompiled, with the same results).
     The C++ is built with multiply-adds contracted into FMA instructions (``options``): the
-    kernels are chains of them, and the separate multiply and add run about 1.2x slower.
+    kernels are chains of them, and a separate multiply and add are slower.
     After a failure (no C++ compiler, unsupported platform) every kernel reports itself
     unavailable, with one warning, and the callers keep the library-op path."""
 

@@ -24,10 +24,9 @@ Payloads, each deserialised once per worker (thread or process) and shipped once
   from which workers make their rows, or a plain matrix ``[Q, dim]``. Once per theta: the plus
   and minus requests of central CGE or antithetic RGE share it, since mu travels in the task.
 
-Per task (~0.5 KB pickled): a ``Job`` (kind, chunk number, ``start``/``stop`` positions in
-the sorted request, mu, block; ~175 bytes) and two handles naming the state and the request
-(~175 bytes each); for ``losses(thetas)`` also that chunk's rows ``[stop - start, dim]``
-(they *are* the request; each row travels once). Never a perturbed theta.
+Per task (small): a ``Job`` (kind, chunk number, ``start``/``stop`` positions in the sorted
+request, mu, block) and two handles naming the state and the request; for ``losses(thetas)``
+also that chunk's rows ``[stop - start, dim]`` (they *are* the request; each row travels once). Never a perturbed theta.
 Per result: the chunk's losses ``[stop - start]``, its run time and how many payloads it loaded.
 
 How a handle reaches a worker (``transport``, picked from the executor):

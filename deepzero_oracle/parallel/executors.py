@@ -12,6 +12,7 @@ import re
 from typing import Iterator
 
 from deepzero_oracle.errors import ExecutorUnavailable
+from deepzero_oracle.extras import require
 
 #: The spec forms ``open_executor`` (and ``--executor``) accept.
 EXECUTOR_FORMS = ("inline", "threads:N", "processes:N", "dask-local:N", "dask://HOST:PORT",
@@ -21,7 +22,6 @@ EXECUTOR_FORMS = ("inline", "threads:N", "processes:N", "dask-local:N", "dask://
 TLS_ENV = {"tls_ca_file": "DEEPZERO_ORACLE_DASK_TLS_CA_FILE",
            "tls_client_cert": "DEEPZERO_ORACLE_DASK_TLS_CERT",
            "tls_client_key": "DEEPZERO_ORACLE_DASK_TLS_KEY"}
-DASK_MISSING = "Dask executors need dask.distributed: pip install 'deepzero-oracle[dask]'"
 _COUNTED = re.compile(r"(threads|processes|dask-local):(\d+)")
 _REMOTE = re.compile(r"(dask|tls)://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
@@ -116,9 +116,10 @@ def open_executor(spec: str, *, connect_timeout: float = 5.0, security=None) -> 
     elif kind == "dask-local":
         distributed = _import_distributed()
         # the dashboard Dask starts anyway: on a free local port, so several clusters coexist
-        with distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                      dashboard_address="127.0.0.1:0") as cluster, \
-                distributed.Client(cluster) as client:
+        with _sigint_ignored():  # the workers start ignoring Ctrl-C (see _one_thread)
+            cluster = distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
+                                               host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        with cluster, distributed.Client(cluster) as client:
             yield client
     else:
         with _remote_client(value, connect_timeout, security) as client:
@@ -126,11 +127,7 @@ def open_executor(spec: str, *, connect_timeout: float = 5.0, security=None) -> 
 
 
 def _import_distributed():
-    try:
-        import distributed
-    except ImportError as exc:
-        raise ImportError(DASK_MISSING) from exc
-    return distributed
+    return require("dask", "distributed", feature="a Dask executor (--executor dask-local:N, dask://, tls://)")
 
 
 def _process_context():
@@ -143,10 +140,32 @@ def _process_context():
     return context
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Processes started within ignore SIGINT (an ignored signal stays ignored in a new process);
+    this process's own handler comes back after. Main thread only, else a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
 def _one_thread() -> None:
+    import signal
+
     import torch
 
     torch.set_num_threads(1)  # one worker per core: torch's own threads would oversubscribe
+    # Ctrl-C reaches the whole process group: the parent finishes the step in flight and stops
+    # (deepzero_oracle.stops), so its workers must not die under it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -178,5 +197,5 @@ def _remote_client(address: str, connect_timeout: float, security):
         yield client
 
 
-__all__ = ["DASK_MISSING", "EXECUTOR_FORMS", "InlineExecutor", "TLS_ENV", "dask_client", "executor_slots",
+__all__ = ["EXECUTOR_FORMS", "InlineExecutor", "TLS_ENV", "dask_client", "executor_slots",
            "open_executor", "parse_executor_spec"]

@@ -194,10 +194,10 @@ class ParallelOracle(Oracle):
         The executor stays open: it belongs to the caller."""
         self.shipper.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "ParallelOracle":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self):

@@ -14,13 +14,18 @@ array ``[N, ...]`` (torch tensors with ``numpy=False`` / ``serve --torch``), ret
 array ``[N, ...]`` (NumPy or torch) or a tuple of them. The server answers
 
 * ``inference.GRPCInferenceService`` (KServe v2: ServerLive/Ready, ModelReady, ServerMetadata,
-  ModelMetadata, ModelInfer), under the standard name and under
+  ModelMetadata, ModelInfer, ModelStatistics), under the standard name and under
   ``deepzero_oracle.v1.GRPCInferenceService``;
 * ``deepzero_oracle.v1.Oracle`` (Describe, QueryBatch, QueryStream): many queries per call,
   in-band per-query errors;
 * ``grpc.health.v1.Health`` and server reflection;
 * with ``http_port`` / ``--http-port``: the KServe v2 REST protocol (:mod:`.rest`), JSON or
-  binary tensors, with the same models, token, TLS and limits.
+  binary tensors, with the same models, token, TLS and limits;
+* with the ``metrics`` extra: Prometheus metrics (``GET /metrics`` on the REST port,
+  ``metrics_port`` / ``--metrics-port``; :mod:`.metrics`).
+
+SIGTERM (``OracleServer.stop``) drains: NOT_SERVING first, new requests refused, running ones
+given the grace period.
 
 Bad requests get precise statuses and never take the server down: INVALID_ARGUMENT for a
 malformed protobuf, datatype, shape, byte count or NaN/Inf input; RESOURCE_EXHAUSTED for
@@ -29,7 +34,8 @@ missing or wrong token; NOT_FOUND for an unknown model. Nothing from the wire is
 
 Modules: ``deepzero_oracle.server.specs`` (what is served), ``.servicer`` (the service methods
 and their handlers), ``.rest`` (the REST endpoint), ``.lifecycle`` (starting and stopping a
-server), ``.cli`` (the ``serve`` subcommand). What the clients share with the server (service
+server), ``.metrics`` (statistics, Prometheus metrics, drain state), ``.cli`` (the ``serve``
+subcommand). What the clients share with the server (service
 names, token variable, tensor codec) is in :mod:`deepzero_oracle.blackbox.protocol`.
 """
 

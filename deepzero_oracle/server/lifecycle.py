@@ -1,22 +1,27 @@
-"""Start and stop the server: :func:`serve_blackbox`, :class:`OracleServer`.
+"""Start and stop the server: ``serve_blackbox``, ``OracleServer``.
 
     with serve_blackbox(fn, port=0) as server:       # fn(x [N, ...]) -> y [N, ...]
         box = GrpcBlackBox(server.address)
         y = box(x)
 
-Besides the services of :mod:`deepzero_oracle.server.servicer`, a server answers
+Besides the services of ``deepzero_oracle.server.servicer``, a server answers
 ``grpc.health.v1.Health`` and server reflection (which lists the KServe v2 service under its
 standard name ``inference.GRPCInferenceService`` too), checks the shared token
 (``authorization: Bearer <token>``, UNAUTHENTICATED otherwise; health checks are exempt),
 serves TLS when given a certificate and key, and answers RESOURCE_EXHAUSTED when full. With
-``http_port`` it also serves the KServe v2 REST endpoint (:mod:`deepzero_oracle.server.rest`)
-over the same models, token, TLS and limits.
+``http_port`` it also serves the KServe v2 REST endpoint (``deepzero_oracle.server.rest``)
+over the same models, token, TLS and limits; with ``metrics_port``, Prometheus metrics
+(``deepzero_oracle.server.metrics``). ``OracleServer.stop`` drains: NOT_SERVING first,
+new requests refused, running ones given the grace period.
 """
 
 from __future__ import annotations
 
 import hmac
 import re
+import tempfile
+import threading
+import time
 from concurrent import futures
 from typing import Callable, Mapping
 
@@ -28,11 +33,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
     MIRROR_SERVICE,
+    NO_DEADLINE_SECONDS,
     ORACLE_SERVICE,
     bearer,
+    check_message_mb,
     message_limit_options,
+    pem_file,
     read_pem,
 )
+from deepzero_oracle.server.metrics import Telemetry, metrics_available, require_metrics_extra
 from deepzero_oracle.server.servicer import OracleServicer, generic_handlers
 from deepzero_oracle.server.specs import ServedModel
 from deepzero_oracle.wire import oracle_pb2 as pb
@@ -40,10 +49,12 @@ from deepzero_oracle.wire import oracle_pb2 as pb
 
 class _TokenInterceptor(grpc.ServerInterceptor):
     """Shared-token auth: ``authorization: Bearer <token>`` metadata on every call except
-    health checks (load balancers probe without credentials)."""
+    health checks (load balancers probe without credentials). Refused inference calls are
+    counted in ``telemetry`` (status UNAUTHENTICATED), as the REST endpoint counts its 401s."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, telemetry: Telemetry | None = None):
         self._expected = bearer(token).encode()
+        self._telemetry = telemetry
 
     def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.health.v1.Health/"):
@@ -59,8 +70,11 @@ class _TokenInterceptor(grpc.ServerInterceptor):
             return None
         message = ("missing token: send metadata 'authorization: Bearer <token>'" if not got
                    else "wrong token")
+        counted = self._telemetry is not None and details.method.rsplit("/", 1)[-1] in _COUNTED_METHODS
 
         def deny(request, context):
+            if counted:
+                self._telemetry.end(self._telemetry.begin("grpc"), "UNAUTHENTICATED")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         # Same RPC kind as the real handler; requests are not even parsed.
@@ -73,19 +87,44 @@ class _TokenInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+# The inference methods (counted by the telemetry), as in servicer's handlers.
+_COUNTED_METHODS = frozenset({"ModelInfer", "QueryBatch", "QueryStream"})
+
+
 class OracleServer:
     """A running server. ``port``/``address`` say where (gRPC), ``http_port``/``rest_url`` where
-    the REST endpoint is (None without one); ``stop()`` ends both gracefully.
+    the REST endpoint is, ``metrics_port``/``metrics_url`` where Prometheus scrapes (None
+    without them); ``stop()`` drains and ends them all.
 
     Use as a context manager to stop it on exit.
     """
 
     def __init__(self, server: grpc.Server, servicer: OracleServicer, health_servicer, host: str, port: int,
-                 tls: bool, rest=None):
+                 tls: bool, rest=None, metrics_httpd=None):
         self._server, self._servicer, self._health = server, servicer, health_servicer
         self.host, self.port, self.tls = host, port, tls
         self._rest = rest
+        self._metrics_httpd = metrics_httpd
         self._stopped = False
+        self._hurry = threading.Event()
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The server's counts: model statistics, Prometheus registry (``.registry``), drain state."""
+        return self._servicer.telemetry
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the separate Prometheus endpoint (None if it has none)."""
+        return self._metrics_httpd.server_port if self._metrics_httpd is not None else None
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http(s)://host:port/metrics`` of the separate Prometheus endpoint (None if it has none)."""
+        if self._metrics_httpd is None:
+            return None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.metrics_port}/metrics"
 
     @property
     def http_port(self) -> int | None:
@@ -108,17 +147,46 @@ class OracleServer:
         """The served models by name."""
         return self._servicer.models
 
-    def stop(self, grace: float = 2.0) -> None:
-        """Report NOT_SERVING, refuse new calls, let running ones finish for ``grace`` s."""
+    @property
+    def servicer(self) -> OracleServicer:
+        """What answers both endpoints; ``servicer.in_flight`` and ``servicer.queued`` count the
+        black-box calls running and waiting for a slot."""
+        return self._servicer
+
+    def stop(self, grace: float = 2.0) -> int:
+        """Drain, then stop: returns how many inference requests were still running when the
+        grace period ended (0: all finished).
+
+        In order: health turns NOT_SERVING (gRPC health, ServerReady, ModelReady, REST
+        ``/v2/health/ready`` 400) while both endpoints keep answering; new inference requests
+        are refused (gRPC UNAVAILABLE, REST 503: clients retry elsewhere); requests already
+        admitted get up to ``grace`` s to finish (``hurry`` cuts the wait short); then the
+        endpoints stop listening and whatever still runs is cancelled.
+        """
         if self._stopped:
-            return
+            return 0
         self._stopped = True
+        grace = min(grace, NO_DEADLINE_SECONDS) if grace > 0 else 0.0  # inf/NaN reach no clock
+        deadline = time.monotonic() + grace
         self._servicer.ready = False
         self._health.enter_graceful_shutdown()
-        stopping = self._server.stop(grace)
+        self._servicer.telemetry.start_drain()
+        self._servicer.stop_admitting(grace)  # new calls: UNAVAILABLE; queued ones: until the grace ends
+        self._servicer.telemetry.wait_idle(grace, stop=self._hurry)
+        left = self._servicer.telemetry.inflight
+        remaining = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
+        stopping = self._server.stop(remaining)
         if self._rest is not None:
-            self._rest.stop(grace)
+            self._rest.stop(remaining)
         stopping.wait()
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        return left
+
+    def hurry(self) -> None:
+        """Cut a running ``stop``'s wait short (e.g. on a second SIGTERM)."""
+        self._hurry.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` s); True if it stopped."""
@@ -137,7 +205,8 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
                    tls_key: str | bytes | None = None, max_message_mb: float = 64,
                    max_concurrency: int = 1, max_pending: int = 64, allow_nonfinite: bool = False,
                    cost_hint: float | None = None, http_port: int | None = None,
-                   reuse_port: bool = False, worker: tuple[int, int] | None = None) -> OracleServer:
+                   reuse_port: bool = False, worker: tuple[int, int] | None = None,
+                   metrics_port: int | None = None) -> OracleServer:
     """Start a gRPC server (and optionally a REST endpoint) for a black box; returns once it listens.
 
     Args:
@@ -146,14 +215,17 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         host: interface to bind; 127.0.0.1 unless you mean to expose it.
         port: TCP port; 0 picks a free one (read it from ``.port``).
         model_name: name on the wire (default: the function's name, else "model").
-        inputs / outputs: tensor specs (``TensorSpec``, ``"x:FP32:-1,64"`` or tuples) used for
-            metadata and request checks; inputs default to ``fn``'s parameter names.
+        inputs: tensor specs (``TensorSpec``, ``"x:FP32:-1,64"`` or tuples) used for metadata
+            and request checks; default: ``fn``'s parameter names.
+        outputs: the outputs' tensor specs, in the same forms.
         numpy: give ``fn`` NumPy arrays (the default); False gives it torch tensors.
         token: shared secret; clients must send ``authorization: Bearer <token>``.
-        tls_cert / tls_key: PEM paths or bytes; both or neither.
+        tls_cert: PEM path or bytes of the server's certificate; with ``tls_key`` or neither.
+        tls_key: PEM path or bytes of its private key.
         max_message_mb: largest message received or sent, both directions.
         max_concurrency: black-box calls running at once (1: the callable need not be thread-safe).
-        max_pending: RPCs admitted at once (running or waiting); more get RESOURCE_EXHAUSTED.
+        max_pending: black-box calls admitted at once, gRPC and REST together (running or
+            waiting for a slot; >= max_concurrency); more get RESOURCE_EXHAUSTED (REST: 429).
         allow_nonfinite: accept NaN/Inf inputs (default: INVALID_ARGUMENT).
         cost_hint: seconds per row, reported in the metadata for schedulers.
         http_port: also serve the KServe v2 REST endpoint on this port of ``host`` (0: a free
@@ -163,9 +235,13 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
             taken port fails loudly.
         worker: ``(index, count)``: this process is worker ``index`` of ``count`` sharing the
             port; ServerReady names it so clients can spread their connections over the workers.
+        metrics_port: also serve Prometheus metrics at ``/metrics`` on this port of ``host`` (0:
+            a free one; TLS as the server), without the token; needs the ``metrics`` extra.
+            With that extra installed the metrics are kept anyway, and the REST endpoint
+            answers ``GET /metrics`` too.
     Returns:
-        An :class:`OracleServer` (context manager) with ``.port``, ``.address``, ``.http_port``,
-        ``.rest_url``, ``.stop()``.
+        An ``OracleServer`` (context manager) with ``.port``, ``.address``, ``.http_port``,
+        ``.rest_url``, ``.metrics_url``, ``.telemetry``, ``.stop()``.
     """
     if isinstance(fn, Mapping):
         items = dict(fn)
@@ -178,26 +254,31 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
               for name, f in items.items()}
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both tls_cert and tls_key")
-    if max_concurrency < 1 or max_pending < 1:
-        raise ValueError("max_concurrency and max_pending must be >= 1")
+    if not 1 <= max_concurrency <= max_pending:
+        raise ValueError(f"need 1 <= max_concurrency <= max_pending, got {max_concurrency} and {max_pending} "
+                         "(max_pending counts running and queued calls)")
     if http_port is not None:
         from deepzero_oracle.server.rest import require_rest_extra
 
         require_rest_extra()  # before anything listens
-    max_bytes = int(max_message_mb * 2**20)
+    if metrics_port is not None:
+        require_metrics_extra()
+    max_bytes = int(check_message_mb(max_message_mb) * 2**20)
     servicer = OracleServicer(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency,
-                              worker=worker)
+                              max_pending=max_pending, worker=worker, metrics=metrics_available())
     options = [
         *message_limit_options(max_bytes),
         # Fail loudly if the port is taken, unless sharing it is what is asked for.
         ("grpc.so_reuseport", int(reuse_port)),
     ]
-    interceptors = [_TokenInterceptor(token)] if token else []
-    # One thread per admitted RPC, so a long stream never starves health checks.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_pending + 2,
-                                                    thread_name_prefix="oracle-rpc"),
+    interceptors = [_TokenInterceptor(token, servicer.telemetry)] if token else []
+    # One thread per admitted RPC, so a long stream never starves health checks. The servicer's
+    # queue bounds the black-box calls (max_pending, with a clear RESOURCE_EXHAUSTED); gRPC's own
+    # limit, a little above it, leaves room for health and metadata calls when it is full.
+    rpc_limit = max_pending + _RPC_HEADROOM
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=rpc_limit, thread_name_prefix="oracle-rpc"),
                          options=options, interceptors=interceptors,
-                         maximum_concurrent_rpcs=max_pending)
+                         maximum_concurrent_rpcs=rpc_limit)
     server.add_generic_rpc_handlers(generic_handlers(servicer))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -225,7 +306,39 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         except BaseException:
             server.stop(0)
             raise
-    return OracleServer(server, servicer, health_servicer, host, bound, tls=tls_cert is not None, rest=rest)
+    metrics_httpd = None
+    if metrics_port is not None:
+        try:
+            metrics_httpd = _metrics_server(servicer.telemetry, host, metrics_port, tls_cert, tls_key)
+        except BaseException:
+            server.stop(0)
+            if rest is not None:
+                rest.stop(0)
+            raise
+    return OracleServer(server, servicer, health_servicer, host, bound, tls=tls_cert is not None, rest=rest,
+                        metrics_httpd=metrics_httpd)
+
+
+def _metrics_server(telemetry: Telemetry, host: str, port: int, tls_cert, tls_key):
+    """prometheus_client's own HTTP server for ``telemetry``'s registry on ``host:port``
+    (HTTPS with the server's certificate); returns the running WSGI server."""
+    prom = require_metrics_extra()
+    if tls_cert is None:
+        started = prom.start_http_server(port, addr=host, registry=telemetry.registry)
+    else:
+        # The TLS context reads files: PEM bytes live in a private folder only while it loads.
+        with tempfile.TemporaryDirectory(prefix="deepzero-oracle-tls-") as folder:
+            started = prom.start_http_server(
+                port, addr=host, registry=telemetry.registry,
+                certfile=pem_file(tls_cert, f"{folder}/cert.pem"), keyfile=pem_file(tls_key, f"{folder}/key.pem"))
+    if not isinstance(started, tuple):
+        raise RuntimeError("prometheus_client is too old to serve --metrics-port (needs >= 0.20): "
+                           "pip install -U prometheus_client")
+    return started[0]
+
+
+# RPCs gRPC admits beyond max_pending: health checks, metadata, and calls still being decoded.
+_RPC_HEADROOM = 8
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:

@@ -11,6 +11,9 @@ Routes (the v2 REST protocol; JSON bodies; errors are ``{"error": "<what to do>"
     GET  /v2/models/{name}[/versions/{v}]              model metadata (404: unknown model)
     GET  /v2/models/{name}[/versions/{v}]/ready        200 ready, 400 not ready, 404 unknown
     POST /v2/models/{name}[/versions/{v}]/infer        inference
+    GET  /v2/models/stats, /v2/models/{name}[/versions/{v}]/stats
+                                                       statistics extension (Triton's JSON)
+    GET  /metrics                                      Prometheus text format (no token)
 
 Tensors travel as JSON ``data`` (flat, or nested as the shape; row-major) or, with the v2
 binary-data extension (what tritonclient.http sends by default), as raw little-endian bytes
@@ -23,15 +26,16 @@ It keeps the gRPC endpoint's promises: the same shared token (header ``Authoriza
 <token>``; 401 without it, health checks exempt), TLS from the same certificate and key,
 413 for a body over the message limit, 429 when ``max_pending`` requests are in progress, 400
 with a message for bad JSON, datatype, shape, byte count or NaN/Inf, 404 for an unknown model,
-and ``stop()`` lets running requests finish. Requests are decoded here and then validated and
-run by the servicer's one path (:meth:`OracleServicer.validate`, :meth:`OracleServicer.infer`),
-the same as gRPC requests.
+and ``stop()`` drains (ready turns 400, new infer requests get 503, running ones finish).
+Requests are decoded here and then validated and run by the servicer's one path
+(:meth:`OracleServicer.validate`, :meth:`OracleServicer.infer`), the same as gRPC requests.
 
 Needs the ``rest`` extra: ``pip install 'deepzero-oracle[rest]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -53,24 +57,27 @@ from deepzero_oracle.blackbox.protocol import (
     encode_raw,
     http_status,
     json_tensor,
-    read_pem,
+    pem_file,
 )
+from deepzero_oracle.extras import install_hint, require
+from deepzero_oracle.server.metrics import DRAINING_MESSAGE, require_metrics_extra
 from deepzero_oracle.server.servicer import OracleServicer
 from deepzero_oracle.server.specs import MODEL_VERSION, ServedModel
 
+try:  # the 'rest' extra's fast JSON codec; the standard library's json without it
+    import orjson
+except ImportError:
+    orjson = None
+
 log = logging.getLogger(__name__)
 
-REST_EXTRA = "pip install 'deepzero-oracle[rest]'"
+REST_EXTRA = install_hint("rest")
 
 
 def require_rest_extra() -> None:
-    """Raise ImportError naming the ``rest`` extra if Starlette or uvicorn is missing."""
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"the REST endpoint (--http-port / http_port=) needs the 'rest' extra: "
-                          f"{REST_EXTRA} ({e})") from e
+    """Raise :class:`~deepzero_oracle.extras.MissingExtra` (one line naming the ``rest`` extra)
+    if Starlette or uvicorn is missing."""
+    require("rest", "starlette", "uvicorn", feature="the REST endpoint (--http-port / http_port=)")
 
 
 # -- decoding and encoding (no web framework here) -----------------------------------------------
@@ -85,6 +92,10 @@ def decode_infer_body(body: bytes, header_length: str | None) -> tuple[dict, lis
     """An infer request body -> ``(the JSON request, input names, arrays [N, ...] in request order)``.
 
     ``header_length`` is the ``Inference-Header-Content-Length`` header (None: all JSON).
+    The JSON is read by orjson when installed; a body it refuses or reads differently from the
+    standard library (NaN/Infinity literals, integers past 64 bits, UTF-16/32, deep nesting)
+    is read again by the standard library, so the same bodies pass and fail with the same
+    messages either way.
     Raises WireError (INVALID_ARGUMENT) saying what is malformed.
     """
     if header_length is None:
@@ -97,10 +108,21 @@ def decode_infer_body(body: bytes, header_length: str | None) -> tuple[dict, lis
         if not 0 < length <= len(body):
             raise WireError(f"{BINARY_HEADER} is {length} but the body has {len(body)} bytes")
         head, binary = body[:length], memoryview(body)[length:]
+    if orjson is not None:
+        try:
+            request = orjson.loads(head)
+            return request, *_decode_inputs(request, binary)
+        except (orjson.JSONDecodeError, WireError):
+            pass  # the standard library's reading decides, and words the error
     try:
         request = json.loads(head)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise WireError(f"the body is not valid JSON: {str(e)[:200]}") from None
+    return request, *_decode_inputs(request, binary)
+
+
+def _decode_inputs(request, binary: memoryview) -> tuple[list[str], list[np.ndarray]]:
+    """The parsed request's inputs -> ``(names, arrays [N, ...])``, binary ones cut from ``binary``."""
     if not isinstance(request, dict):
         raise WireError('the body must be a JSON object {"inputs": [...]}')
     inputs = request.get("inputs")
@@ -135,7 +157,7 @@ def decode_infer_body(body: bytes, header_length: str | None) -> tuple[dict, lis
     if offset != len(binary):
         raise WireError(f"{len(binary) - offset} bytes of binary data are claimed by no input's "
                         "binary_data_size")
-    return request, names, arrays
+    return names, arrays
 
 
 def requested_outputs(request: dict) -> tuple[list[str], dict[str, bool]]:
@@ -163,7 +185,12 @@ def requested_outputs(request: dict) -> tuple[list[str], dict[str, bool]]:
 
 def encode_infer_response(model: ServedModel, pairs: list[tuple[str, np.ndarray]], request_id,
                           binary: dict[str, bool]) -> tuple[bytes, dict[str, str]]:
-    """Output pairs -> ``(body, headers)``: JSON, or a JSON header then raw bytes (binary extension)."""
+    """Output pairs ``(name, array [N, ...])`` -> ``(body, headers)``: JSON, or a JSON header
+    then raw bytes (binary extension). JSON is written by orjson straight from the arrays when it
+    is installed, except for NaN/Inf values, which the standard library writes as before."""
+    fast = orjson is not None and not any(
+        arr.dtype.kind == "f" and not binary.get(name, binary[""]) and not np.isfinite(arr).all()
+        for name, arr in pairs)
     outputs, blobs = [], []
     for name, arr in pairs:
         if binary.get(name, binary[""]):
@@ -172,11 +199,19 @@ def encode_infer_response(model: ServedModel, pairs: list[tuple[str, np.ndarray]
                             "parameters": {"binary_data_size": len(raw)}})
             blobs.append(raw)
         else:
-            outputs.append(json_tensor(name, arr))
+            outputs.append(json_tensor(name, arr, numpy=fast))
     answer = {"model_name": model.name, "model_version": MODEL_VERSION, "outputs": outputs}
     if request_id is not None:
         answer["id"] = request_id
-    head = json.dumps(answer).encode()
+    head = None
+    if fast:
+        with contextlib.suppress(orjson.JSONEncodeError):  # e.g. an id holding a lone surrogate
+            head = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    if head is None:
+        for tensor in outputs:
+            if isinstance(tensor.get("data"), np.ndarray):
+                tensor["data"] = tensor["data"].tolist()
+        head = json.dumps(answer).encode()
     if not blobs:
         return head, {"content-type": "application/json"}
     return head + b"".join(blobs), {"content-type": "application/octet-stream", BINARY_HEADER: str(len(head))}
@@ -209,22 +244,40 @@ def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int
     def error(status: int, message: str, **headers) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
-    def endpoint(handler, *, needs_token: bool = True):
-        """Token check, then ``handler``; WireErrors become their HTTP status."""
-        async def wrapped(request):
+    telemetry = servicer.telemetry
+
+    def endpoint(handler, *, needs_token: bool = True, counted: bool = False):
+        """Token check, then ``handler``; WireErrors become their HTTP status. ``counted``: an
+        inference route, counted once with its outcome (statistics, metrics) and refused with
+        503 while the server drains."""
+        async def answer(request, call) -> tuple:
             if expected is not None and needs_token:
                 got = request.headers.get("authorization", "")
                 if not hmac.compare_digest(got.encode("utf-8", "replace"), expected):
                     message = ("missing token: send the header 'Authorization: Bearer <token>'"
                                if not got else "wrong token")
-                    return error(401, message, **{"WWW-Authenticate": "Bearer"})
+                    return error(401, message, **{"WWW-Authenticate": "Bearer"}), "UNAUTHENTICATED"
             try:
-                return await handler(request)
+                if call is not None and call.refused:
+                    raise WireError(DRAINING_MESSAGE, "UNAVAILABLE")
+                response = await handler(request)
+                return response, _status_name(response.status_code)
             except WireError as e:
-                return error(http_status(e.code), str(e))
+                return error(e.http or http_status(e.code), str(e)), e.code
             except Exception as e:  # noqa: BLE001 -- never let one request take the server down
                 log.exception("unexpected error answering %s", request.url.path)
-                return error(500, f"server error: {type(e).__name__}: {e}")
+                return error(500, f"server error: {type(e).__name__}: {e}"), "INTERNAL"
+
+        async def wrapped(request):
+            if not counted:
+                return (await answer(request, None))[0]
+            call = telemetry.begin("rest", request.path_params.get("name", ""))
+            status = "INTERNAL"
+            try:
+                response, status = await answer(request, call)
+                return response
+            finally:
+                telemetry.end(call, status)
         return wrapped
 
     def model_of(request) -> ServedModel:
@@ -237,7 +290,20 @@ def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int
         return JSONResponse({"ready": servicer.ready}, status_code=200 if servicer.ready else 400)
 
     async def server_metadata(request):
-        return JSONResponse({**servicer.server_info(), "extensions": ["binary_tensor_data"]})
+        return JSONResponse({**servicer.server_info(), "extensions": ["binary_tensor_data", "model_statistics"]})
+
+    async def statistics(request):
+        name = request.path_params.get("name", "")
+        if name:
+            model_of(request)  # NOT_FOUND (404) with the usual message
+        version = request.path_params.get("version", "")
+        return JSONResponse({"model_stats": telemetry.statistics(name, version)})
+
+    async def metrics(request):
+        if telemetry.registry is None:
+            return error(501, f"{_metrics_missing()}")
+        body, content_type = telemetry.exposition()
+        return Response(body, headers={"content-type": content_type})
 
     async def model_metadata(request):
         return JSONResponse(model_of(request).metadata())
@@ -267,17 +333,40 @@ def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int
 
     async def no_route(request, exc):
         return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; the v2 "
-                                      "routes are /v2, /v2/health/{live,ready} and "
-                                      "/v2/models/NAME[/versions/V][/ready|/infer]")
+                                      "routes are /v2, /v2/health/{live,ready}, /v2/models/stats, "
+                                      "/v2/models/NAME[/versions/V][/ready|/infer|/stats] and /metrics")
 
     routes = [Route("/v2/health/live", endpoint(live, needs_token=False), methods=["GET"]),
               Route("/v2/health/ready", endpoint(ready, needs_token=False), methods=["GET"]),
-              Route("/v2", endpoint(server_metadata), methods=["GET"])]
+              # Prometheus scrapes carry no token, as health checks: counts and model names only.
+              Route("/metrics", endpoint(metrics, needs_token=False), methods=["GET"]),
+              Route("/v2", endpoint(server_metadata), methods=["GET"]),
+              # Before /v2/models/{name}: "stats" is every model's statistics, as in Triton.
+              Route("/v2/models/stats", endpoint(statistics), methods=["GET"])]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         routes += [Route(prefix, endpoint(model_metadata), methods=["GET"]),
                    Route(prefix + "/ready", endpoint(model_ready), methods=["GET"]),
-                   Route(prefix + "/infer", endpoint(infer), methods=["POST"])]
+                   Route(prefix + "/stats", endpoint(statistics), methods=["GET"]),
+                   Route(prefix + "/infer", endpoint(infer, counted=True), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
+
+
+_STATUS_OF_HTTP = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                   413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 501: "UNIMPLEMENTED",
+                   503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def _status_name(http: int) -> str:
+    """The gRPC status code name the metrics use for an HTTP status."""
+    return "OK" if http < 400 else _STATUS_OF_HTTP.get(http, "INTERNAL")
+
+
+def _metrics_missing() -> str:
+    try:
+        require_metrics_extra()
+    except ImportError as e:
+        return str(e)
+    return "this server keeps no Prometheus metrics"
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -319,8 +408,8 @@ class RestEndpoint:
                 # uvicorn (like Python's ssl) reads the certificate and key from files: PEM bytes
                 # go to a private temporary folder only while the TLS context is made.
                 with tempfile.TemporaryDirectory(prefix="deepzero-oracle-tls-") as folder:
-                    config.ssl_certfile = _pem_file(tls_cert, os.path.join(folder, "cert.pem"))
-                    config.ssl_keyfile = _pem_file(tls_key, os.path.join(folder, "key.pem"))
+                    config.ssl_certfile = pem_file(tls_cert, os.path.join(folder, "cert.pem"))
+                    config.ssl_keyfile = pem_file(tls_key, os.path.join(folder, "key.pem"))
                     config.load()
             else:
                 config.load()
@@ -373,12 +462,3 @@ def _listening_socket(host: str, port: int) -> socket.socket:
         raise OSError(f"could not bind {host}:{port} for the REST endpoint (port in use?): {e}") from e
     return sock
 
-
-def _pem_file(value, path: str) -> str:
-    """A path holding the PEM ``value`` (a path itself, or bytes written to ``path`` privately)."""
-    if not isinstance(value, bytes):
-        return os.fspath(value)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(read_pem(value))
-    return path

@@ -1,7 +1,7 @@
 """The gRPC side of the server: KServe v2 and Oracle service methods, and their handlers.
 
 :class:`OracleServicer` implements ``inference.GRPCInferenceService`` (KServe v2: ServerLive/
-Ready, ModelReady, ModelMetadata, ModelInfer; also answered as
+Ready, ModelReady, ModelMetadata, ModelInfer, ModelStatistics; also answered as
 ``deepzero_oracle.v1.GRPCInferenceService``) and ``deepzero_oracle.v1.Oracle`` (Describe,
 QueryBatch, QueryStream: many queries per call, in-band per-query errors). Its methods raise
 :class:`~deepzero_oracle.blackbox.protocol.WireError` with the status to answer;
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -25,6 +26,7 @@ from google.protobuf.message import DecodeError
 from deepzero_oracle.blackbox.protocol import (
     KSERVE_SERVICE,
     MIRROR_SERVICE,
+    NO_DEADLINE_SECONDS,
     ORACLE_SERVICE,
     WORKER_METADATA_KEY,
     WireError,
@@ -36,6 +38,7 @@ from deepzero_oracle.blackbox.protocol import (
     has_typed_contents,
     status_number,
 )
+from deepzero_oracle.server.metrics import DRAINING_MESSAGE, Telemetry, note_model, note_rows
 from deepzero_oracle.server.specs import MODEL_VERSION, CallError, ServedModel
 from deepzero_oracle.wire import oracle_pb2 as pb
 
@@ -44,6 +47,112 @@ log = logging.getLogger(__name__)
 # Room for the protobuf envelope around raw tensor bytes when checking answer sizes (clients
 # keep 64 KiB of room on their side, so an answer as large as its request always fits).
 _ENVELOPE_BYTES = 4096
+
+
+# How often a request waiting for a black-box slot checks that its caller is still there.
+_QUEUE_POLL_SECONDS = 0.2
+
+
+class CallQueue:
+    """The black box's slots and the bounded queue in front of them, shared by gRPC and REST.
+
+    At most ``max_concurrency`` calls run at once; at most ``max_pending`` are admitted in all
+    (running + waiting). A call that finds every slot busy waits, first come first served,
+    until a slot frees, its deadline passes (DEADLINE_EXCEEDED) or its caller goes away
+    (CANCELLED); a call that finds ``max_pending`` admitted is refused at once
+    (RESOURCE_EXHAUSTED, HTTP 429). After :meth:`close` new calls are refused (UNAVAILABLE)
+    and waiting ones get until the end of the grace period.
+
+    ``in_flight`` (calls running) and ``queued`` (calls waiting) are plain ints to read (e.g.
+    for metrics); they change under the queue's lock.
+    """
+
+    def __init__(self, max_concurrency: int, max_pending: int):
+        if not 1 <= max_concurrency <= max_pending:
+            raise ValueError(f"need 1 <= max_concurrency <= max_pending, got max_concurrency={max_concurrency}, "
+                             f"max_pending={max_pending} (max_pending counts the running calls too)")
+        self.max_concurrency, self.max_pending = max_concurrency, max_pending
+        self.in_flight = 0
+        self.queued = 0
+        self._changed = threading.Condition()
+        self._closed_until: float | None = None  # monotonic end of the grace period, once closed
+
+    def acquire(self, deadline: float | None = None, alive=None) -> None:
+        """Take a slot, waiting in line if needed.
+
+        Args:
+            deadline: ``time.monotonic()`` value to give up at (None: no deadline).
+            alive: a callable that says whether the caller still waits for the answer (a gRPC
+                context's ``is_active``); None: always.
+        Raises:
+            WireError: UNAVAILABLE (closed), RESOURCE_EXHAUSTED (full), DEADLINE_EXCEEDED or
+                CANCELLED (while waiting).
+        """
+        with self._changed:
+            if self._closed_until is not None:
+                raise WireError("the server is stopping; send the request again to another replica or "
+                                "once it is back", "UNAVAILABLE")
+            if self.queued == 0 and self.in_flight < self.max_concurrency:
+                self.in_flight += 1
+                return
+            if self.in_flight + self.queued >= self.max_pending:
+                raise WireError(f"the server is full: {self.in_flight} black-box call(s) running and "
+                                f"{self.queued} waiting (--max-pending {self.max_pending}); retry later, "
+                                "or raise --max-pending (queue) or --max-concurrency (slots)",
+                                "RESOURCE_EXHAUSTED", http=429)
+            self.queued += 1
+            try:
+                while self.in_flight >= self.max_concurrency:
+                    wait = _QUEUE_POLL_SECONDS
+                    now = time.monotonic()
+                    for end, failure in ((deadline, _deadline_error), (self._closed_until, _stopped_error)):
+                        if end is not None:
+                            if now >= end:
+                                self._changed.notify()  # a slot this waiter was woken for goes to the next
+                                raise failure(self.max_concurrency)
+                            wait = min(wait, end - now)
+                    if alive is not None and not alive():
+                        self._changed.notify()
+                        raise WireError("the client went away while waiting for a black-box slot", "CANCELLED")
+                    self._changed.wait(wait)
+                self.in_flight += 1
+            finally:
+                self.queued -= 1
+
+    def release(self) -> None:
+        """Give a slot back (wakes the first waiter)."""
+        with self._changed:
+            self.in_flight -= 1
+            self._changed.notify()
+
+    def close(self, grace: float) -> None:
+        """Refuse new calls from now on; calls already waiting give up after ``grace`` s."""
+        with self._changed:
+            if self._closed_until is None:
+                self._closed_until = time.monotonic() + max(0.0, grace)
+            self._changed.notify_all()
+
+
+def _deadline_error(slots: int) -> WireError:
+    return WireError(f"the deadline passed while waiting for one of {slots} black-box slot(s); give "
+                     "the call a longer deadline, or retry when the server is less busy", "DEADLINE_EXCEEDED")
+
+
+def _stopped_error(slots: int) -> WireError:
+    return WireError("the server stopped before a black-box slot was free; send the request again to "
+                     "another replica or once it is back", "UNAVAILABLE")
+
+
+def deadline_of(context) -> float | None:
+    """The ``time.monotonic()`` deadline of a gRPC call (None: REST, no deadline, or one so far
+    off (over :data:`NO_DEADLINE_SECONDS`) that it means none; a client without a deadline shows
+    a remaining time of ~1e19 s, which no lock or clock accepts)."""
+    if context is None:
+        return None
+    remaining = context.time_remaining()
+    if remaining is None or not remaining <= NO_DEADLINE_SECONDS:  # None, huge or NaN: none
+        return None
+    return time.monotonic() + max(0.0, remaining)
 
 
 def _version() -> str:
@@ -60,20 +169,41 @@ class OracleServicer:
     Args:
         models: the served models by wire name.
         max_message_bytes: largest answer it may send (larger ones get RESOURCE_EXHAUSTED).
-        max_concurrency: black-box calls running at once, across all RPCs.
+        max_concurrency: black-box calls running at once, across all RPCs and REST requests.
+        max_pending: black-box calls admitted at once (running + waiting for a slot); more are
+            refused with RESOURCE_EXHAUSTED (HTTP 429). See :class:`CallQueue`.
         worker: ``(index, count)`` when this process is one of ``count`` sharing a port
             (``serve --workers N``); ServerReady then names it, so clients can spread their
             connections over the workers.
+        metrics: also keep Prometheus metrics in ``telemetry`` (needs the ``metrics`` extra);
+            the model statistics are always kept.
     """
 
     def __init__(self, models: dict[str, ServedModel], *, max_message_bytes: int, max_concurrency: int,
-                 worker: tuple[int, int] | None = None):
+                 max_pending: int = 64, worker: tuple[int, int] | None = None, metrics: bool = False):
         self.models = models
         self.worker = worker
         self.max_message_bytes = max_message_bytes
         self.max_concurrency = max_concurrency
-        self.slots = threading.BoundedSemaphore(max_concurrency)
+        self.max_pending = max_pending
+        self.calls = CallQueue(max_concurrency, max_pending)
         self.ready = True
+        # Per-model statistics, Prometheus metrics and the drain state (see .metrics).
+        self.telemetry = Telemetry(models, prometheus=metrics, version=MODEL_VERSION, load=self.calls)
+
+    @property
+    def in_flight(self) -> int:
+        """Black-box calls running now."""
+        return self.calls.in_flight
+
+    @property
+    def queued(self) -> int:
+        """Black-box calls waiting for a slot now."""
+        return self.calls.queued
+
+    def stop_admitting(self, grace: float) -> None:
+        """Server stopping: new calls get UNAVAILABLE; waiting ones give up after ``grace`` s."""
+        self.calls.close(grace)
 
     # -- helpers -------------------------------------------------------------------------
     def model(self, name: str, version: str = "") -> ServedModel:
@@ -91,6 +221,7 @@ class OracleServicer:
         if version not in ("", MODEL_VERSION):
             raise WireError(f"model {name!r} has no version {version!r}; it has [{MODEL_VERSION!r}]",
                             "NOT_FOUND")
+        note_model(name)  # labels the request being counted, if any
         return model
 
     def decode(self, request: pb.ModelInferRequest):
@@ -137,20 +268,24 @@ class OracleServicer:
             outs = self.run(model, arrays, context)
         except CallError as e:
             raise WireError(str(e), e.code) from e
-        return self.select_outputs(model, outs, requested)
+        pairs = self.select_outputs(model, outs, requested)
+        note_rows(len(arrays[0]))
+        return pairs
 
     def run(self, model: ServedModel, arrays, context) -> list[np.ndarray]:
-        """Call the model under the concurrency limit, giving up at the client's deadline."""
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None and remaining <= 0:
+        """Call the model in a black-box slot (:class:`CallQueue`): wait in line for one while
+        all are busy, until the client's deadline if it set one (``context``: the gRPC call;
+        None for REST); refused at once when the queue is full."""
+        deadline = deadline_of(context)
+        if deadline is not None and deadline <= time.monotonic():
             raise WireError("deadline passed before the black box could run", "DEADLINE_EXCEEDED")
-        if not self.slots.acquire(timeout=remaining):
-            raise WireError(f"deadline passed while waiting for one of {self.max_concurrency} "
-                            "black-box slot(s)", "DEADLINE_EXCEEDED")
+        with self.telemetry.waiting():
+            self.calls.acquire(deadline, context.is_active if context is not None else None)
         try:
-            return model.call(arrays)
+            with self.telemetry.executing(model.name):
+                return model.call(arrays)
         finally:
-            self.slots.release()
+            self.calls.release()
 
     def select_outputs(self, model: ServedModel, outs: list[np.ndarray],
                        requested=()) -> list[tuple[str, np.ndarray]]:
@@ -205,11 +340,24 @@ class OracleServicer:
 
     def ServerMetadata(self, request, context):
         """Server name, version and extensions."""
-        return pb.ServerMetadataResponse(**self.server_info(), extensions=["oracle_batch", "oracle_stream"])
+        return pb.ServerMetadataResponse(**self.server_info(),
+                                         extensions=["oracle_batch", "oracle_stream", "model_statistics"])
 
     def ModelMetadata(self, request, context):
         """The model's tensors and cost figures (NOT_FOUND for an unknown model)."""
         return metadata_message(self.model(request.name, request.version).metadata())
+
+    def ModelStatistics(self, request, context):
+        """The statistics extension: per-model request counts and cumulative times (Triton's
+        layout); every model for an empty name, NOT_FOUND for an unknown one."""
+        if request.name:
+            self.model(request.name, request.version)  # NOT_FOUND with the usual message
+        try:
+            stats = self.telemetry.statistics(request.name, request.version)
+        except KeyError:
+            raise WireError(f"no model has version {request.version!r}; they have [{MODEL_VERSION!r}]",
+                            "NOT_FOUND") from None
+        return statistics_message(stats)
 
     def ModelInfer(self, request, context):
         """One batch ``[N, ...]`` in, outputs ``[N, ...]`` out; NaN/Inf inputs are INVALID_ARGUMENT."""
@@ -236,8 +384,12 @@ class OracleServicer:
         model, names, arrays, raw = self.decode(request.request)
         n = arrays[0].shape[0]
         if request.query_rows:
+            # Each entry in 1..n first, so the sum cannot wrap around int64 into looking right.
+            if len(request.query_rows) > n or any(not 0 < r <= n for r in request.query_rows):
+                raise WireError(f"query_rows must be positive, each at most the batch size {n}, and sum "
+                                f"to it; got {len(request.query_rows)} entries, not all in 1..{n}")
             rows = np.asarray(request.query_rows, dtype=np.int64)
-            if (rows <= 0).any() or int(rows.sum()) != n:
+            if int(rows.sum()) != n:
                 raise WireError(f"query_rows must be positive and sum to the batch size {n}; got "
                                 f"{len(rows)} entries summing to {int(rows.sum())}")
         else:
@@ -291,6 +443,7 @@ class OracleServicer:
                 code, msg = errors[i]
                 out.errors.add(index=i, code=status_number(code), message=msg)
             out.query_rows.extend(int(r) for i, r in enumerate(rows) if i not in errors)
+        note_rows(int(rows.sum()) - sum(int(rows[i]) for i in errors))
         return out
 
     def QueryStream(self, request_iterator, context):
@@ -339,15 +492,25 @@ class OracleServicer:
                     continue
                 if item is _END_OF_STREAM:
                     return
-                if isinstance(item, pb.QueryBatchResponse):
-                    yield item
-                    continue
+                # Each message is one request for the statistics and metrics.
+                call = self.telemetry.begin("grpc", item.model.name if isinstance(item, _Prepared) else "")
+                code = "INTERNAL"
                 try:
-                    response = self.execute_batch(item, context)
-                except WireError as e:
-                    if e.code == "DEADLINE_EXCEEDED":
-                        raise
-                    response = _whole_request_error(e.code, str(e))
+                    if call.refused:
+                        response = _whole_request_error("UNAVAILABLE", DRAINING_MESSAGE)
+                    elif isinstance(item, pb.QueryBatchResponse):
+                        response = item
+                    else:
+                        try:
+                            response = self.execute_batch(item, context)
+                        except WireError as e:
+                            if e.code == "DEADLINE_EXCEEDED":
+                                code = e.code
+                                raise
+                            response = _whole_request_error(e.code, str(e))
+                    code = _whole_request_status(response)
+                finally:
+                    self.telemetry.end(call, code)
                 yield response
         finally:
             done.set()
@@ -391,6 +554,30 @@ def _whole_request_error(code: str, message: str) -> pb.QueryBatchResponse:
     return pb.QueryBatchResponse(errors=[pb.QueryError(index=-1, code=status_number(code), message=message)])
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _whole_request_status(response: pb.QueryBatchResponse) -> str:
+    """The status name of a stream answer: its whole-request error's, else OK."""
+    for error in response.errors:
+        if error.index == -1:
+            return _CODE_NAMES.get(error.code, "UNKNOWN")
+    return "OK"
+
+
+def statistics_message(stats: list[dict]) -> pb.ModelStatisticsResponse:
+    """:meth:`Telemetry.statistics` entries as a ModelStatisticsResponse (Triton's layout)."""
+    response = pb.ModelStatisticsResponse()
+    for entry in stats:
+        phases = {k: pb.StatisticDuration(**v) for k, v in entry["inference_stats"].items()}
+        response.model_stats.add(name=entry["name"], version=entry["version"],
+                                 last_inference=entry["last_inference"],
+                                 inference_count=entry["inference_count"],
+                                 execution_count=entry["execution_count"],
+                                 inference_stats=pb.InferStatistics(**phases))
+    return response
+
+
 def generic_handlers(servicer: OracleServicer) -> tuple[grpc.GenericRpcHandler, ...]:
     """Handlers of every service ``servicer`` answers: the KServe v2 service under its standard
     name and under our mirror's name, and the Oracle service (for ``add_generic_rpc_handlers``)."""
@@ -409,31 +596,45 @@ def _handlers(servicer: OracleServicer, service_name: str, descriptor) -> grpc.G
     for method in descriptor.methods:
         req_cls = getattr(pb, method.input_type.name)
         impl = getattr(servicer, method.name)
+        telemetry = servicer.telemetry if method.name in _COUNTED else None
         if method.client_streaming:
             table[method.name] = grpc.stream_stream_rpc_method_handler(
                 _stream_behavior(impl), request_deserializer=None,
                 response_serializer=lambda m: m.SerializeToString())
         else:
             table[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary_behavior(impl, req_cls), request_deserializer=None,
+                _unary_behavior(impl, req_cls, telemetry), request_deserializer=None,
                 response_serializer=lambda m: m.SerializeToString())
     return grpc.method_handlers_generic_handler(service_name, table)
 
 
-def _unary_behavior(impl, req_cls):
+# Unary methods counted as inference requests (statistics, metrics, drain); QueryStream counts
+# each of its messages itself.
+_COUNTED = frozenset({"ModelInfer", "QueryBatch"})
+
+
+def _unary_behavior(impl, req_cls, telemetry: Telemetry | None = None):
     def behavior(data: bytes, context):
+        call = telemetry.begin("grpc") if telemetry is not None else None
+        err = ("INTERNAL", "")
         try:
-            request = req_cls.FromString(data)
-        except DecodeError as e:
-            err = ("INVALID_ARGUMENT", f"request is not a valid {req_cls.DESCRIPTOR.full_name}: {e}")
-        else:
+            if call is not None and call.refused:
+                raise WireError(DRAINING_MESSAGE, "UNAVAILABLE")
             try:
-                return impl(request, context)
-            except WireError as e:
-                err = (e.code, str(e))
-            except Exception as e:  # noqa: BLE001 -- never let one request take the server down
-                log.exception("unexpected error in %s", impl.__name__)
-                err = ("INTERNAL", f"server error in {impl.__name__}: {type(e).__name__}: {e}")
+                request = req_cls.FromString(data)
+            except DecodeError as e:
+                raise WireError(f"request is not a valid {req_cls.DESCRIPTOR.full_name}: {e}") from None
+            answer = impl(request, context)
+            err = None
+            return answer
+        except WireError as e:
+            err = (e.code, str(e))
+        except Exception as e:  # noqa: BLE001 -- never let one request take the server down
+            log.exception("unexpected error in %s", impl.__name__)
+            err = ("INTERNAL", f"server error in {impl.__name__}: {type(e).__name__}: {e}")
+        finally:
+            if call is not None:
+                telemetry.end(call, "OK" if err is None else err[0])
         context.abort(grpc.StatusCode[err[0]], err[1])
     return behavior
 

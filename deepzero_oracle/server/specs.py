@@ -149,7 +149,7 @@ class ServedModel:
         }
 
     # -- requests ------------------------------------------------------------------------
-    def order_inputs(self, names: list[str], arrays: list[np.ndarray]):
+    def order_inputs(self, names: list[str], arrays: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
         """Match request tensors to the callable's arguments and check declared specs.
 
         By name when every request name is a declared input name, else by position.

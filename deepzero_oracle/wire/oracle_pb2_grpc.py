@@ -67,6 +67,11 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=oracle__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=oracle__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/deepzero_oracle.v1.GRPCInferenceService/ModelStatistics',
+                request_serializer=oracle__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=oracle__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer(object):
@@ -117,6 +122,14 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStatistics(self, request, context):
+        """The statistics extension (Triton's method and messages): per-model request counts and
+        cumulative times. An empty name means every model; NOT_FOUND for an unknown one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +162,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=oracle__pb2.ModelInferRequest.FromString,
                     response_serializer=oracle__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=oracle__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=oracle__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +334,33 @@ class GRPCInferenceService(object):
             '/deepzero_oracle.v1.GRPCInferenceService/ModelInfer',
             oracle__pb2.ModelInferRequest.SerializeToString,
             oracle__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepzero_oracle.v1.GRPCInferenceService/ModelStatistics',
+            oracle__pb2.ModelStatisticsRequest.SerializeToString,
+            oracle__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -280,6 +280,7 @@ function bindService(definition, serviceName, handlers, token) {
   const methods = {};
   const implementation = {};
   for (const [method, d] of Object.entries(definition)) {
+    if (!handlers[method]) continue;  // optional methods (ModelStatistics): gRPC answers UNIMPLEMENTED
     methods[method] = { ...d, path: `/${serviceName}/${method}`, requestDeserialize: (bytes) => bytes };
     implementation[method] = (call, callback) => {
       try {
