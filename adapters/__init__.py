@@ -4,5 +4,8 @@
 This folder sits at the top of the repository but installs as ``deepzero_oracle.adapters``
 (``import deepzero_oracle.adapters.sol``), because a bare ``adapters`` would collide with an
 unrelated package on PyPI. Each adapter's ``cli.py`` adds its ``deepzero-oracle`` subcommands
-through an entry point; the engine never imports anything here.
+through an entry point; the engine never imports anything here. The adapters import only the
+engine's public names (those in its modules' ``__all__``) and the shared room
+``deepzero_oracle.common`` (data, model zoo, command-line conventions), never the app layer
+``deepzero_oracle.apps``; tests/test_layers.py checks both.
 """

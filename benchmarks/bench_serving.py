@@ -7,9 +7,10 @@
 Both servers serve :func:`linear` (``y = x @ W + b``, ``x [N, 16]`` FP32 -> ``y [N, 4]`` FP32)
 from this file: ours as ``python -m deepzero_oracle.server bench_serving:linear`` (gRPC and,
 with ``--http-port``, REST), MLServer (``mlserver start``, ``parallel_workers: 0``, in its own
-virtual environment made by tests/mlserver/setup_venv.sh) through a custom runtime that calls
-the same function. Both listen on 127.0.0.1 only, start before the first cell, and are stopped
-by the process id started here (SIGTERM).
+virtual environment made by tests/mlserver/setup_venv.sh) through the runtime
+tests/mlserver/function_runtime.py calling the same function, started by
+tests/support/mlserver_peer.py like the tests start it. Both listen on 127.0.0.1 only, start
+before the first cell, and are stopped by the process id started here (SIGTERM).
 
 The client is tritonclient (the standard KServe v2 client), with no client timeout (its
 default), one client per thread:
@@ -36,17 +37,12 @@ import json
 import os
 import platform
 import queue
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -68,60 +64,17 @@ def linear(x: np.ndarray) -> np.ndarray:
     return (np.asarray(x, dtype=np.float32) @ W + B).astype(np.float32)
 
 
-# MLServer's custom runtime, written next to a copy of this file in MLServer's work folder.
-_RUNTIME = '''"""MLServer runtime of benchmarks/bench_serving.py: serves bench_serving.linear."""
-from mlserver import MLModel
-from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse
-
-from bench_serving import linear
-
-
-class LinearModel(MLModel):
-    async def load(self) -> bool:
-        return True
-
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        x = NumpyCodec.decode_input(payload.inputs[0])
-        return InferenceResponse(model_name=self.name, id=payload.id,
-                                 outputs=[NumpyCodec.encode_output("y", linear(x))])
-'''
-
-
 # -- servers ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _peer():
+    """tests/support/mlserver_peer.py, the MLServer peer the tests start too (free ports, readiness,
+    stop by pid). Imported on first use, not at the top: MLServer imports a copy of this file
+    (for :func:`linear`) from a work folder with no tests/ beside it."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)  # appended: tests/mlserver must not shadow a real `mlserver` package
+    from support import mlserver_peer
 
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process we started (by its pid), SIGKILL if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float, what: str, log_tail) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _ready(url):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not get ready at {url} in {timeout:.0f} s "
-                       f"(exit code {proc.poll()}); log tail:\n{log_tail()}")
+    return mlserver_peer
 
 
 @contextlib.contextmanager
@@ -161,48 +114,23 @@ def our_server(startup_timeout: float = 120.0):
                                        f"{tail()}")
                 grpc_address, rest = serving_address(line), serving_rest_url(line)
             rest = rest.removeprefix("http://")
-            _wait_ready(proc, f"http://{rest}/v2/models/{MODEL}/ready", startup_timeout, "our server", tail)
+            _peer().wait_ready(proc, f"http://{rest}/v2/models/{MODEL}/ready", startup_timeout, "our server", tail)
             yield {"grpc": grpc_address, "rest": rest, "pid": proc.pid}
         finally:
-            _stop(proc)
-
-
-def ensure_mlserver_venv(venv: Path) -> None:
-    """Create MLServer's virtual environment with tests/mlserver/setup_venv.sh (a no-op if it exists)."""
-    setup = subprocess.run(["bash", str(REPO / "tests" / "mlserver" / "setup_venv.sh"), str(venv)],
-                           env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},
-                           capture_output=True, text=True, timeout=1800)
-    if setup.returncode != 0:
-        raise RuntimeError(f"could not create {venv} (needs PyPI access once):\n{setup.stderr[-3000:]}")
+            _peer().stop(proc)
 
 
 @contextlib.contextmanager
 def mlserver(venv: Path, startup_timeout: float = 120.0):
-    """MLServer serving :func:`linear` as model ``linear`` on 127.0.0.1 (free ports), from a
-    temporary work folder; yields ``{"grpc", "rest", "pid"}`` once the model is ready."""
-    with tempfile.TemporaryDirectory(prefix="bench-serving-mlserver-") as folder:
-        work = Path(folder)
-        shutil.copy(Path(__file__), work / "bench_serving.py")
-        (work / "serving_runtime.py").write_text(_RUNTIME)
-        (work / MODEL).mkdir()
-        (work / MODEL / "model-settings.json").write_text(json.dumps({
-            "name": MODEL, "implementation": "serving_runtime.LinearModel",
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, IN_FEATURES]}],
-            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, OUT_FEATURES]}]}))
-        settings = {"host": "127.0.0.1", "http_port": _free_port(), "grpc_port": _free_port(),
-                    "metrics_endpoint": None, "parallel_workers": 0, "load_models_at_startup": True}
-        (work / "settings.json").write_text(json.dumps(settings))
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        with open(work / "mlserver.log", "wb") as log:
-            proc = subprocess.Popen([str(venv / "bin" / "mlserver"), "start", "."], cwd=work, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            rest = f"127.0.0.1:{settings['http_port']}"
-            _wait_ready(proc, f"http://{rest}/v2/models/{MODEL}/ready", startup_timeout, "MLServer",
-                        lambda: (work / "mlserver.log").read_text(errors="replace")[-3000:])
-            yield {"grpc": f"127.0.0.1:{settings['grpc_port']}", "rest": rest, "pid": proc.pid}
-        finally:
-            _stop(proc)
+    """MLServer serving :func:`linear` as model ``linear`` (through tests/mlserver/function_runtime.py,
+    from a copy of this file) on 127.0.0.1 (free ports), from a temporary work folder; yields
+    ``{"grpc", "rest", "pid"}`` once the model is ready."""
+    peer = _peer()
+    model = peer.function_model(f"bench_serving:{MODEL}", [("x", "FP32", [-1, IN_FEATURES])],
+                                [("y", "FP32", [-1, OUT_FEATURES])])
+    with peer.start_mlserver(None, {MODEL: model}, venv, files=[Path(__file__)],
+                             startup_timeout=startup_timeout) as server:
+        yield {"grpc": server.grpc, "rest": server.rest, "pid": server.pid}
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -356,8 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 4], help="client threads")
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per cell, server and repeat")
     p.add_argument("--repeats", type=int, default=2, help="repeats of every cell (ranges are over them)")
-    p.add_argument("--mlserver-venv", type=Path, default=Path(os.environ.get("DEEPZERO_MLSERVER_VENV",
-                                                                             REPO / ".venv-mlserver")),
+    p.add_argument("--mlserver-venv", type=Path, default=_peer().VENV,
                    help="MLServer's virtual environment (made with tests/mlserver/setup_venv.sh if missing)")
     p.add_argument("--no-mlserver", action="store_true", help="measure our server only")
     p.add_argument("--json", default=None, help="write the figures as JSON to this file ('-': stdout)")
@@ -371,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.seconds <= 600 or not 1 <= args.repeats <= 100:
         raise SystemExit("--seconds takes (0, 600] and --repeats 1..100")
     if not args.no_mlserver:
-        ensure_mlserver_venv(args.mlserver_venv)
+        _peer().ensure_venv(args.mlserver_venv)
 
     cells = [{"protocol": pr, "batch": b, "threads": t} for pr in args.protocols for b in args.batches
              for t in args.threads]

@@ -1,7 +1,11 @@
 """Errors the engine raises (each says what went wrong and what to do about it), and the
-exit codes the command line maps them to."""
+exit codes the command line maps them to.
 
-from deepzero_oracle.blackbox.local import BlackBoxError
+``BlackBoxError`` is re-exported for the engine's users; it and every other error of the
+black-box layer live in :mod:`deepzero_oracle.blackbox.errors`.
+"""
+
+from deepzero_oracle.blackbox.errors import BlackBoxError
 
 
 class QueryBudgetExceeded(RuntimeError):

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import vmap
 
-from deepzero_oracle.blackbox.local import BlackBoxError, LocalBlackBox, as_tensor
+from deepzero_oracle.blackbox.errors import BlackBoxError
+from deepzero_oracle.blackbox.local import LocalBlackBox, as_tensor
 from deepzero_oracle.errors import NonFiniteLossError
 from deepzero_oracle.fastpath import FastPath, updates_running_stats
 from deepzero_oracle.oracle import LearnerOracle

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deepzero_oracle.blackbox.local import BlackBoxError, as_tensor
+from deepzero_oracle.blackbox.errors import BlackBoxError
+from deepzero_oracle.blackbox.local import as_tensor
 from deepzero_oracle.errors import NonFiniteLossError, QueryBudgetExceeded
 from deepzero_oracle.estimators.directions import direction_matrix
 from deepzero_oracle.theta import flatten, load_theta, parameter_slots, trainable_parameters

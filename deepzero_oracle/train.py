@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import math
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,12 +18,12 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from deepzero_oracle.atomic import atomic_write, save_torch
-from deepzero_oracle.errors import NonFiniteLossError, SettingsMismatch, TrainingDiverged
+from deepzero_oracle.errors import NonFiniteLossError, TrainingDiverged
 from deepzero_oracle.estimators.base import Estimator
 from deepzero_oracle.extras import require
 from deepzero_oracle.oracle import Oracle
 from deepzero_oracle.pruning import MaskSchedule
+from deepzero_oracle.runs import RunFolder, atomic_write, save_torch
 from deepzero_oracle.stops import StopRequested, shielded, signal_name, stop_on_signals
 from deepzero_oracle.theta import assign_gradient, flatten
 
@@ -207,7 +206,9 @@ class Trainer:
         checkpoint_every: steps between checkpoints (None: at epoch ends only); a checkpoint is
             also written when training stops for any reason but an error.
         settings: a JSON-like dict of what defines the run (recipe, data, method); saved in
-            the checkpoint, and a resume with different settings is refused.
+            the checkpoint, and a resume with different settings is refused
+            (``SettingsMismatch`` naming each difference; ``trainer.run`` is the
+            ``deepzero_oracle.runs.RunFolder`` that checks it).
         seed: seeds the generator used for random directions and masks.
         progress: a tqdm progress bar on stderr: None (default) shows it when stderr is a
             terminal, True always, False never; ``desc`` labels it.
@@ -230,6 +231,9 @@ class Trainer:
         self.mask_schedule, self.evaluate, self.eval_every = mask_schedule, evaluate, eval_every
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_every, self.settings = checkpoint_every, settings
+        # the run's folder: where its checkpoint lives, and what a resume's settings must match
+        # (without an out_dir it only checks the settings of a state_dict given to load_state_dict)
+        self.run = RunFolder(self.out_dir if self.out_dir is not None else ".", settings)
         self.logs = [] if self.out_dir is None else [CSVLogger(self.out_dir / "metrics.csv", "eval"),
                                                     CSVLogger(self.out_dir / "steps.csv", "step")]
         self.callbacks = self.logs + list(callbacks)
@@ -518,7 +522,7 @@ class Trainer:
     @property
     def checkpoint_path(self) -> Path | None:
         """``out_dir/checkpoint.pt`` (None without an out_dir)."""
-        return None if self.out_dir is None else self.out_dir / "checkpoint.pt"
+        return None if self.out_dir is None else self.run.file("checkpoint.pt")
 
     def state_dict(self) -> dict:
         """Everything needed to continue on the same trajectory."""
@@ -542,7 +546,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict``; refuses one whose settings differ from this trainer's."""
-        check_settings(state.get("settings"), self.settings, self.checkpoint_path)
+        self.run.check(state.get("settings"), where=self.checkpoint_path)
         self._load_theta(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -618,32 +622,6 @@ def progress_disabled(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
-def check_settings(saved: dict | None, wanted: dict | None, where=None) -> None:
-    """Raise ``SettingsMismatch`` naming every setting whose value differs between a run on
-    disk (``saved``) and the one asked for (``wanted``). Nothing is compared if either is None."""
-    if saved is None or wanted is None:
-        return
-    keys = sorted(set(saved) | set(wanted))
-    changed = [f"{k}: {saved.get(k)!r} in the run, {wanted.get(k)!r} now" for k in keys
-               if _normal(saved.get(k)) != _normal(wanted.get(k))]
-    if changed:
-        raise SettingsMismatch(
-            f"{where or 'the run folder'} holds a run with other settings ({'; '.join(changed)}); "
-            f"resume with the same settings, start over with --restart, or use another --out"
-        )
-
-
-def _normal(value):
-    """Settings as JSON would give them back (tuples are lists, floats compare by value)."""
-    if isinstance(value, (list, tuple)):
-        return [_normal(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _normal(v) for k, v in value.items()}
-    if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        return int(value)
-    return value
-
-
 def _state_of(batches):
     if hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict"):
         return {"source": batches.state_dict()}
@@ -660,5 +638,5 @@ def _restore(batches, state) -> None:
         batches.generator.set_state(state["generator"])
 
 
-__all__ = ["CSVLogger", "Callback", "STEP_FIELDS", "StopTraining", "TensorBoardLogger", "Trainer", "check_settings",
+__all__ = ["CSVLogger", "Callback", "STEP_FIELDS", "StopTraining", "TensorBoardLogger", "Trainer",
            "progress_disabled"]

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import CGE, ModuleOracle, TensorBatches, Trainer
-from deepzero_oracle.apps.datasets import load_dataset
+from deepzero_oracle.common.datasets import load_dataset
 
 data = load_dataset("digits")  # 8x8 images that ship with scikit-learn
 learner = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))

@@ -28,7 +28,7 @@ def main(out_dir: str = "runs/sol-demo", *, steps: int | None = None, progress: 
     import torch
 
     from deepzero_oracle.adapters.sol.builtin import generate_trajectories, scenario_of
-    from deepzero_oracle.adapters.sol.cli import report, run_method, write_config
+    from deepzero_oracle.adapters.sol.compare import report, run_method, write_config
     from deepzero_oracle.adapters.sol.data import SOLConfig
     from deepzero_oracle.adapters.sol.serving import serve_source_solver
     from deepzero_oracle.adapters.sol.solver import builtin_solver, open_solver

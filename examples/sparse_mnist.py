@@ -9,14 +9,13 @@ pooled over seeds. Writes a markdown table, a JSON summary and a plot of accurac
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from deepzero_oracle.apps.classify import Recipe, plot_curves, train_classifier
-from deepzero_oracle.apps.datasets import load_dataset
-from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.common.datasets import load_dataset
+from deepzero_oracle.runs import write_json, write_text
 from deepzero_oracle.stats import paired_sign_test, proportion_interval
 
 MAIN = "CGE, ZO-GraSP ratios"

@@ -32,7 +32,7 @@ def test_released_cge_and_the_loop_agree_with_the_engine_on_a_resnet():
 
     from deepzero_oracle import ModuleOracle
     from deepzero_oracle.apps.bench import ReferenceLoop, ReleasedCGE
-    from deepzero_oracle.apps.models import resnet
+    from deepzero_oracle.common.models import resnet
 
     learner = resnet((3, 6, 6), 10, 1, widths=(2, 4, 8)).double().train()
     x, y = torch.rand(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 10, (4,))

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from test_kserve import VENV, ensure_mlserver_venv
+from support.mlserver_peer import VENV, ensure_mlserver_venv
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serving.py"
 
-pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
-pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the test extra")
+import tritonclient.grpc  # noqa: E402,F401 -- the test extra installs tritonclient[grpc,http]
+import tritonclient.http  # noqa: E402,F401
 
 
 def test_bench_serving_quick_both_servers_answer_right(tmp_path, capsys):

@@ -16,7 +16,7 @@ import pytest
 
 from deepzero_oracle.apps.cli import build_parser, main
 from support.cli import leaves
-from deepzero_oracle.apps.options import MAX_TIMEOUT, HelpFormatter
+from deepzero_oracle.common.options import MAX_TIMEOUT, HelpFormatter
 
 # commands that write nothing: a server, and a schema printer
 NO_RESULTS = {("serve",), ("proto",)}

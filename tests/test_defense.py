@@ -24,19 +24,14 @@ from deepzero_oracle.adapters.defense.classifier import (
     train_classifier,
     whitebox_classifier,
 )
-from deepzero_oracle.adapters.defense.certify_log import LOG_COLUMNS
+from deepzero_oracle.adapters.defense.certification import LOG_COLUMNS, certify_front
 from deepzero_oracle.adapters.defense.cli import register
 from deepzero_oracle.adapters.defense.denoiser import Decoder, Denoiser, Encoder
-from deepzero_oracle.adapters.defense.methods import (
-    DefenseConfig,
-    ZOAEOracle,
-    build_front,
-    certify_front,
-    load_front,
-    smoothed_pipeline,
-    train_defense,
-)
-from deepzero_oracle.apps.datasets import load_dataset
+from deepzero_oracle.adapters.defense.fronts import build_front, load_front, smoothed_pipeline
+from deepzero_oracle.adapters.defense.oracles import ZOAEOracle
+from deepzero_oracle.adapters.defense.training import DefenseConfig, train_defense
+from deepzero_oracle.common.datasets import load_dataset
+from deepzero_oracle.errors import SettingsMismatch
 from deepzero_oracle.stats import proportion_interval
 
 TINY = dict(dataset="digits", sigma=0.25, epochs=1, pretrain_epochs=1, ae_epochs=1, max_train=64, width=4,
@@ -257,7 +252,7 @@ def test_cli_train_certify_report_json(clf, tmp_path, capsys):
     assert _cli(zo_cert) == 0
     strip_time = lambda text: [line.rsplit("\t", 1)[0] for line in text.splitlines()]  # noqa: E731
     assert strip_time(log.read_text()) == strip_time(whole)
-    with pytest.raises(ValueError, match="method: log 'zo-ds' vs now 'none'"):
+    with pytest.raises(SettingsMismatch, match="method: 'zo-ds' in the run, 'none' now"):
         _cli(["defense", "certify", "--method", "none", *common, *cert, "--dataset", "digits", "--sigma", "0.25",
               "--out", str(root / "zo-ds")])
 

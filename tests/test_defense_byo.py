@@ -22,9 +22,9 @@ import torch.nn as nn
 
 from deepzero_oracle.adapters.defense.classifier import Classifier, open_classifier
 from deepzero_oracle.adapters.defense.cli import register
-from deepzero_oracle.adapters.defense.methods import DefenseConfig, train_defense
+from deepzero_oracle.adapters.defense.training import DefenseConfig, train_defense
 from deepzero_oracle.apps.cli import main as cli_main
-from deepzero_oracle.apps.datasets import Dataset, load_data
+from deepzero_oracle.common.datasets import Dataset, load_data
 from deepzero_oracle.errors import EXIT_UNREACHABLE, SettingsMismatch
 from server_process import ServerProcess
 

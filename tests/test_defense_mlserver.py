@@ -8,11 +8,6 @@ only the URL: a denoiser is trained by ZO-DS and certified through ``KServeBlack
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,32 +15,25 @@ import torch
 
 import deepzero_oracle.adapters.defense as defense_pkg
 from deepzero_oracle.adapters.defense.classifier import open_classifier, train_classifier, whitebox_classifier
-from deepzero_oracle.adapters.defense.methods import DefenseConfig, certify_front, load_front, train_defense
-from deepzero_oracle.apps.datasets import load_dataset
-from test_kserve import VENV, _free_port, _ready, _stop, ensure_mlserver_venv
+from deepzero_oracle.adapters.defense.certification import certify_front
+from deepzero_oracle.adapters.defense.fronts import load_front
+from deepzero_oracle.adapters.defense.training import DefenseConfig, train_defense
+from deepzero_oracle.common.datasets import load_dataset
+from support.mlserver_peer import VENV, ensure_mlserver_venv, function_model, start_mlserver
 
 MODEL = "defense-classifier"
 
-RUNTIME = '''
-"""MLServer runtime: the defense adapter's exported classifier, NumPy only."""
+# served by tests/mlserver/function_runtime.py: the exported weights, loaded once on import
+FUNCTION = '''"""The defense adapter's exported classifier, NumPy only: x [N, 1, 8, 8] -> logits [N, 10]."""
 import os
-
-from mlserver import MLModel
-from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse
 
 from npcnn import forward, load_npz
 
+WEIGHTS = load_npz(os.path.join(os.path.dirname(os.path.abspath(__file__)), "classifier.npz"))
 
-class Classifier(MLModel):
-    async def load(self) -> bool:
-        self.weights = load_npz(os.path.join(os.getcwd(), "classifier.npz"))
-        return True
 
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        x = NumpyCodec.decode_input(payload.inputs[0])
-        return InferenceResponse(model_name=self.name, id=payload.id,
-                                 outputs=[NumpyCodec.encode_output("logits", forward(self.weights, x))])
+def classify(x):
+    return forward(WEIGHTS, x)
 '''
 
 
@@ -56,35 +44,14 @@ def served(tmp_path_factory):
     clf = work / "classifier.pt"
     train_classifier("digits", clf, epochs=5, channels=(8, 8), max_train=600, batch_size=32,
                             lr=1e-2, progress=False)  # writes classifier.npz
-    shutil.copy(Path(defense_pkg.__file__).parent / "npcnn.py", work / "npcnn.py")
-    (work / "defense_runtime.py").write_text(RUNTIME)
-    (work / MODEL).mkdir()
-    (work / MODEL / "model-settings.json").write_text(json.dumps({
-        "name": MODEL, "implementation": "defense_runtime.Classifier",
-        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]}))
-    settings = {"host": "127.0.0.1", "http_port": _free_port(), "grpc_port": _free_port(),
-                "parallel_workers": 0, "metrics_endpoint": None, "load_models_at_startup": True}
-    (work / "settings.json").write_text(json.dumps(settings))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    with open(work / "mlserver.log", "wb") as log:
-        proc = subprocess.Popen([str(VENV / "bin" / "mlserver"), "start", "."], cwd=work, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        ready = f"http://127.0.0.1:{settings['http_port']}/v2/models/{MODEL}/ready"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None and not _ready(ready):
-            time.sleep(0.3)
-        if not _ready(ready):
-            pytest.fail("MLServer did not get ready; log tail:\n"
-                        + (work / "mlserver.log").read_text(errors="replace")[-3000:])
-        yield {"spec": f"kserve://127.0.0.1:{settings['grpc_port']}/{MODEL}", "weights": work / "classifier.npz",
-               "clf": clf}
-    finally:
-        _stop(proc)
+    (work / "defense_function.py").write_text(FUNCTION)
+    model = function_model("defense_function:classify", [("x", "FP32", [-1, 1, 8, 8])], [("logits", "FP32", [-1, 10])])
+    with start_mlserver(work, {MODEL: model}, VENV, files=[Path(defense_pkg.__file__).parent / "npcnn.py"],
+                        startup_timeout=180) as peer:
+        yield {"spec": f"kserve://{peer.grpc}/{MODEL}", "weights": work / "classifier.npz", "clf": clf}
 
 
-@pytest.mark.slow  # ~65 s on 2 busy cores (MLServer start-up + classifier training)
+@pytest.mark.slow  # MLServer start-up + classifier training
 def test_denoiser_trained_and_certified_against_mlserver(served, tmp_path):
     digest = hashlib.sha256(served["weights"].read_bytes()).hexdigest()
     # The adapter gets only the URL.

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from deepzero_oracle import CGE, RGE, ModuleOracle
-from deepzero_oracle.apps.models import cnn, resnet
+from deepzero_oracle.common.models import cnn, resnet
 
 FACTORIES = ("arange", "empty", "zeros", "ones", "full", "tensor", "eye", "rand", "randn", "randint", "linspace")
 # modules that make index tensors or random recipes on the CPU by design: PyTorch indexes a

@@ -156,7 +156,9 @@ def classifier(tmp_path_factory):
 
 def test_defense_zo_ds_and_certify_on_an_executor_equal_inline(classifier, tmp_path):
     from deepzero_oracle.adapters.defense.classifier import frozen_blackbox, whitebox_classifier
-    from deepzero_oracle.adapters.defense.methods import DefenseConfig, certify_front, load_front, train_defense
+    from deepzero_oracle.adapters.defense.certification import certify_front
+    from deepzero_oracle.adapters.defense.fronts import load_front
+    from deepzero_oracle.adapters.defense.training import DefenseConfig, train_defense
 
     config = dict(method="zo-ds", dataset="digits", sigma=0.25, epochs=1, pretrain_epochs=1, max_train=64,
                   width=4, depth=2, batch_size=32)
@@ -198,7 +200,7 @@ class Connected:
 
 def test_a_classifier_that_cannot_travel_is_refused_before_training(classifier, tmp_path, capsys):
     from deepzero_oracle.adapters.defense.classifier import frozen_blackbox
-    from deepzero_oracle.adapters.defense.methods import DefenseConfig, train_defense
+    from deepzero_oracle.adapters.defense.training import DefenseConfig, train_defense
     from deepzero_oracle.errors import NotShippable
 
     config = DefenseConfig(method="zo-ds", dataset="digits", epochs=1, max_train=64, width=4, depth=2)

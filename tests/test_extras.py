@@ -145,7 +145,7 @@ def test_plots_name_apps(monkeypatch, tmp_path):
 
 
 def test_image_folders_name_apps(monkeypatch, tmp_path):
-    from deepzero_oracle.apps.datasets import read_image_folder
+    from deepzero_oracle.common.datasets import read_image_folder
 
     for cls in ("a", "b"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepzero_oracle import ModuleOracle
-from deepzero_oracle.apps.models import resnet, resnet8, resnet20
+from deepzero_oracle.common.models import resnet, resnet8, resnet20
 from deepzero_oracle.fastpath.delta import Delta, add_copies, propagate_call
 
 from test_fast_path import naive_coordinate_losses

@@ -11,8 +11,8 @@ from grpcbb_functions import digits_head
 from grpcbb_helpers import start_server
 
 from deepzero_oracle import CGE, ModuleOracle, TensorBatches, Trainer  # noqa: E402
-from deepzero_oracle.apps.datasets import load_dataset  # noqa: E402
-from deepzero_oracle.apps.models import mlp  # noqa: E402
+from deepzero_oracle.common.datasets import load_dataset  # noqa: E402
+from deepzero_oracle.common.models import mlp  # noqa: E402
 
 
 def _train(blackbox, x, y, x_test, y_test):

@@ -1,25 +1,16 @@
 """KServeBlackBox and GrpcBlackBox against real KServe v2 servers: MLServer (its own venv) and ours.
 
-The MLServer fixture creates .venv-mlserver with tests/mlserver/setup_venv.sh when it is
-missing (~45 s once; MLServer pins protobuf<7, so it cannot share the project's venv), starts
-`mlserver start` on 127.0.0.1 with `parallel_workers: 0`, waits for the model to be ready and
-stops the server by its process id.
+The MLServer fixture (support/mlserver_peer.py) creates .venv-mlserver with
+tests/mlserver/setup_venv.sh when it is missing (once; MLServer pins protobuf<7, so it
+cannot share the project's venv), starts `mlserver start` on 127.0.0.1 with
+`parallel_workers: 0` serving tests/mlserver/kserve_function.py, waits for the models to be
+ready and stops the server by its process id.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,11 +26,8 @@ from deepzero_oracle.blackbox import (
 )
 from grpcbb_functions import affine as torch_affine
 from grpcbb_helpers import start_server
+from support.mlserver_peer import MLSERVER_DIR, VENV, ensure_mlserver_venv, free_port, function_model, start_mlserver
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
-MLSERVER_DIR = TESTS / "mlserver"
-VENV = Path(os.environ.get("DEEPZERO_MLSERVER_VENV", REPO / ".venv-mlserver"))
 MODEL = "deepzero-affine"
 STEP_MODEL = "deepzero-step"
 
@@ -48,78 +36,26 @@ _functions = runpy.run_path(str(MLSERVER_DIR / "kserve_function.py"))
 affine, step = _functions["affine"], _functions["step"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _start_mlserver(work: Path):
-    settings = json.loads((MLSERVER_DIR / "settings.json").read_text())
-    settings.update(host="127.0.0.1", http_port=_free_port(), grpc_port=_free_port(),
-                    parallel_workers=0, metrics_endpoint=None)
-    (work / "settings.json").write_text(json.dumps(settings))
-    log = open(work / "mlserver.log", "wb")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.Popen([str(VENV / "bin" / "mlserver"), "start", "."], cwd=work, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    ready = f"http://127.0.0.1:{settings['http_port']}/v2/models/{MODEL}/ready"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _ready(ready):  # the model, not only the server: a dropped model leaves the server 'ready'
-            return proc, settings
-        time.sleep(0.3)
-    _stop(proc)
-    return None, (work / "mlserver.log").read_text(errors="replace")[-3000:]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def ensure_mlserver_venv() -> None:
-    """Create .venv-mlserver once (MLServer pins protobuf < 7, so it lives apart); skip if asked."""
-    if os.environ.get("DEEPZERO_SKIP_MLSERVER"):
-        pytest.skip("DEEPZERO_SKIP_MLSERVER is set")
-    setup = subprocess.run(["bash", str(MLSERVER_DIR / "setup_venv.sh"), str(VENV)],
-                           env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},
-                           capture_output=True, text=True, timeout=1800)
-    if setup.returncode != 0:
-        pytest.fail(f"could not create {VENV} (needs PyPI access once):\n{setup.stderr[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def mlserver(tmp_path_factory):
     ensure_mlserver_venv()
-    work = tmp_path_factory.mktemp("mlserver")
-    for name in ("kserve_runtime.py", "kserve_function.py"):
-        shutil.copy(MLSERVER_DIR / name, work / name)
-    for model in (MODEL, STEP_MODEL):
-        shutil.copytree(MLSERVER_DIR / model, work / model)
-    for _attempt in range(2):  # a free port can be taken between choosing and binding it
-        proc, info = _start_mlserver(work)
-        if proc is not None:
-            break
-    else:
-        pytest.fail(f"MLServer did not get ready; log tail:\n{info}")
-    try:
-        yield {"grpc": f"127.0.0.1:{info['grpc_port']}", "rest": f"http://127.0.0.1:{info['http_port']}"}
-    finally:
-        _stop(proc)
+    models = {MODEL: function_model("kserve_function:affine", [("x", "FP32", [-1, -1])], [("y", "FP32", [-1, -1])]),
+              STEP_MODEL: function_model("kserve_function:step",
+                                         [("state", "FP64", [-1, -1, -1, -1]), ("params", "FP64", [-1, 2])],
+                                         [("next_state", "FP64", [-1, -1, -1, -1])])}
+    with start_mlserver(tmp_path_factory.mktemp("mlserver"), models, VENV,
+                        files=[MLSERVER_DIR / "kserve_function.py"]) as peer:
+        yield {"grpc": peer.grpc, "rest": peer.rest_url}
+
+
+def test_mlserver_peer_waits_for_every_model(tmp_path):
+    """A model that fails to load: start_mlserver raises, naming the model and showing
+    MLServer's log (the import error), and yields no server."""
+    ensure_mlserver_venv()
+    models = {"broken": function_model("no_such_module:f", [("x", "FP32", [-1])], [("y", "FP32", [-1])])}
+    with pytest.raises(RuntimeError, match="(?s)model 'broken' did not get ready.*no_such_module"):
+        with start_mlserver(tmp_path, models, VENV, startup_timeout=60, attempts=1):
+            pass
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
@@ -195,7 +131,7 @@ def test_kserve_client_against_our_server():
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_unreachable_server_is_unavailable(protocol):
-    port = _free_port()
+    port = free_port()
     url = f"127.0.0.1:{port}" if protocol == "grpc" else f"http://127.0.0.1:{port}"
     box = KServeBlackBox(url, "m", protocol=protocol, timeout=10, retries=1, input_names=["x"])
     with pytest.raises(BlackBoxUnavailable, match="is the server running"):

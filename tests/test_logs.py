@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from deepzero_oracle import CGE, CSVLogger, ModuleOracle, TensorBatches, TensorBoardLogger, Trainer
 from deepzero_oracle.apps.cli import build_parser, main
-from deepzero_oracle.apps.options import add_quiet, progress_of
+from deepzero_oracle.common.options import add_quiet, progress_of
 from deepzero_oracle.logs import LOGGER, configure_logging, logging_level
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_every_tqdm_call_site_leaves_disable_to_the_progress_setting():
                 assert disable, f"{path}: tqdm(...) without disable= (it would show on a non-terminal)"
                 assert not (isinstance(disable[0].value, ast.UnaryOp) and isinstance(disable[0].value.op, ast.Not)), (
                     f"{path}: disable=not progress turns auto (None) into always on")
-    assert {"train.py", "certify_log.py", "base.py"} <= set(sites)
+    assert {"train.py", "certification.py", "base.py"} <= set(sites)
 
 
 # ---------------------------------------------------------------------- logging

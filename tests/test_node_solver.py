@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from deepzero_oracle.blackbox import BlackBoxInvalidArgument
-from deepzero_oracle.blackbox.protocol import KSERVE_SERVICE, MIRROR_SERVICE, TOKEN_ENV, bearer, encode_raw
+from deepzero_oracle.wire.codec import encode_raw
+from deepzero_oracle.wire.constants import KSERVE_SERVICE, MIRROR_SERVICE, TOKEN_ENV, bearer
 from deepzero_oracle.blackbox.spec import open_blackbox
 from deepzero_oracle.server.cli import serving_address
 from deepzero_oracle.wire import oracle_pb2 as pb

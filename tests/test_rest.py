@@ -20,7 +20,7 @@ from deepzero_oracle.blackbox import (
     GrpcBlackBox,
     KServeBlackBox,
 )
-from deepzero_oracle.blackbox.protocol import BINARY_HEADER
+from deepzero_oracle.wire.constants import BINARY_HEADER
 from deepzero_oracle.server import serve_blackbox
 from grpcbb_helpers import self_signed_cert
 

@@ -556,7 +556,7 @@ def test_server_never_unpickles():
     """The server modules have no pickle path at all (the wire carries only numbers)."""
     from pathlib import Path
 
-    import deepzero_oracle.blackbox.protocol as protocol
+    import deepzero_oracle.wire.codec as protocol
     import deepzero_oracle.server as server
 
     files = sorted(Path(server.__file__).parent.glob("*.py")) + [Path(protocol.__file__)]

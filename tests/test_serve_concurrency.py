@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 
 from deepzero_oracle.blackbox import GrpcBlackBox, KServeBlackBox
-from deepzero_oracle.blackbox.protocol import NO_DEADLINE_SECONDS, WireError, check_timeout
+from deepzero_oracle.wire.constants import NO_DEADLINE_SECONDS, check_timeout
+from deepzero_oracle.wire.errors import WireError
 from deepzero_oracle.server import serve_blackbox
-from deepzero_oracle.server.servicer import CallQueue, deadline_of
+from deepzero_oracle.server.host import CallQueue, deadline_of
 from deepzero_oracle.wire import oracle_pb2 as pb
 from server_process import ServerProcess
 
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the test extra")
-httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the test extra")
+import tritonclient.grpc as grpcclient  # noqa: E402 -- the test extra installs tritonclient[grpc,http]
+import tritonclient.http as httpclient  # noqa: E402
 
 COLS = 3
 THREADS = 8

@@ -6,6 +6,7 @@ process for SIGTERM. Every server binds 127.0.0.1 and is stopped by the test tha
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import signal
@@ -21,14 +22,14 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deepzero_oracle.blackbox.protocol import datatype_of, encode_raw
+from deepzero_oracle.wire.codec import datatype_of, encode_raw
 from deepzero_oracle.server import serve_blackbox
 from deepzero_oracle.server import cli as serve_cli
 from deepzero_oracle.wire import oracle_pb2 as pb
 from deepzero_oracle.wire import oracle_pb2_grpc as pb_grpc
 from server_process import ServerProcess
 
-prom_parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client is the 'metrics' extra")
+import prometheus_client.parser as prom_parser  # noqa: E402 -- the test extra installs the metrics extra
 
 TESTS = Path(__file__).resolve().parent
 TOKEN = "ops-token"
@@ -194,7 +195,7 @@ def _check_stats(stats: dict, *, requests: int, rows: int, failed: int):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_tritonclient_reads_the_statistics(server, protocol):
-    module = pytest.importorskip(f"tritonclient.{protocol}", reason="tritonclient is in the test extra")
+    module = importlib.import_module(f"tritonclient.{protocol}")
     if protocol == "grpc":
         client = module.InferenceServerClient(server.address)
     else:

@@ -9,13 +9,8 @@ import pytest
 import torch
 from scipy.stats import beta, norm
 
-from deepzero_oracle.adapters.defense.certify_log import (
-    certified_accuracy,
-    certified_accuracy_markdown,
-    certify_dataset,
-    plot_certified_curve,
-    read_log,
-)
+from deepzero_oracle.adapters.defense.certification import certified_accuracy, certify_dataset, read_log
+from deepzero_oracle.adapters.defense.report import certified_accuracy_markdown, plot_certified_curve
 from deepzero_oracle.adapters.defense.smoothing import (
     ABSTAIN,
     Smooth,
@@ -25,6 +20,7 @@ from deepzero_oracle.adapters.defense.smoothing import (
     min_predict_n,
 )
 from deepzero_oracle.blackbox import BlackBoxError, LocalBlackBox
+from deepzero_oracle.errors import SettingsMismatch
 
 ALPHA = 0.001
 SIGMA = 0.25
@@ -364,12 +360,12 @@ def test_resumed_certification_equals_an_uninterrupted_one(tmp_path):
     assert resumed.queries == full.queries == 4 * 520
     assert resumed.certified_accuracy() == full.certified_accuracy()
 
-    with pytest.raises(ValueError, match="n: log 500 vs now 600"):
+    with pytest.raises(SettingsMismatch, match="n: 500 in the run, 600 now"):
         certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels, log_path=log, resume=True,
                         **dict(kw, n=600))
     certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs[:1], labels[:1], log_path=tmp_path / "m.tsv",
                     settings={"model": "a"}, **kw)
-    with pytest.raises(ValueError, match="model: log 'a' vs now 'b'"):
+    with pytest.raises(SettingsMismatch, match="model: 'a' in the run, 'b' now"):
         certify_dataset(Smooth(Recorder(sign_of_pixel0, 2), 2, SIGMA), xs, labels, log_path=tmp_path / "m.tsv",
                         settings={"model": "b"}, resume=True, **kw)
     with pytest.raises(ValueError, match="not the first"):

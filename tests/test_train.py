@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from deepzero_oracle import CGE, RGE, Autograd, ModuleOracle, TensorBatches
 from deepzero_oracle.apps.classify import Recipe, train_classifier
 from deepzero_oracle.apps.cli import main
-from deepzero_oracle.apps.datasets import load_dataset
+from deepzero_oracle.common.datasets import load_dataset
 from deepzero_oracle.pruning import MaskSchedule, class_balanced_sample, uniform_ratios
 from deepzero_oracle.theta import assign_gradient
 from deepzero_oracle.train import Trainer

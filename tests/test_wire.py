@@ -12,21 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepzero_oracle.blackbox.protocol import (
-    DATATYPES,
-    TOKEN_ENV,
-    WireError,
-    datatype_of,
-    decode_raw,
-    decode_typed,
-    encode_raw,
-    fill_typed,
-    nonfinite_rows,
-    read_pem,
-    resolve_token,
-    status_name,
-    status_number,
-)
+from deepzero_oracle.wire.codec import DATATYPES, datatype_of, decode_raw, decode_typed, encode_raw, fill_typed, nonfinite_rows
+from deepzero_oracle.wire.constants import TOKEN_ENV, read_pem, resolve_token, status_name, status_number
+from deepzero_oracle.wire.errors import WireError
 from deepzero_oracle.wire import oracle_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +207,8 @@ def test_token_and_pem_reading(monkeypatch, tmp_path):
 
 def test_protocol_and_rest_client_import_without_grpc():
     """The REST client stays light: neither it nor the codec loads grpc or the generated code."""
-    code = ("import sys, deepzero_oracle.blackbox.protocol, deepzero_oracle.blackbox.kserve; "
+    code = ("import sys, deepzero_oracle.wire.codec, deepzero_oracle.wire.constants, deepzero_oracle.blackbox.rest, "
+            "deepzero_oracle.blackbox.kserve; "
             "print(sorted(m for m in sys.modules if m == 'grpc' or m.endswith('oracle_pb2')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -7,33 +7,40 @@ callable ``fn(images [N, C, H, W] ndarray) -> scores [N, classes]``, a served mo
 `certify` (= `certify_front`) or smooth any classifier yourself with `Smooth`.
 
 Modules (the names below are also importable from this package; modules load on first use):
-- ``methods``: `DefenseConfig` (the recipe), `METHODS` (fo-ds, zo-ds, zo-ae-ds), `OBJECTIVES`,
-  `train_defense` (every stage through the engine's Trainer), `load_front`, `build_front`,
-  `smoothed_pipeline` (``f(front(x))`` as a black box), `certify_front` (also as `certify`).
+- ``training``: `DefenseConfig` (the recipe), `METHODS` (fo-ds, zo-ds, zo-ae-ds), `OBJECTIVES`,
+  `train_defense` (every stage through the engine's Trainer), `train_folder` (``defense train``).
+- ``fronts``: `build_front`, `load_front`, `save_front`, `smoothed_pipeline` (``f(front(x))`` as a
+  black box).
+- ``oracles``: `CountingBlackBox`, ZO-AE-DS's `ZOAEOracle` and `LatentOracle`.
+- ``certification``: per-image logs, resumable certification (`certify_dataset`, `CertifyRun`,
+  `read_log`, `certified_accuracy`), `certify_front` (also as `certify`), `certify_folder`
+  (``defense certify``).
+- ``report``: intervals, paired tests, tables and plots; `report_folder` (``defense report``).
+- ``compare``: `compare_methods` (``defense compare``: methods x seeds, trained, certified, reported).
 - ``classifier``: `Classifier` (a black box checked against the data: logits out),
   `open_classifier`.
 - ``smoothing``: Cohen et al.'s CERTIFY / PREDICT (`Smooth`, `Certificate`, `ABSTAIN`).
-- ``certify_log``: per-image logs, resumable certification (`certify_dataset`, `CertifyRun`,
-  `read_log`, `certified_accuracy`).
 - ``denoiser``: the white-box fronts (`Denoiser`).
-- the images: `Dataset`, `load_data`, `read_npz` (from ``deepzero_oracle.apps.datasets``).
-- ``cli``: ``deepzero-oracle defense train|certify|report|compare``.
+- the images: `Dataset`, `load_data`, `read_npz` (from ``deepzero_oracle.common.datasets``).
+- ``cli``: ``deepzero-oracle defense train|certify|report|compare`` (flags in, one call out).
 """
 
 _EXPORTS = {
-    "DefenseConfig": "methods", "METHODS": "methods", "OBJECTIVES": "methods", "train_defense": "methods",
-    "load_front": "methods", "build_front": "methods", "smoothed_pipeline": "methods",
-    "certify_front": "methods", "CountingBlackBox": "methods",
+    "DefenseConfig": "training", "METHODS": "training", "OBJECTIVES": "training", "train_defense": "training",
+    "train_folder": "training",
+    "load_front": "fronts", "build_front": "fronts", "save_front": "fronts", "smoothed_pipeline": "fronts",
+    "CountingBlackBox": "oracles", "ZOAEOracle": "oracles", "LatentOracle": "oracles",
     "Classifier": "classifier", "open_classifier": "classifier",
     "Smooth": "smoothing", "Certificate": "smoothing", "ABSTAIN": "smoothing",
-    "CertifyRun": "certify_log", "certify_dataset": "certify_log", "read_log": "certify_log",
-    "certified_accuracy": "certify_log",
+    "CertifyRun": "certification", "certify_dataset": "certification", "read_log": "certification",
+    "certified_accuracy": "certification", "certify_front": "certification", "certify_folder": "certification",
+    "report_folder": "report", "compare_methods": "compare",
     "Denoiser": "denoiser",
-    "Dataset": "deepzero_oracle.apps.datasets", "load_data": "deepzero_oracle.apps.datasets",
-    "read_npz": "deepzero_oracle.apps.datasets",
+    "Dataset": "deepzero_oracle.common.datasets", "load_data": "deepzero_oracle.common.datasets",
+    "read_npz": "deepzero_oracle.common.datasets",
 }
 #: other names of exported objects
-_ALIASES = {"certify": ("methods", "certify_front")}
+_ALIASES = {"certify": ("certification", "certify_front")}
 
 
 def __getattr__(name):

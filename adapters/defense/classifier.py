@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from deepzero_oracle import Autograd, LocalBlackBox, ModuleOracle, TensorBatches, Trainer
 from deepzero_oracle.blackbox import BlackBoxError, BlackBoxTimeout, BlackBoxUnavailable, as_tensor
 from deepzero_oracle.blackbox.spec import BlackBoxSpec, load_callable, open_blackbox
-from deepzero_oracle.apps.datasets import load_dataset
-from deepzero_oracle.apps.models import cnn
+from deepzero_oracle.common.datasets import load_dataset
+from deepzero_oracle.common.models import cnn
 from deepzero_oracle.adapters.defense.denoiser import channels_last_runner
-from deepzero_oracle.atomic import save_torch
+from deepzero_oracle.runs import save_torch
 
 __all__ = [
     "FLOAT_DATATYPES",
@@ -373,7 +373,7 @@ def open_classifier(spec: str | Callable, data, *, path: str | Path | None = Non
         BlackBoxUnavailable / BlackBoxTimeout: a remote classifier cannot be reached.
         ValueError: anything else that does not fit the data (the message says what).
     """
-    from deepzero_oracle.apps.datasets import DATASETS, load_data
+    from deepzero_oracle.common.datasets import DATASETS, load_data
 
     data = load_data(data) if isinstance(data, str) else data
     whitebox = None

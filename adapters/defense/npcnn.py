@@ -5,7 +5,7 @@ virtual environment has no torch) so the *served* classifier is exactly the weig
 exported with :func:`deepzero_oracle.adapters.defense.classifier.export_npz`.
 
 The ``.npz`` holds ``spec``: layer kinds in order (``conv:<i>``, ``relu``, ``pool``, ``flatten``,
-``linear:<i>``; 3x3 convs with padding 1 and 2x2 max-pooling, as the model zoo's ``deepzero_oracle.apps.models.cnn``)
+``linear:<i>``; 3x3 convs with padding 1 and 2x2 max-pooling, as the model zoo's ``deepzero_oracle.common.models.cnn``)
 and ``<i>.weight`` / ``<i>.bias`` arrays.
 """
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import beta, binomtest, norm
 
-from deepzero_oracle.blackbox.local import BlackBoxError, LocalBlackBox, as_tensor
+from deepzero_oracle.blackbox import BlackBoxError, LocalBlackBox, as_tensor
 
 __all__ = [
     "ABSTAIN",

@@ -16,7 +16,9 @@ Modules (the names below are also importable from this package; modules load on 
   (`train_method`, `training_windows`), and the test metric (`evaluate`).
 - ``builtin``: the PhiFlow scenarios as producers of trajectories (`generate_trajectories`).
 - ``serving``: `serve_source_solver` (embedded gRPC server of a built-in scenario's solver).
-- ``cli``: ``deepzero-oracle sol generate|train|eval|report``.
+- ``compare``: the comparison folder and each command's work as a function (`generate`, `train`,
+  `evaluate_trained`, `compare`, `report`, `run_method`).
+- ``cli``: ``deepzero-oracle sol generate|train|eval|compare|report`` (flags -> one ``compare`` function).
 """
 
 _EXPORTS = {

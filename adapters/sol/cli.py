@@ -1,294 +1,98 @@
-"""``deepzero-oracle sol generate | train | eval | report``: solver-in-the-loop correctors from the shell.
+"""``deepzero-oracle sol generate | train | eval | compare | report``: solver-in-the-loop correctors
+from the shell.
 
-``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). A comparison
-is one data file (`trajectories.py` format: ``--data FILE.npz``, or ``OUT/trajectories.npz`` written by
-``sol generate`` for a built-in scenario) and a solver (``--solver SPEC``; the built-in scenario's
-in-process step by default). Layout of ``--out DIR``:
-``config.json`` (the recipe, `SOLConfig`, and the data file with its digest), ``trajectories.npz``
-(built-ins), ``data/`` (cached NON pairs; the built-ins' cases and reference runs),
-``<method>/checkpoint.pt``, ``<method>/train.json``, ``<method>/eval.json``, and after ``report``:
-``report.md``, ``report.json``, ``error_over_time.png``, ``snapshot.png``.
-
-Bad input (data, solver, corrector) is refused before anything is trained or written.
+``register(subparsers)`` adds the commands (the ``deepzero-oracle`` entry point does). Each command
+parses its flags and calls one function of `compare.py` (``generate``, ``train``,
+``evaluate_trained``, ``compare``, ``report``), which documents the comparison folder (``--out``).
+Bad input (data, solver, corrector, other settings than the folder's) is refused before anything
+is trained or written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
-from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_max_queries, add_quiet,
-                                          add_run_folder, add_timeout, budget_message, given_flags, int_list,
-                                          progress_flags, progress_of, run_subcommand, steps_count)
+from deepzero_oracle.common.options import (add_command, add_executor, add_json, add_max_queries, add_quiet,
+                                          add_run_folder, add_timeout, budget_message, int_list, progress_of,
+                                          steps_count)
 from deepzero_oracle.errors import EXIT_BUDGET
-from deepzero_oracle.atomic import write_json
 
-__all__ = ["register", "report", "run_method", "write_config"]
+from .compare import TRAJECTORIES, compare, evaluate_trained, generate, report, run_method, train, write_config
 
-TRAJECTORIES = "trajectories.npz"  # what `sol generate` writes into --out
-_REPORT_FILES = ("report.md", "report.json", "error_over_time.png", "snapshot.png")
-
-
-def run_method(cfg, method: str, out, trajectories, solver, *, progress: bool | None = None, restart: bool = False,
-               executor=None, max_queries: int | None = None) -> dict:
-    """Train (if needed) and evaluate one method of a comparison; writes ``<out>/<method>/eval.json``.
-
-    Args:
-        cfg: `SOLConfig`; method: ``src|non|fo-sol|zo-sol``; out: comparison folder.
-        trajectories: the data (`Trajectories`).
-        solver: a `Solver` (or a plain callable): rolls out evaluation, computes NON's pairs (cached in
-            ``<out>/data``), answers ZO-SOL's queries and gives FO-SOL its torch step.
-        executor: where ZO-SOL's queries run (``open_executor``); None: here.
-        max_queries: the training's query budget (`train_method`); a run it stops is not evaluated.
-    Returns:
-        ``{"method", "mae_mean", "mae_std", "queries", "solver_calls", "seconds", "steps", "mae_per_sim",
-        "mae_over_time", "diverged"}``, or `train_method`'s summary when ``stopped_reason`` is set.
-    """
-    from deepzero_oracle.adapters.sol.data import prepare_data
-    from deepzero_oracle.adapters.sol.methods import train_method
-
-    run = Path(out) / method
-    data = None if method == "src" else prepare_data(trajectories, solver, cache_dir=Path(out) / "data")
-    summary = train_method(cfg, method, data, run, solver=solver, progress=progress, restart=restart,
-                           executor=executor, max_queries=max_queries)
-    if summary.get("stopped_reason"):
-        return summary
-    return _evaluate(cfg, method, trajectories, solver, run, summary)
-
-
-def _evaluate(cfg, method, trajectories, solver, run, summary) -> dict:
-    import numpy as np
-
-    from deepzero_oracle.adapters.sol.data import prepare_data
-    from deepzero_oracle.adapters.sol.methods import evaluate, load_corrector
-
-    # the corrector's constants come back with its checkpoint: no solver pairs needed here
-    corrector = None if method == "src" else load_corrector(cfg, prepare_data(trajectories), run)
-    ev = evaluate(trajectories, solver, corrector)
-    result = {"method": method, "mae_mean": ev["mae_mean"], "mae_std": ev["mae_std"],
-              "queries": int(summary["queries"]), "solver_calls": int(summary["solver_calls"]),
-              "seconds": float(summary["seconds"]), "steps": int(summary["step"]),
-              "mae_per_sim": ev["mae_per_sim"], "mae_over_time": ev["mae_over_time"],
-              "mae_per_sim_over_time": ev["mae_per_sim_over_time"], "diverged": ev["diverged"]}
-    write_json(Path(run) / "eval.json", result, indent=1)
-    np.savez_compressed(Path(run) / "snapshot.npz", **ev["snapshot"])
-    return result
-
-
-# ---------------------------------------------------------------------- the comparison folder
-def _saved_config(out: Path) -> dict:
-    path = out / "config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _recipe(args, saved: dict):
-    """The recipe: the folder's, overridden by flags given explicitly (in memory; nothing written)."""
-    from deepzero_oracle.adapters.sol.data import SOLConfig
-
-    fields = SOLConfig.from_dict(saved).to_dict()
-    for k in fields:
-        v = getattr(args, k, None)
-        if v is not None:
-            fields[k] = v
-    return SOLConfig.from_dict(fields).check()
-
-
-def _data(args, out: Path, saved: dict, unroll: int | None):
-    """(trajectories, path) of the comparison: ``--data``, else the folder's recorded file, else
-    ``OUT/trajectories.npz``; other data than the folder's is refused."""
-    from deepzero_oracle.adapters.sol.trajectories import load_trajectories
-
-    given = getattr(args, "data", None)
-    if given:
-        path = Path(given)
-    elif saved.get("data"):
-        path = out / saved["data"]  # relative to the folder, or absolute
-    elif (out / TRAJECTORIES).exists():
-        path = out / TRAJECTORIES
-    else:
-        raise FileNotFoundError(f"no data for {out}: pass --data FILE.npz (a SOL trajectories file) or run "
-                                f"`deepzero-oracle sol generate --out {out}` for a built-in scenario")
-    traj = load_trajectories(path, unroll=unroll)
-    if saved.get("data_digest") and saved["data_digest"] != traj.digest():
-        raise ValueError(f"{out} holds a comparison on other data ({saved.get('data')}, digest "
-                         f"{saved['data_digest'][:12]}); {path} has digest {traj.digest()[:12]}: use another --out")
-    return traj, path
-
-
-def write_config(out, cfg, trajectories, data_path) -> None:
-    """Record a comparison in ``<out>/config.json``: the recipe (`SOLConfig`) and the data file (relative to
-    ``out`` when inside it), its digest and label; `sol eval` and `sol report` read it back."""
-    out, data_path = Path(out), Path(data_path).resolve()
-    if data_path.is_relative_to(out.resolve()):
-        data_path = Path(os.path.relpath(data_path, out.resolve()))
-    write_json(out / "config.json", {**cfg.to_dict(), "data": str(data_path), "data_digest": trajectories.digest(),
-                                     "data_label": trajectories.label}, indent=1)
+__all__ = ["register", "report", "run_method", "write_config"]  # the last three: from compare.py
 
 
 # ---------------------------------------------------------------------- commands
-def _generate(args) -> int:
-    from deepzero_oracle.adapters.sol.builtin import GENERATION_KEYS, generate_trajectories
-    from deepzero_oracle.adapters.sol.methods import METHODS
-    from deepzero_oracle.adapters.sol.trajectories import load_trajectories
+# Each parses its flags, calls one function of `compare.py` and prints what it returned.
+def _flags(args, names) -> dict:
+    """``{name: value}`` of the flags ``names`` as parsed (None: not given)."""
+    return {k: getattr(args, k, None) for k in names}
 
-    out = Path(args.out)
-    path = out / TRAJECTORIES
-    if args.restart:  # a new comparison: remove only what `sol` itself wrote there
-        for name in ("data", *METHODS):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("config.json", TRAJECTORIES, *_REPORT_FILES):
-            (out / name).unlink(missing_ok=True)
-    existing = load_trajectories(path).metadata if path.exists() else {}
-    defaults = {"scenario": "burgers", "size": "small", "n_train": 16, "n_test": 16, "train_steps": 32,
-                "test_steps": 64, "seed": 0}
-    wanted = {k: getattr(args, k) if getattr(args, k) is not None else existing.get(k, defaults[k])
-              for k in GENERATION_KEYS}
-    if existing:
-        changed = sorted(k for k in GENERATION_KEYS if existing.get(k) != wanted[k])
-        if changed:
-            raise ValueError(f"{path} holds trajectories generated with other settings ({changed}); use another "
-                             "--out, or --restart to start this comparison over")
-        traj = load_trajectories(path)
-    else:
-        traj = generate_trajectories(**wanted, cache_dir=out / "data", progress=progress_of(args))
-        traj.save(path)
-    info = {**{k: wanted[k] for k in ("scenario", "size")}, "train_states": list(traj.train_states.shape),
-            "test_states": list(traj.test_states.shape), "data": str(path)}
+
+def _recipe_overrides(args) -> dict:
+    from deepzero_oracle.adapters.sol.data import SOLConfig
+
+    return _flags(args, SOLConfig().to_dict())
+
+
+def _generate(args) -> int:
+    from deepzero_oracle.adapters.sol.builtin import GENERATION_KEYS
+
+    info = generate(args.out, restart=args.restart, progress=progress_of(args), **_flags(args, GENERATION_KEYS))
+    label = info.pop("label")
     print(json.dumps(info) if args.json else
-          f"sol generate: {traj.label}: train {traj.train_states.shape}, test {traj.test_states.shape} in {path}")
+          f"sol generate: {label}: train {tuple(info['train_states'])}, test {tuple(info['test_states'])} "
+          f"in {info['data']}")
     return 0
 
 
-def _print_result(args, label: str, r, command: str) -> None:
+def _result_line(r, label: str, command: str, as_json: bool) -> str:
     keys = ("method", "mae_mean", "mae_std", "queries", "solver_calls", "seconds", "steps", "diverged")
-    print(json.dumps({k: r[k] for k in keys}) if args.json else
-          f"sol {command}: {label} {r['method']}: test MAE {r['mae_mean']:.5f} +- {r['mae_std']:.5f}, "
-          f"{r['queries']} queries, {r['seconds']:.1f} s")
+    return (json.dumps({k: r[k] for k in keys}) if as_json else
+            f"sol {command}: {label} {r['method']}: test MAE {r['mae_mean']:.5f} +- {r['mae_std']:.5f}, "
+            f"{r['queries']} queries, {r['seconds']:.1f} s")
 
 
 def _train(args) -> int:
-    from deepzero_oracle.adapters.sol.data import prepare_data
-    from deepzero_oracle.adapters.sol.methods import build_corrector, check_resumable
-    from deepzero_oracle.adapters.sol.solver import open_solver
-    from deepzero_oracle.blackbox.spec import BlackBoxSpec
-    from deepzero_oracle.parallel import InlineExecutor, open_executor
-    from deepzero_oracle.parallel.payloads import to_bytes
-
-    out = Path(args.out)
-    if args.solver:
-        BlackBoxSpec.parse(args.solver)  # a malformed spec fails before the data is read
-    saved = _saved_config(out)
-    cfg = _recipe(args, saved)
-    traj, path = _data(args, out, saved, cfg.unroll)
-    with open_executor(args.executor) as pool, open_solver(args.solver, traj, timeout=args.timeout) as solver:
-        # every check before anything is written: FO-SOL's gradient path, the corrector
-        if args.method == "fo-sol":
-            solver.gradient_step(traj)
-        if args.method == "zo-sol" and not isinstance(pool, InlineExecutor):
-            to_bytes(solver, pool)  # the workers call the solver: refuse one that cannot travel there, now
-        if args.method != "src":
-            build_corrector(cfg, prepare_data(traj))
-            if not args.restart:
-                check_resumable(cfg, args.method, traj, solver, out / args.method)
-        write_config(out, cfg, traj, path)
-        r = run_method(cfg, args.method, out, traj, solver, progress=progress_of(args), restart=args.restart,
-                       executor=pool, max_queries=args.max_queries)
+    label, r = train(args.out, args.method, overrides=_recipe_overrides(args), data=args.data, solver=args.solver,
+                     timeout=args.timeout, executor=args.executor, max_queries=args.max_queries,
+                     restart=args.restart, progress=progress_of(args))
     if r.get("stopped_reason"):
         if args.json:
             print(json.dumps({k: r[k] for k in ("method", "step", "oracle_queries", "stopped_reason")}))
-        print(budget_message("sol train", r["stopped_reason"], r["oracle_queries"], out / args.method),
+        print(budget_message("sol train", r["stopped_reason"], r["oracle_queries"], Path(args.out) / args.method),
               file=sys.stderr)
         return EXIT_BUDGET
-    _print_result(args, traj.label, r, "train")
+    print(_result_line(r, label, "train", args.json))
     return 0
 
 
 def _eval(args) -> int:
-    from deepzero_oracle.adapters.sol.solver import BUILTIN, open_solver
-
-    out = Path(args.out)
-    saved = _saved_config(out)
-    run = out / args.method
-    if not saved or not (run / "train.json").exists():
-        raise FileNotFoundError(f"no trained {args.method} in {run}; run `sol train --method {args.method}` first")
-    cfg = _recipe(args, saved)
-    traj, _ = _data(args, out, saved, None)
-    summary = json.loads((run / "train.json").read_text())
-    spec = args.solver or (None if summary.get("solver", BUILTIN) == BUILTIN else summary["solver"])
-    with open_solver(spec, traj, timeout=args.timeout) as solver:
-        r = _evaluate(cfg, args.method, traj, solver, run, summary)
-    _print_result(args, traj.label, r, "eval")
+    label, r = evaluate_trained(args.out, args.method, solver=args.solver, timeout=args.timeout)
+    print(_result_line(r, label, "eval", args.json))
     return 0
 
 
-def report(out, *, plots: bool = True) -> dict:
-    """Collect ``<out>/<method>/eval.json``; write ``report.md``, ``report.json`` and plots
-    (``adapters/sol/report.py``: MAE with 95% intervals at several horizons, paired tests).
-
-    Returns:
-        ``{method: {"mae_mean", "mae_std", "mae_ci95", "queries", "seconds", "horizons": {...}}}``
-        in `METHODS` order.
-    """
-    from deepzero_oracle.adapters.sol.report import report as write_report
-
-    label = _saved_config(Path(out)).get("data_label", Path(out).name)
-    return write_report(out, plots=plots, train_steps=_train_length(Path(out)), title=f"SOL comparison: {label}")
-
-
-def _train_length(out: Path) -> int | None:
-    """Steps of the comparison's training trajectories (the horizon SOL trained on), if known."""
-    from deepzero_oracle.adapters.sol.trajectories import load_trajectories
-
-    saved = _saved_config(out)
-    path = out / saved["data"] if saved.get("data") else out / TRAJECTORIES
-    return load_trajectories(path).train_states.shape[1] - 1 if path.exists() else None
-
-
-def _run_sol(argv: list[str]) -> None:
-    run_subcommand(register, ["sol", *argv])
-
-
 def _compare(args) -> int:
-    """Run the whole comparison once per seed in ``OUT/seed-S`` (generate unless --data, then
-    train every method), then report each seed and all seeds pooled in ``OUT``."""
-    from deepzero_oracle.adapters.sol.methods import METHODS
-    from deepzero_oracle.adapters.sol.report import pooled_report
+    from deepzero_oracle.adapters.sol.builtin import GENERATION_KEYS
 
-    seeds = int_list(args.seeds, "--seeds")
-    methods = [m.strip() for m in args.methods.split(",")]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
-    out = Path(args.out)
-    common = [*progress_flags(args), *(["--restart"] if args.restart else [])]
-    recipe = given_flags(args, _recipe_flags)
-    folders = {}
-    for seed in seeds:
-        folder = out / f"seed-{seed}"
-        if not args.data:
-            _run_sol(["generate", "--out", str(folder), "--seed", str(seed), *common,
-                      *given_flags(args, _scenario_flags)])
-        for m in methods:
-            data = ["--data", str(args.data)] if args.data else []
-            solver = ["--solver", args.solver, "--timeout", str(args.timeout)] if args.solver else []
-            _run_sol(["train", "--out", str(folder), "--method", m, "--seed", str(seed), *data, *solver,
-                      "--executor", args.executor, *recipe, *common])
-        folders[seed] = folder
-    result = pooled_report(out, folders, train_steps=_train_length(folders[seeds[0]]))
-    print(json.dumps(result["pooled"]) if args.json else (out / "report.md").read_text())
+    def on_result(label, r):  # each method's line goes to stderr: stdout is the pooled report
+        print(_result_line(r, label, "train", False), file=sys.stderr)
+
+    result = compare(args.out, int_list(args.seeds, "--seeds"), [m.strip() for m in args.methods.split(",")],
+                     data=args.data, scenario=_flags(args, set(GENERATION_KEYS) - {"seed"}),
+                     overrides=_recipe_overrides(args), solver=args.solver, timeout=args.timeout,
+                     executor=args.executor, restart=args.restart, progress=progress_of(args), on_result=on_result)
+    print(json.dumps(result["pooled"]) if args.json else (Path(args.out) / "report.md").read_text())
     return 0
 
 
 def _report(args) -> int:
     table = report(args.out, plots=True)
-    if args.json:
-        print(json.dumps(table))
-    else:
-        print((Path(args.out) / "report.md").read_text())
+    print(json.dumps(table) if args.json else (Path(args.out) / "report.md").read_text())
     return 0
 
 

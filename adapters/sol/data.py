@@ -143,7 +143,7 @@ def prepare_data(trajectories: Trajectories, solver=None, *, cache_dir=None) -> 
         params = np.repeat(trajectories.train_params, t1 - 1, axis=0)
         src_next = solve_checked(solver, flat, params, "NON pairs").numpy().reshape(n, t1 - 1, *ref.shape[2:])
         if path is not None:
-            from deepzero_oracle.atomic import atomic_write
+            from deepzero_oracle.runs import atomic_write
 
             atomic_write(path, lambda tmp: np.savez_compressed(tmp, src_next=src_next))
     stats = corrector_stats(trajectories, train_fields, src_next)

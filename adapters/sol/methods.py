@@ -27,13 +27,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deepzero_oracle import CGE, Autograd, Callback, MaskSchedule, SampledBatches, Trainer
-from deepzero_oracle.atomic import write_json
-from deepzero_oracle.parallel import InlineExecutor, parallelize
-from deepzero_oracle.parallel.executors import executor_slots
+from deepzero_oracle import CGE, Autograd, MaskSchedule, SampledBatches, Trainer
+from deepzero_oracle.parallel import InlineExecutor, executor_slots, parallelize
 from deepzero_oracle.pruning import uniform_ratios
+from deepzero_oracle.runs import RunFolder, write_json
 from deepzero_oracle.theta import parameter_slots
-from deepzero_oracle.train import check_settings
 
 from .corrector import check_corrector, load_factory, make_corrector
 from .data import SOLConfig, SOLData
@@ -115,7 +113,7 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
     """
     solver = Solver.of(solver)
     corr = build_corrector(cfg, data)
-    masks, callbacks = None, []
+    masks = None
     if method == "non":
         oracle, estimator = SOLOracle(corr, None, 1), Autograd()
     elif method == "fo-sol":
@@ -129,10 +127,9 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
         rows = masks.active + 1
         fanned = executor is not None and not isinstance(executor, InlineExecutor)
         block = -(-rows // executor_slots(executor)) if fanned else rows
+        # the workers' solver calls reach SOLOracle.solver_calls through its counters()
         oracle = parallelize(SOLOracle(corr, solver, cfg.unroll, max_batch=block), executor, block=block)
         estimator = CGE(mu=cfg.mu, joint=True)
-        if fanned:
-            callbacks.append(_WorkerSolverCalls(-(-rows // block) * cfg.unroll))
     else:
         raise ValueError(f"method must be one of {METHODS[1:]} to train, got {method!r}")
     opt = torch.optim.Adam(corr.parameters(), lr=cfg.zo_rate if method == "zo-sol" else cfg.lr)
@@ -142,21 +139,10 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
         if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
     settings = method_settings(cfg, method, data.trajectories, solver)
     trainer = Trainer(oracle, estimator, opt, scheduler=schedule, scheduler_interval="step", mask_schedule=masks,
-                      callbacks=callbacks, out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings,
+                      out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings,
                       seed=cfg.seed, progress=progress, desc=f"{data.trajectories.label} {method}")
     windows = training_windows(data, unroll=cfg.unroll, batch_size=cfg.batch_size, pairs=method == "non")
     return trainer, SampledBatches(windows, seed=cfg.seed)
-
-
-class _WorkerSolverCalls(Callback):
-    """Counts the solver calls an executor's workers make (out of this process's sight): each
-    block of a step's rollouts is ``unroll`` calls, so a step costs a fixed ``per_step``."""
-
-    def __init__(self, per_step: int):
-        self.per_step = per_step
-
-    def on_step_end(self, trainer, metrics):
-        trainer.oracle.oracle.solver_calls += self.per_step
 
 
 def method_settings(cfg: SOLConfig, method: str, trajectories: Trajectories, solver) -> dict:
@@ -169,10 +155,7 @@ def method_settings(cfg: SOLConfig, method: str, trajectories: Trajectories, sol
 def check_resumable(cfg: SOLConfig, method: str, trajectories: Trajectories, solver, run_dir) -> None:
     """Raise ``SettingsMismatch`` (naming each difference) if ``run_dir`` holds a run of other settings,
     before anything is computed or written; nothing to check for a new run."""
-    path = Path(run_dir) / "checkpoint.pt"
-    if path.exists():
-        saved = torch.load(path, weights_only=True).get("settings")
-        check_settings(saved, method_settings(cfg, method, trajectories, solver), path)
+    RunFolder(run_dir, method_settings(cfg, method, trajectories, solver)).check_checkpoint()
 
 
 def train_method(cfg: SOLConfig, method: str, data: SOLData | None, run_dir, *, solver,

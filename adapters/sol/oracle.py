@@ -156,6 +156,15 @@ class SOLOracle(LearnerOracle):
         loss = unroll(step, lambda s: corrections(self.learner, s, pf, weights), start[None], targets, first)[0]
         return torch.autograd.grad(loss, theta)[0], loss
 
+    def counters(self) -> dict[str, int]:
+        """Work counted besides queries: ``{"solver_calls": n}`` (on an executor, each worker's
+        copy counts its own calls and ``ParallelOracle`` adds them here)."""
+        return {"solver_calls": self.solver_calls}
+
+    def add_counters(self, counts: dict[str, int]) -> None:
+        """Add worker copies' ``counters()`` growth to this oracle's totals."""
+        self.solver_calls += int(counts.get("solver_calls", 0))
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "solver_calls": self.solver_calls}
 

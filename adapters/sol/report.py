@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.runs import write_json, write_text
 from deepzero_oracle.extras import require
 from deepzero_oracle.stats import mean_interval, paired_wilcoxon
 

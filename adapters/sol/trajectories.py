@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepzero_oracle.atomic import atomic_write
+from deepzero_oracle.runs import atomic_write
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Trajectories", "load_trajectories", "save_trajectories"]
 

@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepzero_oracle.allocator import retain_freed_memory
-from deepzero_oracle.atomic import write_json, write_text
+from deepzero_oracle.runs import write_json, write_text
 from deepzero_oracle.estimators.rge import RGE
 from deepzero_oracle.module_oracle import ModuleOracle
 from deepzero_oracle.pruning import random_mask, ratios_from_scores, zo_grasp_scores
 
-from deepzero_oracle.apps.datasets import load_dataset
-from deepzero_oracle.apps.models import build_model, cnn, mlp
-from deepzero_oracle.apps.options import add_command, add_json
+from deepzero_oracle.common.datasets import load_dataset
+from deepzero_oracle.common.models import build_model, cnn, mlp
+from deepzero_oracle.common.options import add_command, add_json
 
 ABLATIONS = {
     "engine": {},

@@ -13,23 +13,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepzero_oracle.atomic import write_json
 from deepzero_oracle.batches import TensorBatches
-from deepzero_oracle.errors import EXIT_BUDGET, EXIT_OK, SettingsMismatch
+from deepzero_oracle.errors import EXIT_BUDGET, EXIT_OK
 from deepzero_oracle.estimators import CGE, RGE, Autograd
 from deepzero_oracle.extras import require
 from deepzero_oracle.module_oracle import ModuleOracle
 from deepzero_oracle.parallel import open_executor, parallelize
 from deepzero_oracle.pruning import (PRUNERS, MaskSchedule, class_balanced_sample, is_bias_or_norm, load_ratios,
                                      random_ratios, ratios_from_scores, save_ratios, uniform_ratios, zo_grasp_scores)
+from deepzero_oracle.runs import RunFolder, write_json
 from deepzero_oracle.train import TensorBoardLogger, Trainer
 
-from deepzero_oracle.apps.datasets import DATASETS, load_dataset
-from deepzero_oracle.apps.models import MODELS, build_model
-from deepzero_oracle.apps.options import (add_command, add_executor, add_json, add_max_queries, add_quiet,
+from deepzero_oracle.common.datasets import DATASETS, load_dataset
+from deepzero_oracle.common.models import MODELS, build_model
+from deepzero_oracle.common.options import (add_command, add_executor, add_json, add_max_queries, add_quiet,
                                           add_run_folder, budget_message, progress_of, steps_count)
 
 ESTIMATORS = ("cge", "rge", "fo")
+# what a training run writes to its folder (--restart removes these; TensorBoard's events stay)
+RUN_FILES = ("checkpoint.pt", "metrics.csv", "steps.csv", "metrics.json", "curves.png", "ratios.json")
 # what decides the layer-wise ratios (kept beside them in ratios.json)
 _RATIO_FIELDS = ("dataset", "model", "pruner", "sparsity", "exempt_bias_norm", "mu", "seed", "dtype")
 
@@ -92,12 +94,9 @@ def layer_ratios(recipe: Recipe, oracle: ModuleOracle, data, path: Path) -> dict
     wanted = {k: getattr(recipe, k) for k in _RATIO_FIELDS}
     if path.exists():
         meta = json.loads(path.read_text())
-        made = {k: meta.get(k) for k in _RATIO_FIELDS}
-        if made != wanted:
-            changed = ", ".join(f"{k}: {made[k]!r} there, {wanted[k]!r} now" for k in _RATIO_FIELDS
-                                if made[k] != wanted[k])
-            raise SettingsMismatch(f"{path} holds layer ratios made with other settings ({changed}); "
-                                   "use --restart to recompute them, or another --out")
+        # SettingsMismatch naming each difference
+        RunFolder(path.parent, wanted, hint="use --restart to recompute them, or another --out").check(
+            {k: meta.get(k) for k in _RATIO_FIELDS}, where=f"{path} (layer ratios)")
         oracle.queries = int(meta.get("queries", 0))
         return load_ratios(path)
     exempt = ({s.name for s in oracle.slots if is_bias_or_norm(s, oracle.learner)}
@@ -148,8 +147,11 @@ def train_classifier(recipe: Recipe, out_dir, *, progress: bool | None = None, r
 
 def _train_classifier(recipe: Recipe, out: Path, pool, *, progress: bool | None, resume: bool,
                       eval_every: int | None, checkpoint_every: int | None, callbacks: list) -> dict:
-    if not resume:
-        (out / "ratios.json").unlink(missing_ok=True)
+    run = RunFolder(out, recipe.settings(), files=RUN_FILES)
+    if resume:
+        run.check_checkpoint()  # other settings are refused before anything is computed
+    else:
+        run.restart()
     torch.manual_seed(recipe.seed)
     dtype = getattr(torch, recipe.dtype)
     data = load_dataset(recipe.dataset, seed=recipe.seed, dtype=dtype)

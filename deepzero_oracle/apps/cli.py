@@ -3,7 +3,7 @@
 Each subcommand is a ``register(subparsers)`` function named by an entry point of the
 ``deepzero_oracle.commands`` group (pyproject.toml), so the engine never imports the apps or
 adapters that add commands, and a user's package can add its own. The conventions every
-command follows are in ``deepzero_oracle.apps.options``; the exit codes (``deepzero_oracle.errors``)
+command follows are in ``deepzero_oracle.common.options``; the exit codes (``deepzero_oracle.errors``)
 are mapped here.
 """
 
@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 
 from deepzero_oracle import __version__, retain_freed_memory
 from deepzero_oracle.blackbox.errors import BlackBoxTimeout, BlackBoxUnavailable
-from deepzero_oracle.apps.options import HelpFormatter, add_logging, logging_level
+from deepzero_oracle.common.options import HelpFormatter, add_logging, logging_level
 from deepzero_oracle.logs import configure_logging
 from deepzero_oracle.errors import (EXIT_BUDGET, EXIT_DIVERGED, EXIT_UNREACHABLE, EXIT_USAGE, ExecutorUnavailable,
                                     NonFiniteLossError, QueryBudgetExceeded, TrainingDiverged)

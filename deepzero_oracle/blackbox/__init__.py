@@ -3,14 +3,18 @@
 A black box is any callable ``f(inputs) -> outputs`` on a batch: ``inputs`` is an array
 shaped ``[N, *in_shape]`` (a ``torch.Tensor`` or ``numpy.ndarray``) and ``outputs`` an array
 shaped ``[N, *out_shape]`` of either kind. Rows are independent. Local callables, gRPC
-servers and remote model APIs all follow the same contract and raise the same errors.
+servers and remote model APIs all follow the same contract and raise the same errors
+(:mod:`deepzero_oracle.blackbox.errors`).
 
-What the remote clients share with the server (``deepzero_oracle.server``) is in
-``deepzero_oracle.blackbox.protocol``; their common base is
-``deepzero_oracle.blackbox.remote``.
+One client per protocol: :class:`GrpcBlackBox` (``grpc://`` and ``kserve://`` specs) and
+:class:`RestBlackBox` (``kserve+http://``), on a common base
+(:mod:`deepzero_oracle.blackbox.remote`: splitting large calls, metadata, output choice);
+``KServeBlackBox(url, model, protocol=...)`` returns one of them. What they share with the
+server (``deepzero_oracle.server``) is in :mod:`deepzero_oracle.wire`.
 """
 
 from deepzero_oracle.blackbox.errors import (
+    BlackBoxError,
     BlackBoxInvalidArgument,
     BlackBoxNotFound,
     BlackBoxRemoteError,
@@ -20,12 +24,14 @@ from deepzero_oracle.blackbox.errors import (
     BlackBoxUnauthenticated,
     BlackBoxUnavailable,
 )
-from deepzero_oracle.blackbox.local import BlackBoxError, LocalBlackBox, as_tensor
+from deepzero_oracle.blackbox.local import LocalBlackBox, as_tensor
 
-# The remote black boxes import grpc and the generated code (~0.1-0.2 s): load them on first use.
+# The remote black boxes import grpc and the generated code (~0.1-0.2 s) or httpx: load them on
+# first use.
 _LAZY = {
     "GrpcBlackBox": "deepzero_oracle.blackbox.grpc",
     "KServeBlackBox": "deepzero_oracle.blackbox.kserve",
+    "RestBlackBox": "deepzero_oracle.blackbox.rest",
 }
 
 
@@ -50,5 +56,6 @@ __all__ = [
     "GrpcBlackBox",
     "KServeBlackBox",
     "LocalBlackBox",
+    "RestBlackBox",
     "as_tensor",
 ]

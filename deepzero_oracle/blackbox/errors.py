@@ -1,14 +1,19 @@
-"""Errors of remote black boxes (gRPC, KServe v2): each says what was wrong and what to do.
+"""Every error of the black-box (client) layer: each says what was wrong and what to do.
 
-All are :class:`~deepzero_oracle.blackbox.local.BlackBoxError`, so code written against a
+:class:`BlackBoxError` is what any black box raises, local or remote; the remote clients
+(gRPC, REST) raise its :class:`BlackBoxRemoteError` subclasses, so code written against a
 local black box catches them unchanged. ``code`` is the gRPC status name (``"UNAVAILABLE"``),
-also for REST, where HTTP statuses are mapped to the matching gRPC code.
+also for REST, where HTTP statuses are mapped to the matching gRPC code. (The engine's own
+errors are in :mod:`deepzero_oracle.errors`, the wire's in :mod:`deepzero_oracle.wire.errors`.)
 """
 
 from __future__ import annotations
 
-from deepzero_oracle.blackbox.local import BlackBoxError
-from deepzero_oracle.blackbox.protocol import TOKEN_ENV
+from deepzero_oracle.wire.constants import TOKEN_ENV
+
+
+class BlackBoxError(RuntimeError):
+    """A black box failed to answer a query, or answered with something unusable."""
 
 
 class BlackBoxRemoteError(BlackBoxError):
@@ -124,6 +129,7 @@ def remote_error(code: str, details: str, target: str, *, context: str = "") -> 
 
 
 __all__ = [
+    "BlackBoxError",
     "BlackBoxInvalidArgument",
     "BlackBoxNotFound",
     "BlackBoxRemoteError",

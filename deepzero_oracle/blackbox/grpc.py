@@ -1,7 +1,8 @@
-"""A black box behind any KServe v2 gRPC server: ``deepzero-oracle serve`` (or
+"""The gRPC client: a black box behind any KServe v2 gRPC server: ``deepzero-oracle serve`` (or
 ``deepzero_oracle.server.serve_blackbox``), MLServer, Triton, KServe.
 
     box = GrpcBlackBox("127.0.0.1:50051", timeout=10)
+    box = GrpcBlackBox("127.0.0.1:8081", model="my-model", version="2", output_names=["probs"])
     y = box(x)                         # x [N, ...] -> y [N, ...], like LocalBlackBox
     box.metadata()                     # the model's KServe v2 metadata (names, datatypes, shapes)
     ys = box.query_batch([x1, x2])     # our server: many queries in one call, per-query errors
@@ -9,8 +10,9 @@
 
 Calls go to the standard ``inference.GRPCInferenceService`` (ModelInfer, ModelMetadata) with
 raw contents, the inputs named after the model's metadata and matched by position, so any v2
-server answers them; ``query_batch``, ``stream`` and ``describe`` use our ``Oracle`` service,
-the fast paths of our own server. One channel is opened per black box and reused by every
+server answers them (``grpc://`` and ``kserve://`` specs are both this client);
+``query_batch``, ``stream`` and ``describe`` use our ``Oracle`` service, the fast paths of our
+own server. One channel is opened per black box and reused by every
 call. Every call has a deadline (``timeout=``). Idempotent calls (inference, metadata,
 batches) are retried on UNAVAILABLE by gRPC itself through a service-config retry policy;
 streams are not retried. Given several addresses (replicas of one model), the channel
@@ -32,25 +34,17 @@ import numpy as np
 import torch
 
 from deepzero_oracle.blackbox.errors import (
+    BlackBoxError,
     BlackBoxInvalidArgument,
     BlackBoxRemoteError,
     remote_error,
 )
-from deepzero_oracle.blackbox.local import BlackBoxError
-from deepzero_oracle.blackbox.protocol import (
-    KSERVE_SERVICE,
-    ORACLE_SERVICE,
-    WireError,
-    check_timeout,
-    datatype_of,
-    decode_raw,
-    decode_typed,
-    encode_raw,
-    status_name,
-)
-from deepzero_oracle.blackbox.remote import RemoteBlackBox, check_rows
+from deepzero_oracle.blackbox.remote import RemoteBlackBox, check_rows, metadata_dict
 from deepzero_oracle.blackbox.transport import GrpcTransport, channel_target
 from deepzero_oracle.wire import oracle_pb2 as pb
+from deepzero_oracle.wire.codec import datatype_of, decode_raw, decode_typed, encode_raw
+from deepzero_oracle.wire.constants import KSERVE_SERVICE, ORACLE_SERVICE, check_timeout, status_name
+from deepzero_oracle.wire.errors import WireError
 
 
 def request_for(arrays: list[np.ndarray], names: list[str], model: str, version: str = "",
@@ -89,27 +83,22 @@ def decode_response(resp: pb.ModelInferResponse, target: str) -> dict[str, np.nd
     return out
 
 
-def metadata_dict(md: pb.ModelMetadataResponse) -> dict:
-    """A ModelMetadataResponse as the v2 metadata dict ``{"name", "versions", "platform",
-    "inputs": [{"name", "datatype", "shape"}], "outputs": [...]}``."""
-    def tensors(ts):
-        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
-
-    return {"name": md.name, "versions": list(md.versions), "platform": md.platform,
-            "inputs": tensors(md.inputs), "outputs": tensors(md.outputs)}
-
-
 class GrpcBlackBox(RemoteBlackBox):
     """A black box behind a KServe v2 gRPC server: ``box(*inputs [N, ...]) -> [N, ...]``.
 
     Behaves like ``LocalBlackBox``: same call, a torch tensor
     back (a tuple for several outputs), ``BlackBoxError`` subclasses on failure. Inputs are
-    sent under the names the model's metadata declares, matched by position.
+    sent under the names the model's metadata declares (or ``input_names``), matched by
+    position.
 
     Args:
         target: ``host:port`` of the server, or a list of them: replicas of one model (calls are
             balanced over them; see GrpcTransport).
         model: model name ("" = our server's only model; other servers need the name).
+        version: model version ("" = the server's choice).
+        input_names: names of the inputs in call order (default: from the model's metadata).
+        output_names: outputs to return, in order (default: all, in the server's order); they
+            are also named in the requests, so the server computes only those.
         timeout: deadline of every call, in seconds (each chunk of a large call gets its own).
         token: shared token sent as ``authorization: Bearer <token>`` (default:
             $DEEPZERO_ORACLE_TOKEN).
@@ -120,20 +109,23 @@ class GrpcBlackBox(RemoteBlackBox):
         retries: extra attempts on UNAVAILABLE for idempotent calls (0 disables, max 4).
         wait_for_ready: wait (until the deadline) for an unreachable server instead of failing.
         max_batch_rows: most rows per message; larger calls are split and pipelined.
-        max_inflight: chunks of one call in flight at once.
+        max_inflight: chunks of one call in flight at once (1: one after the other, for servers
+            that run one call per model at a time).
         stream_timeout: deadline of a whole ``stream()`` call, in seconds.
     """
 
-    def __init__(self, target, *, model: str = "", timeout: float = 30.0, token: str | None = None,
+    def __init__(self, target, *, model: str = "", version: str = "", input_names: list[str] | None = None,
+                 output_names: list[str] | None = None, timeout: float = 30.0, token: str | None = None,
                  tls=None, tls_server_name: str | None = None, max_batch_rows: int = 65536,
                  max_message_mb: float = 64, retries: int = 4, wait_for_ready: bool = False,
                  max_inflight: int = 4, stream_timeout: float = 3600.0):
-        super().__init__(max_batch_rows=max_batch_rows, max_message_mb=max_message_mb)
+        super().__init__(model=model, version=version, input_names=input_names, output_names=output_names,
+                         max_batch_rows=max_batch_rows, max_message_mb=max_message_mb)
         self.transport = GrpcTransport(target, token=token, tls=tls, tls_server_name=tls_server_name,
                                        max_message_mb=max_message_mb, retries=retries,
                                        wait_for_ready=wait_for_ready)
         self.target = self.transport.target
-        self.model, self.timeout = model, check_timeout(timeout)
+        self.timeout = check_timeout(timeout)
         self.max_inflight = max(1, int(max_inflight))
         self.stream_timeout = check_timeout(stream_timeout, "stream_timeout")
 
@@ -147,32 +139,43 @@ class GrpcBlackBox(RemoteBlackBox):
         return dict(timeout=self.timeout if timeout is None else check_timeout(timeout),
                     metadata=self.transport.metadata, wait_for_ready=self.transport.wait_for_ready)
 
-    def _call(self, method: str, response_cls, request, service: str = KSERVE_SERVICE):
+    def _context(self, method: str) -> str:
+        """How errors name a call: the method, and the model when one is named."""
+        return f"{method}({self.model!r})" if self.model else method
+
+    def _call(self, method: str, response_cls, request, service: str = KSERVE_SERVICE,
+              timeout: float | None = None):
         """One idempotent unary call, retried on other replicas (GrpcTransport.call)."""
         rpc = self.transport.unary(service, method, response_cls)
-        return self.transport.call(rpc, request, timeout=self.timeout, context=method)
+        return self.transport.call(rpc, request, timeout=self.timeout if timeout is None else check_timeout(timeout),
+                                   context=self._context(method))
+
+    def _request(self, arrays: list[np.ndarray], names: list[str]) -> pb.ModelInferRequest:
+        return request_for(arrays, names, self.model, self.version, self.output_names or ())
 
     def _fetch_metadata(self) -> dict:
-        md = self._call("ModelMetadata", pb.ModelMetadataResponse, pb.ModelMetadataRequest(name=self.model))
+        md = self._call("ModelMetadata", pb.ModelMetadataResponse,
+                        pb.ModelMetadataRequest(name=self.model, version=self.version))
         return metadata_dict(md)
 
     def _pipelined(self, service: str, method: str, response_cls, requests: list) -> list:
         """Send idempotent requests with at most ``max_inflight`` outstanding; answers in order.
         A failed one is sent again as ``GrpcTransport.call`` says (replicas)."""
         rpc = self.transport.unary(service, method, response_cls)
+        context = self._context(method)
         if len(requests) == 1 or self.max_inflight == 1:
             # Blocking calls: a future costs a helper thread per call in grpc's Python API.
-            return [self.transport.call(rpc, req, timeout=self.timeout, context=method) for req in requests]
+            return [self.transport.call(rpc, req, timeout=self.timeout, context=context) for req in requests]
         answers, pending = [], deque()
         try:
             for req in requests:
                 pending.append((req, rpc.future(req, **self._kw())))
                 if len(pending) >= self.max_inflight:
                     req, future = pending.popleft()
-                    answers.append(self.transport.call(rpc, req, timeout=self.timeout, context=method, first=future))
+                    answers.append(self.transport.call(rpc, req, timeout=self.timeout, context=context, first=future))
             while pending:
                 req, future = pending.popleft()
-                answers.append(self.transport.call(rpc, req, timeout=self.timeout, context=method, first=future))
+                answers.append(self.transport.call(rpc, req, timeout=self.timeout, context=context, first=future))
         except BlackBoxError:
             for _, future in pending:
                 future.cancel()
@@ -181,9 +184,9 @@ class GrpcBlackBox(RemoteBlackBox):
 
     def _infer_chunks(self, chunks):
         names = self._names(len(chunks[0]))
-        reqs = [request_for(c, names, self.model) for c in chunks]
+        reqs = [self._request(c, names) for c in chunks]
         resps = self._pipelined(KSERVE_SERVICE, "ModelInfer", pb.ModelInferResponse, reqs)
-        return [list(decode_response(r, self.target).values()) for r in resps]
+        return [self._select(decode_response(r, self.target)) for r in resps]
 
     # -- public API ------------------------------------------------------------------------
     def query_batch(self, queries: list, *, return_exceptions: bool = False) -> list:
@@ -233,7 +236,7 @@ class GrpcBlackBox(RemoteBlackBox):
             total = sum(g_rows)
             part = [a[offset:offset + total] for a in stacked]
             offset += total
-            req = pb.QueryBatchRequest(request=request_for(part, names, self.model))
+            req = pb.QueryBatchRequest(request=self._request(part, names))
             if any(r != 1 for r in g_rows):  # all-ones is the default: keep messages small
                 req.query_rows.extend(g_rows)
             reqs.append(req)
@@ -265,7 +268,7 @@ class GrpcBlackBox(RemoteBlackBox):
         ok_rows = [r for i, r in enumerate(rows) if i not in failed]
         if not ok_rows:
             return [failed[i] for i in range(len(rows))]
-        outs = list(decode_response(resp.response, self.target).values())
+        outs = self._select(decode_response(resp.response, self.target))
         check_rows(outs, sum(ok_rows), self.target)
         # One tensor per output, then views per query (torch.split is one C call).
         tensors = [torch.from_numpy(o if o.flags.writeable else o.copy()) for o in outs]
@@ -300,7 +303,7 @@ class GrpcBlackBox(RemoteBlackBox):
             try:
                 for q in queries:
                     arrays = self._arrays(q if isinstance(q, tuple) else (q,))
-                    req = request_for(arrays, self._names(len(arrays)), self.model)
+                    req = self._request(arrays, self._names(len(arrays)))
                     sent_rows.append(arrays[0].shape[0])
                     yield pb.QueryBatchRequest(request=req, query_rows=[arrays[0].shape[0]])
             except Exception as e:  # noqa: BLE001 -- re-raised below, in the caller's thread
@@ -333,7 +336,7 @@ class GrpcBlackBox(RemoteBlackBox):
 
     def describe(self) -> dict:
         """The model's metadata: input/output names, datatypes, shapes, limits, cost figures."""
-        md = self._call("Describe", pb.OracleMetadata, pb.ModelMetadataRequest(name=self.model),
+        md = self._call("Describe", pb.OracleMetadata, pb.ModelMetadataRequest(name=self.model, version=self.version),
                         service=ORACLE_SERVICE)
 
         return {
@@ -345,7 +348,15 @@ class GrpcBlackBox(RemoteBlackBox):
         }
 
     def ready(self, timeout: float | None = None) -> bool:
-        """True if the server's health service says SERVING (False if unreachable)."""
+        """True if the server can answer: for a named model, its ModelReady says the model (and
+        version) is ready; without a name, the health service says SERVING. False if
+        unreachable, unknown, or stopping."""
+        if self.model:
+            try:
+                return self._call("ModelReady", pb.ModelReadyResponse,
+                                  pb.ModelReadyRequest(name=self.model, version=self.version), timeout=timeout).ready
+            except BlackBoxError:
+                return False
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.transport.channel)
@@ -376,4 +387,4 @@ class GrpcBlackBox(RemoteBlackBox):
         return f"GrpcBlackBox({target!r}, model={self.model!r})"
 
 
-__all__ = ["GrpcBlackBox", "GrpcTransport", "channel_target", "metadata_dict"]
+__all__ = ["GrpcBlackBox", "GrpcTransport", "channel_target", "decode_response", "metadata_dict", "request_for"]

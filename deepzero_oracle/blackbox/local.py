@@ -1,4 +1,5 @@
-"""The in-process black box and the conversions every black box shares."""
+"""The in-process black box and the conversions every black box shares (its errors are in
+:mod:`deepzero_oracle.blackbox.errors`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-
-class BlackBoxError(RuntimeError):
-    """A black box failed to answer a query, or answered with something unusable."""
+from deepzero_oracle.blackbox.errors import BlackBoxError
 
 
 def as_tensor(value, *, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
@@ -75,3 +74,6 @@ class LocalBlackBox:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+__all__ = ["LocalBlackBox", "as_tensor"]

@@ -1,18 +1,23 @@
-"""What every remote black box shares: argument checks, row chunking, answer checks, counters,
-the model's metadata (fetched once) and the input names taken from it.
+"""What the remote clients share: argument checks, splitting large calls into chunks, answer
+checks, counters, the model's metadata (fetched once, parsed by :func:`metadata_dict`), the
+input names taken from it and the choice of outputs.
 
-The base of :class:`~deepzero_oracle.blackbox.grpc.GrpcBlackBox` and
-:class:`~deepzero_oracle.blackbox.kserve.KServeBlackBox`.
+The base of :class:`~deepzero_oracle.blackbox.grpc.GrpcBlackBox` (gRPC) and
+:class:`~deepzero_oracle.blackbox.rest.RestBlackBox` (REST); each only sends chunks and fetches
+metadata over its own protocol.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
-from deepzero_oracle.blackbox.protocol import WireError, check_message_mb, datatype_of, to_numpy
-from deepzero_oracle.blackbox.errors import BlackBoxInvalidArgument, BlackBoxResourceExhausted
-from deepzero_oracle.blackbox.local import BlackBoxError
+from deepzero_oracle.blackbox.errors import BlackBoxError, BlackBoxInvalidArgument, BlackBoxResourceExhausted
+from deepzero_oracle.wire.codec import datatype_of, to_numpy
+from deepzero_oracle.wire.constants import check_message_mb
+from deepzero_oracle.wire.errors import WireError
 
 # Room for the protobuf/JSON envelope around the tensor bytes of one message.
 ENVELOPE_BYTES = 64 * 1024
@@ -24,17 +29,28 @@ class RemoteBlackBox:
     A call is split into chunks of at most ``max_batch_rows`` rows that also fit the message
     limit; subclasses send the chunks (``_infer_chunks``). Answers are checked: every output
     must have one row per input row, or the call fails (never a silently wrong answer).
+
+    Args (shared by every remote client):
+        model: model name on the server ("" = the server's only model, where it allows that).
+        version: model version ("" = the server's choice).
+        input_names: names of the inputs in call order (default: from the model's metadata).
+        output_names: outputs to return, in order (default: all, in the server's order).
+        max_batch_rows: most rows per message; larger calls are split.
+        max_message_mb: message size limit (MiB), which also bounds the rows per message.
     """
 
     target: str = ""
 
-    def __init__(self, *, max_batch_rows: int = 65536, max_message_mb: float = 64,
-                 input_names: list[str] | None = None):
+    def __init__(self, *, model: str = "", version: str = "", input_names: list[str] | None = None,
+                 output_names: list[str] | None = None, max_batch_rows: int = 65536,
+                 max_message_mb: float = 64):
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
+        self.model, self.version = model, version
         self.max_batch_rows = int(max_batch_rows)
         self.max_message_bytes = int(check_message_mb(max_message_mb, "max_message_mb") * 2**20)
         self.input_names = list(input_names) if input_names is not None else None
+        self.output_names = list(output_names) if output_names is not None else None
         self._metadata: dict | None = None
         self.calls = 0
         self.rows = 0
@@ -67,6 +83,17 @@ class RemoteBlackBox:
             return self.input_names
         declared = [t["name"] for t in self.metadata().get("inputs", [])]
         return declared if len(declared) == count else [f"input_{i}" for i in range(count)]
+
+    def _select(self, outputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The answer's outputs ``{name: array [n, ...]}`` in the order to return: those of
+        ``output_names`` if given (all must be there), else all, in the server's order."""
+        if self.output_names is None:
+            return list(outputs.values())
+        missing = [n for n in self.output_names if n not in outputs]
+        if missing:
+            raise BlackBoxError(f"black box at {self.target} did not return output(s) {missing}; "
+                                f"it returned {list(outputs)}")
+        return [outputs[n] for n in self.output_names]
 
     # -- shared ----------------------------------------------------------------------------
     def _arrays(self, inputs) -> list[np.ndarray]:
@@ -124,6 +151,34 @@ class RemoteBlackBox:
         return to_tensors(outs)
 
 
+def metadata_dict(md) -> dict:
+    """A model's KServe v2 metadata, from a ``ModelMetadataResponse`` (gRPC) or the parsed JSON
+    of ``GET /v2/models/<name>`` (REST), as ``{"name", "versions", "platform", "inputs":
+    [{"name", "datatype", "shape"}], "outputs": [...]}`` (-1: any size). A JSON answer keeps
+    its other keys (e.g. ``parameters``).
+
+    Raises:
+        BlackBoxError: the JSON answer is not metadata (no list of named tensors).
+    """
+    def tensors(ts):
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts]
+
+    if not isinstance(md, Mapping):
+        if not hasattr(md, "inputs"):
+            raise BlackBoxError(f"the model's metadata is not a JSON object: {str(md)[:200]}")
+        return {"name": md.name, "versions": list(md.versions), "platform": md.platform,
+                "inputs": tensors(md.inputs), "outputs": tensors(md.outputs)}
+    out = dict(md)
+    for key in ("inputs", "outputs"):
+        listed = out.get(key, [])
+        if not isinstance(listed, list) or not all(isinstance(t, Mapping) and isinstance(t.get("name"), str)
+                                                    for t in listed):
+            raise BlackBoxError(f"the model's metadata has no valid {key!r} list of named tensors: "
+                                f"{str(listed)[:200]}")
+        out[key] = [{**t, "shape": list(t.get("shape") or [])} for t in listed]
+    return out
+
+
 def check_rows(outs: list[np.ndarray], rows: int, target: str) -> None:
     """Every output must have ``rows`` rows: a shorter answer must not pass as a gradient."""
     if not outs:
@@ -139,3 +194,6 @@ def to_tensors(outs: list[np.ndarray]):
     """Arrays -> one tensor, or a tuple of tensors for several outputs."""
     tensors = tuple(torch.from_numpy(o if o.flags.writeable else o.copy()) for o in outs)
     return tensors[0] if len(tensors) == 1 else tensors
+
+
+__all__ = ["ENVELOPE_BYTES", "RemoteBlackBox", "check_rows", "metadata_dict", "to_tensors"]

@@ -2,8 +2,9 @@
 (``--solver``, ``--classifier``):
 
     grpc://HOST:PORT[/MODEL]          our server, or any KServe v2 gRPC server (GrpcBlackBox)
-    kserve://HOST:PORT/MODEL          KServe v2 over gRPC (KServeBlackBox)
-    kserve+http://HOST:PORT/MODEL     KServe v2 over REST (KServeBlackBox, protocol="rest")
+    kserve://HOST:PORT/MODEL          the same client for a KServe v2 gRPC server (GrpcBlackBox,
+                                      one chunk in flight at a time)
+    kserve+http://HOST:PORT/MODEL     KServe v2 over REST (RestBlackBox)
     MODULE:FUNCTION                   a Python function, called in this process (LocalBlackBox)
 
 With TLS: ``grpcs://``, ``kserves://`` and ``kserve+https://``; the server's certificate is
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from deepzero_oracle.blackbox.local import LocalBlackBox
-from deepzero_oracle.blackbox.protocol import check_timeout
+from deepzero_oracle.wire.constants import check_timeout
 
 SPEC_FORMS = ("grpc[s]://HOST:PORT[/MODEL]", "kserve[s]://HOST:PORT/MODEL", "kserve+http[s]://HOST:PORT/MODEL",
               "MODULE:FUNCTION")
@@ -212,7 +213,7 @@ def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str
         tls_ca: for TLS specs, a CA certificate (PEM path) to trust (default:
             ``$DEEPZERO_ORACLE_TLS_CA``, else the system's roots).
     Returns:
-        ``GrpcBlackBox``, ``KServeBlackBox`` or ``LocalBlackBox``; each is a context manager.
+        ``GrpcBlackBox``, ``RestBlackBox`` or ``LocalBlackBox``; each is a context manager.
     Raises:
         BlackBoxUnavailable: a spec with replicas where one of them cannot be reached (named),
             before any query is sent.
@@ -233,19 +234,17 @@ def open_blackbox(spec: str | BlackBoxSpec, *, timeout: float = 60.0, token: str
                                     "to the PEM file of the server's CA, or unset it to use the system's roots")
         tls = tls_ca or True
     targets = spec.targets if len(spec.targets) > 1 else spec.target
-    if spec.kind == "grpc":
+    if spec.kind == "kserve+http":
+        from deepzero_oracle.blackbox.rest import RestBlackBox
+
+        urls = [f"{'https' if spec.tls else 'http'}://{t}" for t in spec.targets]
+        box = RestBlackBox(urls if len(urls) > 1 else urls[0], spec.name, timeout=timeout, token=token, tls=tls)
+    else:
         from deepzero_oracle.blackbox.grpc import GrpcBlackBox
 
-        box = GrpcBlackBox(targets, model=spec.name, timeout=timeout, token=token, tls=tls)
-    else:
-        from deepzero_oracle.blackbox.kserve import KServeBlackBox
-
-        if spec.kind == "kserve+http":
-            urls = [f"{'https' if spec.tls else 'http'}://{t}" for t in spec.targets]
-            box = KServeBlackBox(urls if len(urls) > 1 else urls[0], spec.name, protocol="rest",
-                                 timeout=timeout, token=token, tls=tls)
-        else:
-            box = KServeBlackBox(targets, spec.name, protocol="grpc", timeout=timeout, token=token, tls=tls)
+        # kserve:// is grpc:// for servers that run one call per model at a time.
+        one_at_a_time = {"max_inflight": 1} if spec.kind == "kserve" else {}
+        box = GrpcBlackBox(targets, model=spec.name, timeout=timeout, token=token, tls=tls, **one_at_a_time)
     if len(spec.targets) > 1:
         try:
             # A dead replica would silently leave the rotation: name it before any work starts.

@@ -21,7 +21,8 @@ from deepzero_oracle.blackbox.errors import (
     remote_error,
     unreachable_replicas,
 )
-from deepzero_oracle.blackbox.protocol import (
+from deepzero_oracle.wire import oracle_pb2 as pb
+from deepzero_oracle.wire.constants import (
     KSERVE_SERVICE,
     ORACLE_SERVICE,
     WORKER_METADATA_KEY,
@@ -32,7 +33,6 @@ from deepzero_oracle.blackbox.protocol import (
     read_pem,
     resolve_token,
 )
-from deepzero_oracle.wire import oracle_pb2 as pb
 
 # Codes after which an idempotent call to a replica set is sent again (to another replica).
 _RETRY_ELSEWHERE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")

@@ -8,7 +8,27 @@ splits into chunks that can run anywhere offering ``submit(fn, *args, **kwargs) 
 
 Rooms: ``oracle`` (``ParallelOracle``: plan, submit, gather; ``ChunkError``; ``parallelize``),
 ``payloads`` (what travels and how, the worker side), ``executors`` (``InlineExecutor``,
-``open_executor`` for spec strings such as ``dask-local:2``, executor sniffing).
+``open_executor`` for spec strings such as ``dask-local:2``, executor sniffing), ``fanout``
+(``map_ordered``: any independent tasks, results in order).
+
+Public API (this package's ``__all__``; the rooms' other names are internals): the names
+above, ``map_ordered``, ``executor_slots`` (how many tasks an executor runs at once),
+``check_shippable`` / ``shippable_bytes`` (refuse, before any work, what cannot travel to the
+workers), ``compact`` (a tensor view copied to its own size before it travels), and the
+worker-side counters protocol below.
+
+Worker-side counters
+--------------------
+Queries are counted by ``ParallelOracle`` in the parent. Other work a query does (solver calls,
+images through a classifier) happens on the worker copies; an oracle counts it by defining
+
+- ``counters() -> dict[str, int]``: its running totals, e.g. ``{"solver_calls": 12}``;
+- ``add_counters(counts: dict[str, int])``: add ``counts`` to those totals.
+
+(or by holding, as ``oracle.blackbox``, a black box that defines both). Each chunk returns how
+much its worker copy's ``counters()`` grew, and ``ParallelOracle`` adds that to the wrapped
+oracle with ``add_counters`` (and sums it in ``worker_counters``): the wrapped oracle's totals,
+its ``state_dict`` and a resumed run read the same as inline, whatever the executor.
 
 What travels
 ------------
@@ -53,9 +73,11 @@ rows of its matrix, so a seeded RGE run is the same with and without an executor
 """
 
 from deepzero_oracle.estimators.directions import Directions
-from deepzero_oracle.parallel.executors import EXECUTOR_FORMS, InlineExecutor, open_executor
+from deepzero_oracle.parallel.executors import EXECUTOR_FORMS, InlineExecutor, executor_slots, open_executor
+from deepzero_oracle.parallel.fanout import map_ordered
 from deepzero_oracle.parallel.oracle import ChunkError, ParallelOracle, parallelize
-from deepzero_oracle.parallel.payloads import TRANSPORTS
+from deepzero_oracle.parallel.payloads import TRANSPORTS, check_shippable, compact, shippable_bytes
 
 __all__ = ["ChunkError", "Directions", "EXECUTOR_FORMS", "InlineExecutor", "ParallelOracle", "TRANSPORTS",
-           "open_executor", "parallelize"]
+           "check_shippable", "compact", "executor_slots", "map_ordered", "open_executor", "parallelize",
+           "shippable_bytes"]

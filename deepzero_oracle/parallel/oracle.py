@@ -12,7 +12,8 @@ from deepzero_oracle.errors import BlackBoxError, NonFiniteLossError
 from deepzero_oracle.estimators.directions import Directions, direction_matrix
 from deepzero_oracle.oracle import Oracle
 from deepzero_oracle.parallel.executors import InlineExecutor, dask_client, executor_slots
-from deepzero_oracle.parallel.payloads import Job, Shipper, compact, default_transport, run_chunk, to_bytes
+from deepzero_oracle.parallel.payloads import (Job, Shipper, add_counters, check_shippable, compact,
+                                               counting_target, default_transport, run_chunk)
 
 _KINDS = {"coordinate": "coordinates", "direction": "directions", "rows": "thetas"}
 
@@ -37,7 +38,10 @@ class ParallelOracle(Oracle):
     ``coordinate_losses``, ``direction_losses`` and ``losses`` are split into chunks of whole
     blocks, submitted to ``executor`` and reassembled in request order. The budget is checked
     before anything is submitted and queries are counted here only (worker copies call the
-    wrapped oracle's uncounted hooks). Other attributes (``bind``, ``theta``, ``set_theta``,
+    wrapped oracle's uncounted hooks). Other work the wrapped oracle counts (its ``counters()``,
+    e.g. solver calls; see the package docstring) is counted by the worker copies and added to
+    the wrapped oracle here, so its totals read as if it had run inline.
+    Other attributes (``bind``, ``theta``, ``set_theta``,
     ``learner``, ``parameters``, ``end_step``...) pass through to the wrapped oracle,
     so a ``ParallelOracle`` around a ``ModuleOracle`` can go to ``Trainer`` as is. Not thread
     safe: one request at a time.
@@ -70,6 +74,10 @@ class ParallelOracle(Oracle):
                  budget: int | None = None, tasks_per_worker: int = 4):
         if not isinstance(oracle, Oracle):
             raise TypeError(f"ParallelOracle wraps an Oracle, got {type(oracle).__name__}")
+        counter = counting_target(oracle)
+        if counter is not None and not callable(getattr(counter, "add_counters", None)):
+            raise TypeError(f"{type(counter).__name__} has counters() but no add_counters(counts): its "
+                            f"worker copies' counts could not come back; define add_counters beside counters()")
         if executor is not None and not callable(getattr(executor, "submit", None)):
             raise TypeError(f"executor needs a submit(fn, *args) method, "
                             f"got {type(executor).__name__}")
@@ -84,6 +92,7 @@ class ParallelOracle(Oracle):
         self.executor = InlineExecutor() if executor is None else executor
         self.stats = {"requests": 0, "tasks": 0, "payloads_shipped": 0, "payload_bytes": 0,
                       "worker_loads": 0}
+        self.worker_counters: dict[str, int] = {}  # counted on worker copies, also added to oracle
         self.shipper = Shipper(self.executor, transport or default_transport(self.executor),
                                self.stats)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
@@ -238,7 +247,7 @@ class ParallelOracle(Oracle):
         parts, seconds, failure = [], 0.0, None
         for i, ((a, b), future) in enumerate(zip(chunks, futures)):
             try:
-                values, took, loads = future.result()
+                values, took, loads, counted = future.result()
             except BaseException as exc:  # noqa: BLE001 - any worker failure, reported per chunk
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
@@ -254,6 +263,7 @@ class ParallelOracle(Oracle):
                 continue
             self.ledger.spend(b - a)  # spent, even if the answer or another chunk fails
             self.stats["worker_loads"] += loads
+            self._count(counted)
             seconds += took
             try:
                 parts.append(self.check_answer(values, b - a, first=a))
@@ -267,6 +277,12 @@ class ParallelOracle(Oracle):
         old = self.seconds_per_query.get(kind)
         self.seconds_per_query[kind] = spq if old is None else 0.5 * (old + spq)
         return torch.cat(parts)
+
+    def _count(self, counted: dict) -> None:
+        """Add what a worker copy counted to the wrapped oracle (and to ``worker_counters``)."""
+        add_counters(self.oracle, counted)
+        for key, value in counted.items():
+            self.worker_counters[key] = self.worker_counters.get(key, 0) + int(value)
 
     def _plan(self, kind: str, count: int) -> list[tuple[int, int]]:
         """Chunk boundaries ``[(start, stop)]``: whole blocks, each worth >= min_chunk_seconds."""
@@ -294,7 +310,7 @@ def parallelize(oracle: Oracle, executor, **options) -> Oracle:
         return oracle
     parallel = ParallelOracle(oracle, executor, **options)
     if parallel.transport != "live":
-        to_bytes(oracle, executor)
+        check_shippable(oracle, executor)
     return parallel
 
 

@@ -1,5 +1,6 @@
 """What travels to the workers and how: payload handles for each transport, the task record,
-and the worker side (payload cache, load gate, the entry point ``run_chunk``).
+and the worker side (payload cache, load gate, the entry points ``run_chunk`` and ``run_task``,
+worker-side counters).
 
 Payloads are pickled (cloudpickle when installed): this is fan-out of our own objects to our
 own workers, never data from outside.
@@ -142,7 +143,7 @@ class Shipper:
             return _Live(payload)
         if isinstance(payload, tuple):  # a pickled view carries its whole storage
             payload = tuple(compact(part) for part in payload)
-        data = to_bytes(payload, self.executor)
+        data = shippable_bytes(payload, self.executor)
         token = hashlib.blake2b(data, digest_size=16).hexdigest()
         if token in self._shipped:  # already with the workers: send the name only
             self._shipped.move_to_end(token)
@@ -172,22 +173,30 @@ class Shipper:
         self._closer = weakref.finalize(self, _cleanup, self._shipped, self._spool_dir)
 
 
-def to_bytes(payload, executor) -> bytes:
+def shippable_bytes(payload, executor=None) -> bytes:
     """``payload`` pickled for ``executor``'s workers (cloudpickle when installed, so lambdas and
     closures travel by value; ``pickle.loads`` reads it back). Raises ``NotShippable`` (a
     TypeError), saying what to do, if it does not pickle."""
     try:
         return _pickler.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
+        where = "an executor" if executor is None else type(executor).__name__
         raise NotShippable(
-            f"cannot ship {type(payload).__name__} to the workers of {type(executor).__name__} "
+            f"cannot ship {type(payload).__name__} to the workers of {where} "
             f"because it does not pickle ({exc}); make it picklable (module-level functions, no "
             f"open connections: e.g. an in-process black box instead of a remote one) or use the "
             f"InlineExecutor (nothing is pickled)"
         ) from exc
 
 
-def compact(value):
+def check_shippable(payload, executor=None) -> None:
+    """Raise ``NotShippable`` now, before any work, if ``payload`` cannot travel to ``executor``'s
+    workers (nothing to check for the ``InlineExecutor``: nothing travels; None checks anyway)."""
+    if not isinstance(executor, InlineExecutor):
+        shippable_bytes(payload, executor)
+
+
+def compact(value: Any) -> Any:
     """``value``, or for a tensor view (a row slice, theta inside a batch) a copy that pickles
     to its own size: pickling a view writes its whole underlying storage."""
     if isinstance(value, torch.Tensor) and (
@@ -196,6 +205,35 @@ def compact(value):
     ):
         return value.clone(memory_format=torch.contiguous_format)
     return value
+
+
+def counting_target(oracle):
+    """The object that counts ``oracle``'s work besides queries: the oracle itself if it has
+    ``counters()``, else its ``blackbox`` if that has ``counters()``, else None."""
+    for obj in (oracle, getattr(oracle, "blackbox", None)):
+        if obj is not None and callable(getattr(obj, "counters", None)):
+            return obj
+    return None
+
+
+def read_counters(oracle) -> dict[str, int]:
+    """The running totals ``counting_target(oracle).counters()`` (``{}`` if nothing counts)."""
+    target = counting_target(oracle)
+    return {} if target is None else {str(k): int(v) for k, v in target.counters().items()}
+
+
+def add_counters(oracle, counts: dict[str, int]) -> None:
+    """Add ``counts`` (work done by worker copies) to ``counting_target(oracle)`` through its
+    ``add_counters``; a no-op when nothing was counted. Raises TypeError if workers counted
+    work that ``oracle`` cannot take."""
+    counts = {k: int(v) for k, v in counts.items() if v}
+    if not counts:
+        return
+    target = counting_target(oracle)
+    if target is None or not callable(getattr(target, "add_counters", None)):
+        raise TypeError(f"workers counted {sorted(counts)} on copies of {type(oracle).__name__}, "
+                        f"which has no add_counters(counts) to take them: define it beside counters()")
+    target.add_counters(counts)
 
 
 def _shippable(oracle: Oracle) -> Oracle:
@@ -300,18 +338,23 @@ def _resolve(handle):
 
 
 def run_chunk(state, request, job: Job):
-    """Worker entry point: ``(losses [stop - start], seconds, payloads loaded)``.
+    """Worker entry point: ``(losses [stop - start], seconds, payloads loaded, counted)``.
 
     ``state`` names the oracle, ``request`` (None for kind "rows") ``(theta, coords)`` or
     ``(theta, dirs)``, dirs being a ``Directions`` recipe (rows made here) or a tensor. Calls
     the oracle's evaluation hooks (``evaluate_coordinates`` ...) once per block: they neither
-    count queries nor check the budget, so worker copies never double count.
+    count queries nor check the budget, so worker copies never double count. ``counted`` is
+    how much the worker copy's ``counters()`` grew in this chunk (``{}`` for a live state: the
+    parent's own oracle counted it already).
     """
     began, loads_before = time.perf_counter(), getattr(_WORKER, "loads", 0)
     if job.threads and os.getpid() != job.parent_pid and torch.get_num_threads() != job.threads:
         torch.set_num_threads(job.threads)
+    counted_before = None
     try:
         oracle = _resolve(state)
+        if not isinstance(state, _Live):
+            counted_before = read_counters(oracle)
         req = _resolve(request) if request is not None else None
         out = []
         with torch.no_grad(), _GATE.shared():
@@ -333,8 +376,19 @@ def run_chunk(state, request, job: Job):
                          f"(positions {job.start}..{job.stop - 1}) on pid {os.getpid()}")
         raise
     loads = getattr(_WORKER, "loads", 0) - loads_before
-    return torch.cat(out), time.perf_counter() - began, loads
+    counted = {}
+    if counted_before is not None:
+        counted = {k: v - counted_before.get(k, 0) for k, v in read_counters(oracle).items()}
+    return torch.cat(out), time.perf_counter() - began, loads, counted
 
 
-__all__ = ["CACHE_SIZE", "Job", "Shipper", "TRANSPORTS", "compact", "default_transport",
-           "run_chunk", "to_bytes"]
+def run_task(fn, shared, args):
+    """Worker entry point of ``map_ordered``: ``fn(*shared values, *args)``, each shared value
+    resolved from its handle (deserialised at most once per worker thread)."""
+    values = [_resolve(handle) for handle in shared]
+    return fn(*values, *args)
+
+
+__all__ = ["CACHE_SIZE", "Job", "Shipper", "TRANSPORTS", "add_counters", "check_shippable", "compact",
+           "counting_target", "default_transport", "read_counters", "run_chunk", "run_task",
+           "shippable_bytes"]

@@ -32,11 +32,13 @@ malformed protobuf, datatype, shape, byte count or NaN/Inf input; RESOURCE_EXHAU
 messages over the size limit (on both ends) or when the server is full; UNAUTHENTICATED for a
 missing or wrong token; NOT_FOUND for an unknown model. Nothing from the wire is unpickled.
 
-Modules: ``deepzero_oracle.server.specs`` (what is served), ``.servicer`` (the service methods
-and their handlers), ``.rest`` (the REST endpoint), ``.lifecycle`` (starting and stopping a
-server), ``.metrics`` (statistics, Prometheus metrics, drain state), ``.cli`` (the ``serve``
-subcommand). What the clients share with the server (service
-names, token variable, tensor codec) is in :mod:`deepzero_oracle.blackbox.protocol`.
+Modules: ``deepzero_oracle.server.specs`` (what is served), ``.host`` (the model host: model
+lookup, request validation, inference under the concurrency limit, telemetry, metadata and
+statistics; no transport), ``.servicer`` (the gRPC endpoint: protobuf <-> host), ``.rest`` (the
+REST endpoint: JSON or binary tensors <-> host), ``.lifecycle`` (builds one host and both
+endpoints over it; starting and stopping a server), ``.metrics`` (statistics, Prometheus
+metrics, drain state), ``.cli`` (the ``serve`` subcommand). What the clients share with the
+server (service names, token variable, tensor codec, WireError) is in :mod:`deepzero_oracle.wire`.
 """
 
 from deepzero_oracle.server.cli import register

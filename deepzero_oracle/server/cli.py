@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 
-from deepzero_oracle.blackbox.protocol import DEFAULT_PORT, MAX_MESSAGE_MB, TOKEN_ENV, resolve_token
 from deepzero_oracle.argtypes import bounded
 from deepzero_oracle.blackbox.spec import load_callable_for
 from deepzero_oracle.errors import EXIT_UNREACHABLE, EXIT_USAGE
@@ -46,6 +45,7 @@ from deepzero_oracle.server.lifecycle import serve_blackbox
 from deepzero_oracle.server.metrics import require_metrics_extra
 from deepzero_oracle.server.rest import require_rest_extra
 from deepzero_oracle.server.specs import TensorSpec
+from deepzero_oracle.wire.constants import DEFAULT_PORT, MAX_MESSAGE_MB, TOKEN_ENV, resolve_token
 
 log = logging.getLogger(__name__)
 

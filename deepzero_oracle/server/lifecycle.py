@@ -4,7 +4,10 @@
         box = GrpcBlackBox(server.address)
         y = box(x)
 
-Besides the services of ``deepzero_oracle.server.servicer``, a server answers
+One :class:`~deepzero_oracle.server.host.ModelHost` holds the models and runs every request;
+the gRPC servicer (``deepzero_oracle.server.servicer``) and the REST app
+(``deepzero_oracle.server.rest``) are built here over that one host. Besides the services of
+the servicer, a server answers
 ``grpc.health.v1.Health`` and server reflection (which lists the KServe v2 service under its
 standard name ``inference.GRPCInferenceService`` too), checks the shared token
 (``authorization: Bearer <token>``, UNAUTHENTICATED otherwise; health checks are exempt),
@@ -30,7 +33,12 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from deepzero_oracle.blackbox.protocol import (
+from deepzero_oracle.server.host import ModelHost
+from deepzero_oracle.server.metrics import Telemetry, metrics_available, require_metrics_extra
+from deepzero_oracle.server.servicer import OracleServicer, generic_handlers
+from deepzero_oracle.server.specs import ServedModel
+from deepzero_oracle.wire import oracle_pb2 as pb
+from deepzero_oracle.wire.constants import (
     KSERVE_SERVICE,
     MIRROR_SERVICE,
     NO_DEADLINE_SECONDS,
@@ -41,10 +49,6 @@ from deepzero_oracle.blackbox.protocol import (
     pem_file,
     read_pem,
 )
-from deepzero_oracle.server.metrics import Telemetry, metrics_available, require_metrics_extra
-from deepzero_oracle.server.servicer import OracleServicer, generic_handlers
-from deepzero_oracle.server.specs import ServedModel
-from deepzero_oracle.wire import oracle_pb2 as pb
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):
@@ -99,9 +103,9 @@ class OracleServer:
     Use as a context manager to stop it on exit.
     """
 
-    def __init__(self, server: grpc.Server, servicer: OracleServicer, health_servicer, host: str, port: int,
+    def __init__(self, server: grpc.Server, model_host: ModelHost, health_servicer, host: str, port: int,
                  tls: bool, rest=None, metrics_httpd=None):
-        self._server, self._servicer, self._health = server, servicer, health_servicer
+        self._server, self._model_host, self._health = server, model_host, health_servicer
         self.host, self.port, self.tls = host, port, tls
         self._rest = rest
         self._metrics_httpd = metrics_httpd
@@ -111,7 +115,7 @@ class OracleServer:
     @property
     def telemetry(self) -> Telemetry:
         """The server's counts: model statistics, Prometheus registry (``.registry``), drain state."""
-        return self._servicer.telemetry
+        return self._model_host.telemetry
 
     @property
     def metrics_port(self) -> int | None:
@@ -145,13 +149,18 @@ class OracleServer:
     @property
     def models(self) -> dict[str, ServedModel]:
         """The served models by name."""
-        return self._servicer.models
+        return self._model_host.models
 
     @property
-    def servicer(self) -> OracleServicer:
-        """What answers both endpoints; ``servicer.in_flight`` and ``servicer.queued`` count the
-        black-box calls running and waiting for a slot."""
-        return self._servicer
+    def model_host(self) -> ModelHost:
+        """What answers both endpoints; ``model_host.in_flight`` and ``model_host.queued`` count
+        the black-box calls running and waiting for a slot."""
+        return self._model_host
+
+    @property
+    def servicer(self) -> ModelHost:
+        """The same object as :attr:`model_host` (its earlier name, kept for existing code)."""
+        return self._model_host
 
     def stop(self, grace: float = 2.0) -> int:
         """Drain, then stop: returns how many inference requests were still running when the
@@ -168,12 +177,12 @@ class OracleServer:
         self._stopped = True
         grace = min(grace, NO_DEADLINE_SECONDS) if grace > 0 else 0.0  # inf/NaN reach no clock
         deadline = time.monotonic() + grace
-        self._servicer.ready = False
+        self._model_host.ready = False
         self._health.enter_graceful_shutdown()
-        self._servicer.telemetry.start_drain()
-        self._servicer.stop_admitting(grace)  # new calls: UNAVAILABLE; queued ones: until the grace ends
-        self._servicer.telemetry.wait_idle(grace, stop=self._hurry)
-        left = self._servicer.telemetry.inflight
+        self._model_host.telemetry.start_drain()
+        self._model_host.stop_admitting(grace)  # new calls: UNAVAILABLE; queued ones: until the grace ends
+        self._model_host.telemetry.wait_idle(grace, stop=self._hurry)
+        left = self._model_host.telemetry.inflight
         remaining = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
         stopping = self._server.stop(remaining)
         if self._rest is not None:
@@ -241,7 +250,7 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
             answers ``GET /metrics`` too.
     Returns:
         An ``OracleServer`` (context manager) with ``.port``, ``.address``, ``.http_port``,
-        ``.rest_url``, ``.metrics_url``, ``.telemetry``, ``.stop()``.
+        ``.rest_url``, ``.metrics_url``, ``.model_host``, ``.telemetry``, ``.stop()``.
     """
     if isinstance(fn, Mapping):
         items = dict(fn)
@@ -264,22 +273,22 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
     if metrics_port is not None:
         require_metrics_extra()
     max_bytes = int(check_message_mb(max_message_mb) * 2**20)
-    servicer = OracleServicer(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency,
-                              max_pending=max_pending, worker=worker, metrics=metrics_available())
+    model_host = ModelHost(models, max_message_bytes=max_bytes, max_concurrency=max_concurrency,
+                           max_pending=max_pending, worker=worker, metrics=metrics_available())
     options = [
         *message_limit_options(max_bytes),
         # Fail loudly if the port is taken, unless sharing it is what is asked for.
         ("grpc.so_reuseport", int(reuse_port)),
     ]
-    interceptors = [_TokenInterceptor(token, servicer.telemetry)] if token else []
-    # One thread per admitted RPC, so a long stream never starves health checks. The servicer's
+    interceptors = [_TokenInterceptor(token, model_host.telemetry)] if token else []
+    # One thread per admitted RPC, so a long stream never starves health checks. The host's
     # queue bounds the black-box calls (max_pending, with a clear RESOURCE_EXHAUSTED); gRPC's own
     # limit, a little above it, leaves room for health and metadata calls when it is full.
     rpc_limit = max_pending + _RPC_HEADROOM
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=rpc_limit, thread_name_prefix="oracle-rpc"),
                          options=options, interceptors=interceptors,
                          maximum_concurrent_rpcs=rpc_limit)
-    server.add_generic_rpc_handlers(generic_handlers(servicer))
+    server.add_generic_rpc_handlers(generic_handlers(OracleServicer(model_host)))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", MIRROR_SERVICE, KSERVE_SERVICE, ORACLE_SERVICE):
@@ -301,7 +310,7 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
         from deepzero_oracle.server.rest import RestEndpoint, rest_app
 
         try:
-            rest = RestEndpoint(rest_app(servicer, token=token, max_body_bytes=max_bytes, max_pending=max_pending),
+            rest = RestEndpoint(rest_app(model_host, token=token, max_body_bytes=max_bytes, max_pending=max_pending),
                                 host=host, port=http_port, tls_cert=tls_cert, tls_key=tls_key)
         except BaseException:
             server.stop(0)
@@ -309,13 +318,13 @@ def serve_blackbox(fn: Callable | Mapping[str, Callable], *, host: str = "127.0.
     metrics_httpd = None
     if metrics_port is not None:
         try:
-            metrics_httpd = _metrics_server(servicer.telemetry, host, metrics_port, tls_cert, tls_key)
+            metrics_httpd = _metrics_server(model_host.telemetry, host, metrics_port, tls_cert, tls_key)
         except BaseException:
             server.stop(0)
             if rest is not None:
                 rest.stop(0)
             raise
-    return OracleServer(server, servicer, health_servicer, host, bound, tls=tls_cert is not None, rest=rest,
+    return OracleServer(server, model_host, health_servicer, host, bound, tls=tls_cert is not None, rest=rest,
                         metrics_httpd=metrics_httpd)
 
 

@@ -3,7 +3,7 @@
 One :class:`Telemetry` per server. Every inference request, over either protocol, is counted
 once with its outcome: the gRPC handlers (``ModelInfer``, ``QueryBatch``, each ``QueryStream``
 message) and the REST infer route open a :class:`Call` with :meth:`Telemetry.begin` and close
-it with :meth:`Telemetry.end` and the status code name; in between, the servicer's one
+it with :meth:`Telemetry.end` and the status code name; in between, the model host's one
 inference path notes which model it resolved (:func:`note_model`) and times each black-box call
 (:meth:`Telemetry.waiting`, :meth:`Telemetry.executing`). The open call travels in a context
 variable, so the path needs no extra argument (Starlette's threadpool copies the context).
@@ -139,7 +139,7 @@ class Telemetry:
         prometheus: also keep Prometheus metrics (needs ``prometheus_client``).
         version: the models' version string for the statistics answers.
         load: an object whose ``in_flight`` and ``queued`` attributes say how many black-box
-            calls run and wait for a slot now (the servicer's call queue), for the gauges.
+            calls run and wait for a slot now (the model host's call queue), for the gauges.
     """
 
     def __init__(self, models, *, prometheus: bool, version: str = "1", load=None):
@@ -207,7 +207,7 @@ class Telemetry:
         ``call.refused`` is set while draining: the handler must then answer UNAVAILABLE (and
         still :meth:`end` the call)."""
         call = Call(protocol, time.perf_counter_ns())
-        if model in self._counts:  # else the servicer names it once it resolves the request
+        if model in self._counts:  # else the model host names it once it resolves the request
             call.model = model
         with self._lock:
             if self._draining:

@@ -27,8 +27,9 @@ It keeps the gRPC endpoint's promises: the same shared token (header ``Authoriza
 413 for a body over the message limit, 429 when ``max_pending`` requests are in progress, 400
 with a message for bad JSON, datatype, shape, byte count or NaN/Inf, 404 for an unknown model,
 and ``stop()`` drains (ready turns 400, new infer requests get 503, running ones finish).
-Requests are decoded here and then validated and run by the servicer's one path
-(:meth:`OracleServicer.validate`, :meth:`OracleServicer.infer`), the same as gRPC requests.
+Requests are decoded here and then validated and run by the model host's one path
+(:meth:`ModelHost.validate`, :meth:`ModelHost.infer`), the same as gRPC requests; this module
+never touches the gRPC side.
 
 Needs the ``rest`` extra: ``pip install 'deepzero-oracle[rest]'``.
 """
@@ -47,22 +48,13 @@ import time
 
 import numpy as np
 
-from deepzero_oracle.blackbox.protocol import (
-    BINARY_HEADER,
-    WireError,
-    bearer,
-    datatype_of,
-    decode_json,
-    decode_raw,
-    encode_raw,
-    http_status,
-    json_tensor,
-    pem_file,
-)
 from deepzero_oracle.extras import install_hint, require
+from deepzero_oracle.server.host import ModelHost
 from deepzero_oracle.server.metrics import DRAINING_MESSAGE, require_metrics_extra
-from deepzero_oracle.server.servicer import OracleServicer
 from deepzero_oracle.server.specs import MODEL_VERSION, ServedModel
+from deepzero_oracle.wire.codec import datatype_of, decode_json, decode_raw, encode_raw, json_tensor
+from deepzero_oracle.wire.constants import BINARY_HEADER, bearer, http_status, pem_file
+from deepzero_oracle.wire.errors import WireError
 
 try:  # the 'rest' extra's fast JSON codec; the standard library's json without it
     import orjson
@@ -217,22 +209,22 @@ def encode_infer_response(model: ServedModel, pairs: list[tuple[str, np.ndarray]
     return head + b"".join(blobs), {"content-type": "application/octet-stream", BINARY_HEADER: str(len(head))}
 
 
-def answer_infer(servicer: OracleServicer, model: ServedModel, body: bytes,
+def answer_infer(host: ModelHost, model: ServedModel, body: bytes,
                  header_length: str | None) -> tuple[bytes, dict[str, str]]:
-    """One infer request, body to body, through the servicer's shared validation and inference."""
+    """One infer request, body to body, through the host's shared validation and inference."""
     request, names, arrays = decode_infer_body(body, header_length)
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise WireError("'id' must be a string")
     wanted, binary = requested_outputs(request)
-    names, arrays = servicer.validate(model, names, arrays)
-    pairs = servicer.infer(model, names, arrays, wanted)
+    names, arrays = host.validate(model, names, arrays)
+    pairs = host.infer(model, names, arrays, wanted)
     return encode_infer_response(model, pairs, request_id, binary)
 
 
 # -- the ASGI app ---------------------------------------------------------------------------------
-def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int, max_pending: int):
-    """The Starlette app of the v2 REST routes over ``servicer`` (see the module docstring)."""
+def rest_app(host: ModelHost, *, token: str | None, max_body_bytes: int, max_pending: int):
+    """The Starlette app of the v2 REST routes over ``host`` (see the module docstring)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, Response
@@ -244,7 +236,7 @@ def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int
     def error(status: int, message: str, **headers) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
-    telemetry = servicer.telemetry
+    telemetry = host.telemetry
 
     def endpoint(handler, *, needs_token: bool = True, counted: bool = False):
         """Token check, then ``handler``; WireErrors become their HTTP status. ``counted``: an
@@ -281,23 +273,20 @@ def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int
         return wrapped
 
     def model_of(request) -> ServedModel:
-        return servicer.model(request.path_params["name"], request.path_params.get("version", ""))
+        return host.model(request.path_params["name"], request.path_params.get("version", ""))
 
     async def live(request):
         return JSONResponse({"live": True})
 
     async def ready(request):
-        return JSONResponse({"ready": servicer.ready}, status_code=200 if servicer.ready else 400)
+        return JSONResponse({"ready": host.ready}, status_code=200 if host.ready else 400)
 
     async def server_metadata(request):
-        return JSONResponse({**servicer.server_info(), "extensions": ["binary_tensor_data", "model_statistics"]})
+        return JSONResponse({**host.server_info(), "extensions": ["binary_tensor_data", "model_statistics"]})
 
     async def statistics(request):
-        name = request.path_params.get("name", "")
-        if name:
-            model_of(request)  # NOT_FOUND (404) with the usual message
-        version = request.path_params.get("version", "")
-        return JSONResponse({"model_stats": telemetry.statistics(name, version)})
+        stats = host.statistics(request.path_params.get("name", ""), request.path_params.get("version", ""))
+        return JSONResponse({"model_stats": stats})
 
     async def metrics(request):
         if telemetry.registry is None:
@@ -310,8 +299,8 @@ def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int
 
     async def model_ready(request):
         model = model_of(request)
-        return JSONResponse({"name": model.name, "ready": servicer.ready},
-                            status_code=200 if servicer.ready else 400)
+        return JSONResponse({"name": model.name, "ready": host.ready},
+                            status_code=200 if host.ready else 400)
 
     async def infer(request):
         nonlocal in_progress
@@ -325,7 +314,7 @@ def rest_app(servicer: OracleServicer, *, token: str | None, max_body_bytes: int
         in_progress += 1
         try:
             body = await _read_body(request, max_body_bytes)
-            content, headers = await run_in_threadpool(answer_infer, servicer, model, body,
+            content, headers = await run_in_threadpool(answer_infer, host, model, body,
                                                        request.headers.get(BINARY_HEADER))
         finally:
             in_progress -= 1

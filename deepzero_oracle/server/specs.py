@@ -3,8 +3,9 @@
 A :class:`ServedModel` wraps one callable ``fn(*inputs [N, ...]) -> [N, ...]`` (or a tuple of
 such arrays): it matches request tensors to the callable's arguments, checks them against the
 declared :class:`TensorSpec` s, runs the callable and keeps its cost figures and what its calls
-have shown (for the metadata). The gRPC side is in :mod:`deepzero_oracle.server.servicer`, the
-REST side in :mod:`deepzero_oracle.server.rest`.
+have shown (for the metadata). The model host (:mod:`deepzero_oracle.server.host`) calls it for
+both endpoints, :mod:`deepzero_oracle.server.servicer` (gRPC) and
+:mod:`deepzero_oracle.server.rest` (REST).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from deepzero_oracle.blackbox.protocol import DATATYPES, WireError, datatype_of, nonfinite_rows, to_numpy
+from deepzero_oracle.wire.codec import DATATYPES, datatype_of, nonfinite_rows, to_numpy
+from deepzero_oracle.wire.errors import WireError
 
 log = logging.getLogger(__name__)
 

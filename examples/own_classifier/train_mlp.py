@@ -4,7 +4,7 @@ plain NumPy weights (mlp.npz beside this file) that classifier.py serves.
     python train_mlp.py data/digits-png
 
 The training images are the ones `defense train --data DIR` will use: the same reader
-(`deepzero_oracle.apps.datasets.load_data`), the same seeded 80/20 split.
+(`deepzero_oracle.common.datasets.load_data`), the same seeded 80/20 split.
 """
 
 import sys
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.neural_network import MLPClassifier
 
-from deepzero_oracle.apps.datasets import load_data
+from deepzero_oracle.common.datasets import load_data
 
 
 def main(folder: str) -> None:

@@ -1,62 +1,71 @@
-"""Certify a data set with :class:`~.smoothing.Smooth`, keep the per-example log, and report it.
+"""Certify test images with :class:`~.smoothing.Smooth`, keep the per-example log, read it back.
 
 The log is Cohen et al.'s format: tab-separated, one row per certified example, header
 ``idx  label  predict  radius  correct  time`` (``predict`` is ``-1`` when abstaining, ``correct``
 is 0/1, ``time`` is wall seconds spent certifying that example). Everything downstream (the
-certified-accuracy table, the curve) is computed from the log, so a table can always be traced
-back to, and recomputed from, the rows that produced it.
+certified-accuracy table, the curve: :mod:`.report`) is computed from the log, so a table can
+always be traced back to, and recomputed from, the rows that produced it.
+
+- :func:`certify_dataset`: CERTIFY every example (here or on an executor), writing the log as it
+  goes; resumable, and stopped cleanly by SIGINT / SIGTERM between examples.
+- :func:`certify_front`: the same for the first test images through ``f(front(x + noise))``.
+- :func:`certify_folder`: ``defense certify``: a run folder's trained front (or none), its data
+  and classifier, certified into ``certify.tsv`` and ``certify.json``.
+- :func:`read_log`, :func:`certified_accuracy`: the log read back, and what it certifies.
 """
 
 from __future__ import annotations
 
-import collections
 import csv
-import json
+import logging
 import math
 import numbers
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
-from deepzero_oracle.adapters.defense.smoothing import (
-    ABSTAIN,
-    Smooth,
-    check_alpha,
-    check_certify_n,
-    check_count,
-)
-from deepzero_oracle.atomic import write_text
-from deepzero_oracle.blackbox.local import as_tensor
-from deepzero_oracle.extras import require
-from deepzero_oracle.parallel.executors import InlineExecutor, dask_client, executor_slots
-from deepzero_oracle.parallel.payloads import compact, to_bytes
+from deepzero_oracle.blackbox import as_tensor
+from deepzero_oracle.common.datasets import data_fingerprint, load_data
+from deepzero_oracle.parallel import InlineExecutor, map_ordered, open_executor
+from deepzero_oracle.runs import RunFolder, write_json, write_text
 from deepzero_oracle.stops import StopRequested, stop_on_signals
 from deepzero_oracle.train import progress_disabled
+
+from deepzero_oracle.adapters.defense.classifier import open_classifier
+from deepzero_oracle.adapters.defense.fronts import front_sha256, open_trained_front, smoothed_pipeline
+from deepzero_oracle.adapters.defense.smoothing import ABSTAIN, Smooth, check_alpha, check_certify_n, check_count
+from deepzero_oracle.adapters.defense.training import METHODS, open_images
 
 __all__ = [
     "LOG_COLUMNS",
     "DEFAULT_RADII",
+    "CERTIFY_METHODS",
     "CertifyRun",
     "certify_dataset",
     "certify_example",
+    "certify_front",
+    "certify_folder",
     "example_seed",
+    "log_rows",
     "read_log",
     "settings_path",
     "certified_accuracy",
-    "certified_accuracy_markdown",
-    "plot_certified_curve",
 ]
+
+log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 #: The radii the project's tables report (ZO-AE-DS / DeepZero report r = 0, 0.25, 0.5, 0.75).
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75)
+#: What ``defense certify --method`` accepts: a trained method, or ``none`` (no denoiser).
+CERTIFY_METHODS = ("none", *METHODS)
 
 
 @dataclass
@@ -122,13 +131,11 @@ def example_seed(seed: int, idx: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(idx)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def certify_example(smooth: Smooth | bytes, x, n0: int, n: int, alpha: float, batch_size: int,
+def certify_example(smooth: Smooth, x, n0: int, n: int, alpha: float, batch_size: int,
                     seed: int) -> tuple[int, float, float]:
     """CERTIFY one example ``x`` (e.g. ``[C, H, W]``) with its own generator seeded by ``seed``:
-    ``(prediction, radius, seconds)``. ``smooth`` may come pickled (what executors' workers get);
-    the answer depends on ``seed``, not on where it runs."""
-    if isinstance(smooth, bytes):
-        smooth = pickle.loads(smooth)  # our own payload, pickled by the parent process
+    ``(prediction, radius, seconds)``. The answer depends on ``seed``, not on where it runs (here,
+    or on an executor's worker holding its own copy of ``smooth``)."""
     started = time.perf_counter()
     prediction, radius = smooth.certify(x, n0, n, alpha, batch_size, torch.Generator().manual_seed(seed))
     return int(prediction), float(radius), time.perf_counter() - started
@@ -142,29 +149,19 @@ def _certified(smooth: Smooth, xs, todo: Sequence[int], seeds: Sequence[int], n0
         for i in todo:
             yield i, certify_example(smooth, xs[i], n0, n, alpha, batch_size, seeds[i])
         return
-    payload = to_bytes(smooth, executor)  # before any work: a classifier that cannot travel fails here
-    client = dask_client(executor)
-    extra = {"pure": False} if client is not None else {}
-    if client is not None:  # one replica per worker instead of a copy per task
-        payload = client.scatter(payload, broadcast=True, hash=False)
-    window, pending, todo = 2 * executor_slots(executor), collections.deque(), iter(todo)
+    todo = list(todo)
     calls = math.ceil(n0 / batch_size) + math.ceil(n / batch_size)
+    # smooth ships once per worker (a classifier that cannot travel fails before any work);
+    # closing this generator cancels the examples started ahead
+    answers = map_ordered(certify_example, ((xs[i], n0, n, alpha, batch_size, seeds[i]) for i in todo),
+                          executor, shared=(smooth,))
     try:
-        while True:
-            while len(pending) < window and (i := next(todo, None)) is not None:
-                # compact: a row of xs would otherwise pickle all of xs
-                pending.append((i, executor.submit(certify_example, payload, compact(xs[i]), n0, n, alpha,
-                                                   batch_size, seeds[i], **extra)))
-            if not pending:
-                return
-            i, future = pending.popleft()
-            answer = future.result()
+        for i, answer in zip(todo, answers):
             smooth.queries += n0 + n
             smooth.calls += calls
             yield i, answer
     finally:
-        for _, future in pending:
-            future.cancel()
+        answers.close()
 
 
 def _format_row(row: Mapping) -> str:
@@ -206,8 +203,11 @@ def certify_dataset(
         smooth: the smoothed classifier (its query counter keeps counting across runs).
         xs: inputs ``[M, *x.shape]`` (e.g. ``[M, C, H, W]``), tensor or ndarray.
         labels: true labels ``[M]``.
-        n0, n, alpha, batch_size: as in :meth:`Smooth.certify`; ``n`` is validated against
-            ``alpha`` before anything is queried or written.
+        n0: noisy samples that select the top class (as in :meth:`Smooth.certify`).
+        n: noisy samples that bound its probability; validated against ``alpha`` before anything
+            is queried or written.
+        alpha: failure probability of each certificate.
+        batch_size: noisy samples per black-box call.
         seed: base seed; example ``idx`` uses :func:`example_seed` ``(seed, idx)``.
         log_path: where to write the tab-separated log (parent folders are created; the file is
             overwritten and flushed after every row, so an interrupted run keeps its rows).
@@ -233,11 +233,29 @@ def certify_dataset(
         :class:`CertifyRun` with the rows, query count and throughput (noisy samples/s). Resumed
         rows count ``n0 + n`` queries each (what CERTIFY spends) and their logged times.
     """
-    n0 = check_count("n0", n0)
-    n = check_count("n", n)
-    alpha = check_alpha(alpha)
-    batch_size = check_count("batch_size", batch_size)
+    n0, n = check_count("n0", n0), check_count("n", n)
+    alpha, batch_size = check_alpha(alpha), check_count("batch_size", batch_size)
     check_certify_n(n, alpha)  # fail before a long run, not at its first example
+    xs, ys, idxs = _examples(xs, labels, indices)
+    path = Path(log_path) if log_path is not None else None
+    run_settings = {"n0": n0, "n": n, "alpha": alpha, "sigma": float(smooth.sigma), "batch_size": batch_size,
+                    "seed": int(seed), **dict(settings or {})}
+    if resume and path is None:
+        raise ValueError("resume=True needs the log_path of the run to continue")
+    rows, fh = _open_log(path, run_settings, idxs, resume)
+    queries_before = smooth.queries - len(rows) * (n0 + n)
+    seeds = [example_seed(seed, idx) for idx in idxs]
+    examples = _certified(smooth, xs, range(len(rows), len(idxs)), seeds, n0, n, alpha, batch_size, executor)
+    _record(examples, rows, fh, ys, idxs, smooth, queries_before, path, progress=progress, desc=desc)
+    queries = smooth.queries - queries_before
+    seconds = float(sum(row["time"] for row in rows))
+    return CertifyRun(rows=rows, log_path=path, queries=queries, seconds=seconds,
+                      samples_per_second=queries / seconds if seconds > 0 else float("nan"),
+                      n0=n0, n=n, alpha=alpha, sigma=smooth.sigma)
+
+
+def _examples(xs, labels, indices) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``xs`` and ``labels`` as tensors and the dataset index of each row, checked to match."""
     xs = as_tensor(xs)
     ys = as_tensor(labels).reshape(-1)
     if xs.ndim < 1 or xs.shape[0] != ys.shape[0]:
@@ -245,32 +263,35 @@ def certify_dataset(
     idxs = list(range(xs.shape[0])) if indices is None else [int(i) for i in indices]
     if len(idxs) != xs.shape[0]:
         raise ValueError(f"indices has {len(idxs)} entries for {xs.shape[0]} examples")
+    return xs, ys, idxs
 
-    path = Path(log_path) if log_path is not None else None
-    run_settings = {"n0": n0, "n": n, "alpha": alpha, "sigma": float(smooth.sigma), "batch_size": batch_size,
-                    "seed": int(seed), **dict(settings or {})}
-    if resume and path is None:
-        raise ValueError("resume=True needs the log_path of the run to continue")
-    rows: list[dict] = _resumable_rows(path, run_settings, idxs) if resume and path.exists() else []
-    fh = None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(settings_path(path), json.dumps(run_settings, indent=2) + "\n")
-        # rewritten whole (drops a half-written last line), atomically: a kill here keeps the rows
-        write_text(path, "".join(line + "\n" for line in ["\t".join(LOG_COLUMNS), *map(_format_row, rows)]))
-        fh = open(path, "a", encoding="utf-8")
 
-    queries_before = smooth.queries - len(rows) * (n0 + n)
+def _open_log(path: Path | None, run_settings: Mapping, idxs: Sequence[int], resume: bool):
+    """``(rows kept, log opened for appending)``: with ``resume`` the rows an interrupted log holds
+    (checked against ``run_settings``), else none; the settings file is written and the log
+    rewritten with those rows first. ``([], None)`` without a log."""
+    if path is None:
+        return [], None
+    run = RunFolder(path.parent, run_settings, name=path.stem, hint=_RESUME_HINT)
+    rows: list[dict] = _resumable_rows(path, run, idxs) if resume and path.exists() else []
+    run.write_json(run.settings_path.name, run_settings)
+    # rewritten whole (drops a half-written last line), atomically: a kill here keeps the rows
+    write_text(path, "".join(line + "\n" for line in ["\t".join(LOG_COLUMNS), *map(_format_row, rows)]))
+    return rows, open(path, "a", encoding="utf-8")
+
+
+def _record(examples, rows: list[dict], fh, ys, idxs: Sequence[int], smooth: Smooth, queries_before: int,
+            path: Path | None, *, progress, desc: str) -> None:
+    """Append a row to ``rows`` and to the log ``fh`` for each ``(i, answer)`` of ``examples``
+    until they run out or SIGINT / SIGTERM asks to stop (then ``StopRequested``, after the row
+    in flight). Closes ``examples`` and ``fh``."""
     total_seconds = float(sum(row["time"] for row in rows))
     certified = sum(int(row["correct"]) for row in rows)
-    total = xs.shape[0]
+    total = len(idxs)
     where = f" in {path}" if path is not None else ""
     with stop_on_signals() as stop:
-        examples = None
         try:
             bar = tqdm(desc=desc, disable=progress_disabled(progress), unit="img", initial=len(rows), total=total)
-            seeds = [example_seed(seed, idx) for idx in idxs]
-            examples = _certified(smooth, xs, range(len(rows), total), seeds, n0, n, alpha, batch_size, executor)
             while not stop.requested and (item := next(examples, None)) is not None:
                 i, (prediction, radius, dt) = item
                 idx, label = idxs[i], int(ys[i])
@@ -299,26 +320,12 @@ def certify_dataset(
             raise stop.stop(where=f"during example {len(rows) + 1} of {total}, which failed ({type(exc).__name__})",
                             checkpoint=f"the log of the first {len(rows)} examples{where}") from exc
         finally:
-            if examples is not None:
-                examples.close()  # cancels examples started ahead on an executor
+            examples.close()  # cancels examples started ahead on an executor
             if fh is not None:
                 fh.close()
         if stop.requested:
             raise stop.stop(where=f"after example {len(rows)} of {total}",
                             run_dir=None if path is None else path.parent, saved=path is not None)
-
-    queries = smooth.queries - queries_before
-    return CertifyRun(
-        rows=rows,
-        log_path=path,
-        queries=queries,
-        seconds=total_seconds,
-        samples_per_second=queries / total_seconds if total_seconds > 0 else float("nan"),
-        n0=n0,
-        n=n,
-        alpha=alpha,
-        sigma=smooth.sigma,
-    )
 
 
 def settings_path(log_path: str | os.PathLike) -> Path:
@@ -327,22 +334,19 @@ def settings_path(log_path: str | os.PathLike) -> Path:
     ``runs/x/certify.tsv`` -> ``runs/x/certify.settings.json``.
     """
     log_path = Path(log_path)
-    return log_path.with_name(log_path.stem + ".settings.json")
+    return RunFolder(log_path.parent, name=log_path.stem).settings_path
 
 
-def _resumable_rows(path: Path, run_settings: Mapping, idxs: Sequence[int]) -> list[dict]:
+_RESUME_HINT = "certify with the log's settings, start over with --restart (resume=False), or use another --out"
+
+
+def _resumable_rows(path: Path, run: RunFolder, idxs: Sequence[int]) -> list[dict]:
     # A resumed log must come from the same settings and hold a prefix of this run's examples;
     # anything else would silently mix two different certifications in one table.
-    spath = settings_path(path)
-    if not spath.exists():
-        raise ValueError(f"cannot resume {path}: {spath} is missing, so its settings are unknown; "
+    if not run.settings_path.exists():
+        raise ValueError(f"cannot resume {path}: {run.settings_path} is missing, so its settings are unknown; "
                          "certify again without resume (or into another folder)")
-    saved = json.loads(spath.read_text())
-    differ = {k: (saved.get(k), v) for k, v in run_settings.items() if saved.get(k) != v}
-    if differ:
-        what = ", ".join(f"{k}: log {a!r} vs now {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"cannot resume {path}: it was certified with other settings ({what}); "
-                         "rerun with the log's settings, or without resume to start over")
+    run.check(where=path)  # SettingsMismatch naming each difference
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):  # killed mid-row: that row is certified again
         path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
@@ -400,7 +404,9 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 LogLike = Union[str, os.PathLike, Sequence[Mapping], CertifyRun]
 
 
-def _rows(log: LogLike) -> list[Mapping]:
+def log_rows(log: LogLike) -> list[Mapping]:
+    """The rows of a log given as a path (read with :func:`read_log`), a :class:`CertifyRun`, or
+    rows already read."""
     if isinstance(log, CertifyRun):
         return log.rows
     if isinstance(log, (str, os.PathLike)):
@@ -420,7 +426,7 @@ def certified_accuracy(log: LogLike, radii: Iterable[float] | float = DEFAULT_RA
     Returns:
         ``{r: accuracy}`` with accuracies in ``[0, 1]``, in the order of ``radii``.
     """
-    rows = _rows(log)
+    rows = log_rows(log)
     if not rows:
         raise ValueError("the log has no rows; certify at least one example first")
     correct = np.array([bool(int(r["correct"])) for r in rows])
@@ -429,84 +435,105 @@ def certified_accuracy(log: LogLike, radii: Iterable[float] | float = DEFAULT_RA
     return {float(r): float(np.mean(correct & (radius >= r))) for r in radii}
 
 
-def certified_accuracy_markdown(
-    logs_by_method: Mapping[str, LogLike],
-    radii: Iterable[float] = DEFAULT_RADII,
-    *,
-    queries: Mapping[str, int] | None = None,
-) -> str:
-    """A markdown table of certified accuracy (%) by radius, one row per method.
+# ----------------------------------------------------------------------------------------------
+# A trained front, certified
+# ----------------------------------------------------------------------------------------------
+
+
+def certify_front(front: nn.Module | None, blackbox: Callable, data, sigma: float, *, n0: int = 100,
+                  n: int = 100_000, alpha: float = 0.001, max_examples: int = 100, batch_size: int = 1000,
+                  seed: int = 0, log_path: str | Path | None = None, progress: bool | None = None,
+                  resume: bool = False, settings: dict | None = None, executor=None) -> CertifyRun:
+    """CERTIFY the first ``max_examples`` test images through ``f(front(x + noise))``.
+
+    ``data``: images with ``x_test [N, C, H, W]``, ``y_test [N]`` and ``classes`` (a ``Dataset``),
+    or a ``--data`` value. Returns the ``CertifyRun`` (rows, queries = noisy samples,
+    samples/s); the per-example log goes to ``log_path``. ``resume``, ``settings`` and
+    ``executor`` (where the images are certified, the same rows anywhere) are
+    ``certify_dataset``'s; the data's fingerprint is always among the settings.
+    """
+    data = load_data(data) if isinstance(data, str) else data
+    xs, ys = data.x_test[:max_examples], data.y_test[:max_examples]
+    smooth = Smooth(smoothed_pipeline(front, blackbox), data.classes, sigma)
+    return certify_dataset(smooth, xs, ys, n0, n, alpha, batch_size, seed=seed, log_path=log_path,
+                           progress=progress, resume=resume, executor=executor,
+                           settings={"data_sha256": data_fingerprint(data), **(settings or {})})
+
+
+def certify_folder(out: str | Path, method: str, *, data: str | None = None, classifier: str | None = None,
+                   sigma: float | None = None, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                   max_examples: int = 100, batch_size: int = 1000, seed: int = 0,
+                   classifier_path: str | None = None, timeout: float = 60.0, executor: str = "inline",
+                   restart: bool = False, progress: bool | None = None) -> dict:
+    """``defense certify``: CERTIFY the first test images through the front trained in ``out``
+    (``method="none"``: through the classifier alone) into ``out/certify.tsv`` and ``certify.json``.
 
     Args:
-        logs_by_method: ``{method name: log path | rows | CertifyRun}``.
-        radii: radii for the columns.
-        queries: optional ``{method: queries spent}`` (e.g. training queries) for an extra column.
+        out: the run folder (``train_folder``'s; any folder for ``none``).
+        method: one of :data:`CERTIFY_METHODS`; ``out`` must hold a finished run of it.
+        data: the images (a ``--data`` value); default: the run's. Other images than the run was
+            trained on are refused. Required for ``none``.
+        classifier: a ``--classifier`` spec; default: the run's (``local`` for ``none``). Another
+            one is used with a warning (e.g. the same model at a new address).
+        sigma: the noise level; default: the run's training sigma. Required for ``none``.
+        n0: noisy samples that select the top class.
+        n: noisy samples that bound its probability.
+        alpha: failure probability of each certificate.
+        max_examples: how many test images are certified (the first ones).
+        batch_size: noisy samples per black-box call.
+        seed: seeds each image's noise (:func:`example_seed`).
+        classifier_path: the saved ``local`` classifier (``open_classifier``'s ``path``).
+        timeout: seconds each call to a remote classifier may take.
+        executor: an ``open_executor`` spec: where the images are certified.
+        restart: certify from the first image again; otherwise an interrupted ``certify.tsv``
+            with the same settings (and the same front and classifier) is continued.
+        progress: tqdm bars (None: when stderr is a terminal).
     Returns:
-        the table as a string (header, separator, one line per method; two decimals, as the
-        published tables).
+        what ``certify.json`` holds: ``method``, ``dataset``, ``CertifyRun.summary()`` and what
+        training spent (``training_queries``, ``training_blackbox_images``).
     """
-    radii = list(radii)
-    head = ["method", "examples"] + [f"r = {r:g}" for r in radii]
-    if queries is not None:
-        head.append("queries")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for method, log in logs_by_method.items():
-        rows = _rows(log)
-        acc = certified_accuracy(rows, radii)
-        cells = [str(method), str(len(rows))] + [f"{100 * acc[float(r)]:.2f}" for r in radii]
-        if queries is not None:
-            q = queries.get(method)
-            cells.append(f"{q:,}" if q is not None else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    out = Path(out)
+    front, training = None, {"queries": 0, "blackbox_images": 0}
+    if method == "none":
+        if data is None or sigma is None:
+            raise ValueError("--method none needs --data (or --dataset) and --sigma (there is no trained run to "
+                             "read them from)")
+        (images, dataset), spec = open_images(data), classifier or "local"
+    else:
+        front, config, training = open_trained_front(out, method)
+        images, dataset = open_images(data or config.dataset)
+        _check_trained_on(out, training, images, data or config.dataset)
+        spec, sigma = _against(config, classifier, sigma)
+    # What the log's rows depend on beyond the sampling settings: resuming must not mix models.
+    model = {"method": method, "classifier": spec, "front_sha256": front_sha256(out) if front is not None else None}
+    with open_executor(executor) as pool, \
+            open_classifier(spec, images, path=classifier_path, timeout=timeout, progress=progress) as box:
+        run = certify_front(front, box, images, sigma, n0=n0, n=n, alpha=alpha, max_examples=max_examples,
+                            batch_size=batch_size, seed=seed, log_path=out / "certify.tsv", progress=progress,
+                            resume=not restart, settings=model, executor=pool)
+    summary = {"method": method, "dataset": dataset, **run.summary(),
+               "training_queries": int(training["queries"]),
+               "training_blackbox_images": int(training["blackbox_images"])}
+    write_json(out / "certify.json", summary)
+    return summary
 
 
-def plot_certified_curve(
-    logs_by_method: Mapping[str, LogLike],
-    path: str | os.PathLike,
-    *,
-    max_radius: float | None = None,
-    title: str | None = None,
-) -> Path:
-    """Plot certified accuracy against radius, one curve per method, and save it.
+def _check_trained_on(out: Path, training: dict, images, given: str) -> None:
+    """Refuse images other than those the run in ``out`` was trained on (compared by content)."""
+    trained_on = training.get("data_sha256")
+    if trained_on is not None and trained_on != data_fingerprint(images):
+        raise ValueError(f"{out} was trained on other images than {given} holds now "
+                         f"(fingerprint {trained_on} then, {data_fingerprint(images)} now); certify it on the "
+                         "images it was trained on")
 
-    Uses matplotlib's object API with the Agg canvas, so it never touches the global pyplot
-    backend and works headless.
 
-    Args:
-        logs_by_method: ``{method name: log path | rows | CertifyRun}``.
-        path: output image file; the format follows the suffix (``.png``, ``.pdf``, ``.svg``).
-        max_radius: right end of the x axis (default: 5% past the largest radius in any log).
-        title: optional plot title.
-    Returns:
-        the path written.
-    """
-    Figure = require("apps", "matplotlib.figure", "matplotlib.backends.backend_agg", feature="plotting").Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    all_rows = {m: _rows(log) for m, log in logs_by_method.items()}
-    if not all_rows:
-        raise ValueError("nothing to plot: logs_by_method is empty")
-    top = max((float(r["radius"]) for rows in all_rows.values() for r in rows), default=0.0)
-    right = max_radius if max_radius is not None else max(top * 1.05, 0.1)
-    grid = np.linspace(0.0, right, 400)
-
-    fig = Figure(figsize=(5.5, 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for method, rows in all_rows.items():
-        acc = certified_accuracy(rows, grid)
-        ax.plot(grid, [acc[float(r)] for r in grid], label=str(method))
-    ax.set_xlabel("L2 radius")
-    ax.set_ylabel("certified accuracy")
-    ax.set_xlim(0.0, right)
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+def _against(config, classifier: str | None, sigma: float | None) -> tuple[str, float]:
+    """The classifier spec and sigma to certify a trained run with: the run's unless given (with a
+    warning when they differ from what the front was trained against)."""
+    spec = classifier or config.classifier
+    if spec != config.classifier:
+        log.warning("certifying with --classifier %s; the front was trained against %s", spec, config.classifier)
+    sigma = sigma if sigma is not None else config.sigma
+    if sigma != config.sigma:
+        log.warning("certifying at sigma=%s a front trained at sigma=%s", sigma, config.sigma)
+    return spec, sigma

@@ -1,4 +1,4 @@
-"""Image-classification data for the apps: the example datasets (shipped inside PyPI wheels,
+"""Image-classification data for the apps and the adapters: the example datasets (shipped inside PyPI wheels,
 nothing downloads) and the user's own images, both as one :class:`Dataset`.
 
 :func:`load_data` turns a ``--data`` / ``--dataset`` value into a Dataset:
