@@ -7,5 +7,5 @@ unrelated package on PyPI. Each adapter's ``cli.py`` adds its ``deepzero-oracle`
 through an entry point; the engine never imports anything here. The adapters import only the
 engine's public names (those in its modules' ``__all__``) and the shared room
 ``deepzero_oracle.common`` (data, model zoo, command-line conventions), never the app layer
-``deepzero_oracle.apps``; tests/test_layers.py checks both.
+``deepzero_oracle.apps``; tests/engine/test_layers.py checks both.
 """

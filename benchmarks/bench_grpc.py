@@ -1,7 +1,7 @@
 """gRPC benchmark: query rates over loopback and the cost of serving a ~1 ms black box.
 
     python benchmarks/bench_grpc.py            # full run (~1 min), prints a table
-    python benchmarks/bench_grpc.py --quick    # seconds; what tests/test_bench_grpc.py runs
+    python benchmarks/bench_grpc.py --quick    # seconds; what tests/serving/test_bench_grpc.py runs
 
 The server runs in a child process (`python -m deepzero_oracle.server bench_grpc:MODELS`), as it
 would on another machine; the client is this process. One query = one row here.

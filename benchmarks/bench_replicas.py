@@ -3,7 +3,7 @@ served by ``serve --workers 1`` and by ``serve --workers 2`` (each worker single
 side by side in one run, and the per-call overhead of serving it.
 
     python benchmarks/bench_replicas.py            # ~2 min, prints a table
-    python benchmarks/bench_replicas.py --quick    # what tests/test_bench_replicas.py runs
+    python benchmarks/bench_replicas.py --quick    # what tests/serving/test_bench_replicas.py runs
 
 The server runs in child processes (``python -m deepzero_oracle.server
 bench_replicas:burgers_source_step --workers N``), the ZO-SOL trainer in this process.

@@ -1,4 +1,4 @@
-"""argparse types for numbers with bounds: one place for "what was wrong, what is accepted".
+"""argparse helpers: numbers with bounds, and errors as one line saying what was wrong.
 
     parser.add_argument("--port", type=bounded(int, 0, 65535, "a TCP port 0..65535"))
 
@@ -53,4 +53,10 @@ def bounded(kind: type, low: float | None = None, high: float | None = None, wha
     return parse
 
 
-__all__ = ["bounded"]
+def one_line_error(parser: argparse.ArgumentParser, message: str):
+    """Exit 2 with one line, ``PROG: error: MESSAGE; see PROG --help`` (no usage block): what to
+    fix, not a wall of flags. Install as ``parser.error`` or call from an ``error`` override."""
+    parser.exit(2, f"{parser.prog}: error: {message}; see {parser.prog} --help\n")
+
+
+__all__ = ["bounded", "one_line_error"]

@@ -1,7 +1,7 @@
 """Regenerate deepzero_oracle/wire/ from protos/oracle.proto.
 
     python protos/generate.py            # write into deepzero_oracle/wire/
-    python protos/generate.py --out DIR  # write elsewhere (tests/test_wire.py diffs the result)
+    python protos/generate.py --out DIR  # write elsewhere (tests/serving/test_wire.py diffs the result)
 
 The generator is pinned: grpcio-tools 1.66.2 bundles protoc for protobuf 5.27.2, so the
 generated `_pb2.py` loads on every protobuf runtime >= 5.27.2 (5.x, 6.x and 7.x: a runtime

@@ -344,8 +344,7 @@ def _import_classifier(spec: BlackBoxSpec):
     try:
         obj = load_callable(str(spec))
     except (ImportError, AttributeError, TypeError, ValueError) as err:
-        raise ValueError(f"{where}: cannot load it ({type(err).__name__}: {err}); MODULE must be importable "
-                         "from the current folder or installed, and FUNCTION a callable in it") from err
+        raise ValueError(f"{where}: cannot load it ({type(err).__name__}: {err})") from err
     if isinstance(obj, Mapping):
         raise ValueError(f"{where} is a mapping of several callables; name one: MODULE:NAME")
     return obj

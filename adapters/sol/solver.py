@@ -189,8 +189,7 @@ def open_solver(spec: str | None, trajectories: Trajectories, *, timeout: float 
             box = open_blackbox(parsed, timeout=timeout, numpy=True)
             torch_step = None if parsed.remote else load_callable(str(parsed))
         except (ImportError, AttributeError, TypeError) as e:
-            raise ValueError(f"--solver {spec}: cannot load it ({type(e).__name__}: {e}); MODULE must import from "
-                             f"the current directory or the environment, FUNCTION must be a callable in it") from e
+            raise ValueError(f"--solver {spec}: cannot load it ({type(e).__name__}: {e})") from e
         solver = Solver(box, spec=str(parsed), torch_step=torch_step, remote=parsed.remote, close=box.close)
     with solver:
         if probe:

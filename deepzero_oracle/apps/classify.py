@@ -69,8 +69,11 @@ class Recipe:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
         if self.redraw_every < 1:
             raise ValueError(f"redraw_every must be at least 1 epoch, got {self.redraw_every}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        for flag, value, ok in (("--epochs", self.epochs, self.epochs >= 1),
+                                ("--batch-size", self.batch_size, self.batch_size >= 1),
+                                ("--lr", self.lr, self.lr > 0)):
+            if not ok:
+                raise ValueError(f"{flag} must be {'> 0' if flag == '--lr' else '>= 1'}, got {value}")
 
     def settings(self) -> dict:
         """What defines the trajectory (a resume must match it); the query budget is a stop

@@ -15,6 +15,7 @@ import sys
 from importlib.metadata import entry_points
 
 from deepzero_oracle import __version__, retain_freed_memory
+from deepzero_oracle.argtypes import one_line_error
 from deepzero_oracle.blackbox.errors import BlackBoxTimeout, BlackBoxUnavailable
 from deepzero_oracle.common.options import HelpFormatter, add_logging, logging_level
 from deepzero_oracle.logs import configure_logging
@@ -29,11 +30,15 @@ _ORDER = ("train", "serve", "sol", "defense", "bench")
 
 
 class CommandParser(argparse.ArgumentParser):
-    """An argument parser whose help shows defaults (``HelpFormatter``) unless told otherwise."""
+    """An argument parser whose help shows defaults (``HelpFormatter``) unless told otherwise,
+    and whose usage errors are one line naming the flag (exit 2), not a usage block."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        one_line_error(self, message)
 
 
 def registered_commands() -> list:
@@ -45,7 +50,7 @@ def registered_commands() -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="deepzero-oracle", formatter_class=HelpFormatter,
         description="Train neural networks in a loop with black boxes you can only query.",
         epilog="exit codes: 0 done, 2 usage or bad input, 3 training diverged, 4 query budget "

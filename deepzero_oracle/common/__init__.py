@@ -8,5 +8,5 @@ conventions. Above the engine, below its users.
   ``--executor``, help format).
 
 Imports point down: this package uses the engine's public API; the engine never imports it, and
-it never imports ``deepzero_oracle.apps`` or the adapters (tests/test_layers.py checks).
+it never imports ``deepzero_oracle.apps`` or the adapters (tests/engine/test_layers.py checks).
 """

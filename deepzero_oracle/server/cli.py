@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from deepzero_oracle.argtypes import bounded
+from deepzero_oracle.argtypes import bounded, one_line_error
 from deepzero_oracle.blackbox.spec import load_callable_for
 from deepzero_oracle.errors import EXIT_UNREACHABLE, EXIT_USAGE
 from deepzero_oracle.logs import configure_logging, logging_level
@@ -122,15 +122,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="server processes sharing --port (SO_REUSEPORT; gRPC only): a Python black box "
                         "then uses N cores; each client connection is served by one worker")
     p.set_defaults(func=run_serve, log_default="INFO")  # a server logs what it serves
-    p.error = functools.partial(_one_line_error, p)  # no usage block: one line saying what to fix
+    p.error = functools.partial(one_line_error, p)  # no usage block: one line saying what to fix
     return p
 
 
 # -- first-contact checks: each bad value is one line naming its flag, exit 2 -------------------
-def _one_line_error(parser: argparse.ArgumentParser, message: str):
-    parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}; see {parser.prog} --help\n")
-
-
 # argparse types: each refuses a value of the wrong kind, not finite or out of range in one line
 _port = bounded(int, 0, 65535, "a TCP port 0..65535 (0: any free one)")
 _grace = bounded(float, 0, 86400, "seconds from 0 to 86400")

@@ -45,6 +45,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -212,17 +213,40 @@ def encode_infer_response(model: ServedModel, pairs: list[tuple[str, np.ndarray]
 def answer_infer(host: ModelHost, model: ServedModel, body: bytes,
                  header_length: str | None) -> tuple[bytes, dict[str, str]]:
     """One infer request, body to body, through the host's shared validation and inference."""
+    call = prepare_infer(host, model, body, header_length)
+    return finish_infer(model, call, host.infer(model, *call.inputs, call.wanted))
+
+
+@dataclass
+class _InferCall:
+    """A decoded, validated infer request waiting for the black box."""
+
+    inputs: tuple[list[str], list[np.ndarray]]
+    wanted: list[str]
+    binary: dict[str, bool]
+    request_id: str | None
+
+
+def prepare_infer(host: ModelHost, model: ServedModel, body: bytes, header_length: str | None) -> _InferCall:
+    """Decode and validate an infer body (no black-box call): the part before ``host.infer``."""
     request, names, arrays = decode_infer_body(body, header_length)
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise WireError("'id' must be a string")
     wanted, binary = requested_outputs(request)
-    names, arrays = host.validate(model, names, arrays)
-    pairs = host.infer(model, names, arrays, wanted)
-    return encode_infer_response(model, pairs, request_id, binary)
+    return _InferCall(host.validate(model, names, arrays), wanted, binary, request_id)
+
+
+def finish_infer(model: ServedModel, call: _InferCall, pairs) -> tuple[bytes, dict[str, str]]:
+    """The answer's body and headers for ``host.infer``'s output pairs."""
+    return encode_infer_response(model, pairs, call.request_id, call.binary)
 
 
 # -- the ASGI app ---------------------------------------------------------------------------------
+# Request bodies up to this size are decoded and answers encoded on the event loop's thread;
+# larger ones in a worker thread, so health checks never wait behind a big decode.
+_DECODE_ON_LOOP_BYTES = 256 * 1024
+
 def rest_app(host: ModelHost, *, token: str | None, max_body_bytes: int, max_pending: int):
     """The Starlette app of the v2 REST routes over ``host`` (see the module docstring)."""
     from starlette.applications import Starlette
@@ -314,8 +338,13 @@ def rest_app(host: ModelHost, *, token: str | None, max_body_bytes: int, max_pen
         in_progress += 1
         try:
             body = await _read_body(request, max_body_bytes)
-            content, headers = await run_in_threadpool(answer_infer, host, model, body,
-                                                       request.headers.get(BINARY_HEADER))
+            header_length = request.headers.get(BINARY_HEADER)
+            if len(body) > _DECODE_ON_LOOP_BYTES:  # large bodies: decode off the event loop
+                content, headers = await run_in_threadpool(answer_infer, host, model, body, header_length)
+            else:  # small ones: only the black box leaves the loop (fewer thread switches)
+                call = prepare_infer(host, model, body, header_length)
+                pairs = await run_in_threadpool(host.infer, model, *call.inputs, call.wanted)
+                content, headers = finish_infer(model, call, pairs)
         finally:
             in_progress -= 1
         return Response(content, headers=headers)

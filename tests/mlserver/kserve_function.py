@@ -1,4 +1,4 @@
-"""The black boxes served by MLServer in tests/test_kserve.py, and run in-process there too.
+"""The black boxes served by MLServer in tests/serving/test_kserve.py, and run in-process there too.
 
 Pure NumPy and element-wise (+, -, *, one rounding each; np.roll only moves values), so two
 NumPy builds in two virtual environments give bit-identical answers.
