@@ -23,10 +23,11 @@ demo: install
 	$(PY) examples/sol_demo.py $(SOL_DEMO_OUT)
 	$(PY) examples/demo.py --out $(DEMO_OUT)
 
-test: install
+# the MLServer peer's own environment is part of the install: the tests start MLServer from it
+test: install mlserver-venv
 	$(PY) -m pytest -q -m "not slow" -n 2
 
-test-slow: install
+test-slow: install mlserver-venv
 	$(PY) -m pytest -q -m slow
 	$(MAKE) test-core
 
