@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 
-def main(out_dir: str = "runs/sol-demo", *, steps: int | None = None, progress: bool = True) -> dict:
+def main(out_dir: str = "runs/sol-demo", *, steps: int | None = None, progress: bool | None = None) -> dict:
     """Run the burgers comparison end to end; returns ``{method: {mae_mean, mae_std, queries, seconds}}``.
 
     Args:
         out_dir: comparison folder (data, checkpoints, report.md, plots); rerunning resumes.
         steps: optimizer steps per trained method (default: the recipe's).
-        progress: tqdm bars.
+        progress: tqdm bars (None: only when stderr is a terminal).
     """
     import torch
 
