@@ -34,6 +34,11 @@ def main(argv=None):
         ["--json", str(out / "bench_serving.json")])
     print("\n== CSV logs: time to append one row at 1k, 10k, 100k rows (flat: the header lives in memory)")
     runpy.run_path(str(Path(__file__).parent / "bench_csvlog.py"))["main"](["--json", str(out / "bench_csvlog.json")])
+    print("\n== quality per query: ZO estimators vs CMA-ES and NGOpt at equal query budgets, 5 seeds "
+          "(records kept in OUT/queries: a rerun continues)")
+    from deepzero_oracle.apps.queries import bench_queries, markdown as markdown_queries
+
+    print(markdown_queries(bench_queries(out)))
     print(f"\nresults in {out}/")
 
 

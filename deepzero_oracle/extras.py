@@ -24,7 +24,7 @@ EXTRAS: dict[str, str] = {
     "sim": "the built-in simulators (sol --scenario burgers, wake2d)",
     "apps": "the built-in datasets, plots and image folders of train, defense and sol",
     "tensorboard": "TensorBoardLogger",
-    "peers": "gradient-free peers for benchmarks (nevergrad, bayesian-optimization)",
+    "peers": "gradient-free peers for benchmarks (nevergrad, cma, bayesian-optimization)",
 }
 
 

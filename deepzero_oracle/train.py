@@ -48,6 +48,10 @@ class Trainer:
         scheduler: optional LR scheduler, stepped per ``scheduler_interval`` ("step"/"epoch").
         mask_schedule: optional ``MaskSchedule`` for sparse gradients (its ``unit`` says whether
             ``redraw_every`` counts epochs or steps).
+        clip_norm: optional largest Euclidean norm of the step's gradient estimate; a longer
+            estimate is scaled down to it (``torch.nn.utils.clip_grad_norm_``) before the
+            optimizer sees it, which keeps one noisy estimate from throwing theta far. The
+            logged ``grad_norm`` is the estimate's own.
         evaluate: ``evaluate(learner) -> {name: float}`` in eval mode without gradients (for an
             oracle without a learner: ``evaluate(theta [dim])``, a copy), run before training,
             after each epoch and every ``eval_every`` steps.
@@ -69,7 +73,7 @@ class Trainer:
 
     def __init__(self, oracle: Oracle, estimator: Estimator, optimizer: torch.optim.Optimizer,
                  *, params: Iterable[torch.Tensor] | None = None, scheduler=None, scheduler_interval: str = "epoch",
-                 mask_schedule: MaskSchedule | None = None,
+                 mask_schedule: MaskSchedule | None = None, clip_norm: float | None = None,
                  evaluate: Callable[..., dict] | None = None, eval_every: int | None = None,
                  callbacks: Iterable[Callback] = (), out_dir=None, checkpoint_every: int | None = None,
                  settings: dict | None = None, seed: int = 0, progress: bool | None = None, desc: str | None = None):
@@ -78,7 +82,10 @@ class Trainer:
         for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be a positive number of steps or None, got {value}")
+        if clip_norm is not None and not float(clip_norm) > 0:
+            raise ValueError(f"clip_norm must be a positive norm or None, got {clip_norm}")
         self.oracle, self.estimator, self.optimizer = oracle, estimator, optimizer
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self._params = self._theta_tensors(params)  # None: the learner's parameters
         self.scheduler, self.scheduler_interval = scheduler, scheduler_interval
         self.mask_schedule, self.evaluate, self.eval_every = mask_schedule, evaluate, eval_every
@@ -311,6 +318,8 @@ class Trainer:
             raise self._diverged(exc) from exc
         self.optimizer.zero_grad(set_to_none=True)
         assign_gradient(self.params, grad)
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         oracle.end_step()
         self.optimizer.step()
         if self.scheduler is not None and self.scheduler_interval == "step":

@@ -123,7 +123,7 @@ def _scenario_flags(p) -> None:
 
 def _recipe_flags(p) -> None:
     """The training recipe's flags (``sol train`` and ``sol compare``)."""
-    from deepzero_oracle.adapters.sol.data import LR_SCHEDULES, SOLConfig
+    from deepzero_oracle.adapters.sol.data import ESTIMATORS, LR_SCHEDULES, SOLConfig
 
     d = SOLConfig()
     p.add_argument("--corrector", default=None, metavar="MODULE:FACTORY",
@@ -145,7 +145,19 @@ def _recipe_flags(p) -> None:
     p.add_argument("--sparsity", type=float, default=None, help=f"zo-sol gradient sparsity (default {d.sparsity})")
     p.add_argument("--redraw-every", dest="redraw_every", type=int, default=None,
                    help=f"steps between redraws of the sparse coordinates (default {d.redraw_every})")
-    p.add_argument("--mu", type=float, default=None, help=f"CGE finite-difference step (default {d.mu:g})")
+    p.add_argument("--mu", type=float, default=None, help=f"zo-sol finite-difference step (default {d.mu:g})")
+    p.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                   help=f"zo-sol gradient estimate: cge (coordinate-wise on the unmasked share) or rge (--q random "
+                        f"directions; give --sparsity 0 for dense directions) (default {d.estimator})")
+    p.add_argument("--q", type=int, default=None, help=f"rge: directions per step (default {d.q})")
+    p.add_argument("--distribution", choices=("gaussian", "sphere"), default=None,
+                   help=f"rge: law of the directions (default {d.distribution})")
+    p.add_argument("--antithetic", action="store_true", default=None,
+                   help="rge: central differences, 2q queries per step instead of q + 1")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"zo-sol: steps of linear learning-rate warm-up (default {d.warmup})")
+    p.add_argument("--clip", type=float, default=None,
+                   help="zo-sol: largest norm of a step's gradient estimate, longer ones scaled down (default 0: off)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=steps_count, default=None,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
 

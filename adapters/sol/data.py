@@ -17,9 +17,10 @@ import torch
 from .solver import Solver, solve_checked
 from .trajectories import Trajectories
 
-__all__ = ["LR_SCHEDULES", "SOLConfig", "SOLData", "corrector_stats", "prepare_data"]
+__all__ = ["ESTIMATORS", "LR_SCHEDULES", "SOLConfig", "SOLData", "corrector_stats", "prepare_data"]
 
 LR_SCHEDULES = ("constant", "cosine")
+ESTIMATORS = ("cge", "rge")
 
 
 @dataclasses.dataclass
@@ -43,7 +44,13 @@ class SOLConfig:
             per step the last updates are noisy, and decay keeps that noise out of the final corrector).
         sparsity: ZO-SOL gradient sparsity (share of coordinates *not* estimated per step).
         redraw_every: steps between redraws of the random sparse coordinate mask.
-        mu: CGE finite-difference step (the loss is float64 and deterministic, so small mu is safe).
+        mu: the finite-difference step (the loss is float64 and deterministic, so small mu is safe).
+        estimator: ZO-SOL's gradient estimate: ``"cge"`` (coordinate-wise, forward differences on the
+            ``1 - sparsity`` share of coordinates each step) or ``"rge"`` (``q`` random directions).
+        q, distribution, antithetic: RGE's directions per step, their law ("gaussian" or "sphere"),
+            and central differences (``2q`` queries a step instead of ``q + 1``).
+        warmup: steps of linear learning-rate warm-up (from 1/warmup of the rate) before the schedule.
+        clip: largest norm of a step's gradient estimate (``Trainer(clip_norm=...)``); 0: no clipping.
         checkpoint_every: steps between checkpoints.
         seed: seed of the corrector init and window sampling.
     """
@@ -58,9 +65,15 @@ class SOLConfig:
     lr: float = 3e-3
     zo_lr: float = 0.0
     lr_schedule: str = "cosine"
-    sparsity: float = 0.8
+    sparsity: float = 0.95
     redraw_every: int = 1
     mu: float = 1e-4
+    estimator: str = "cge"
+    q: int = 16
+    distribution: str = "gaussian"
+    antithetic: bool = False
+    warmup: int = 0
+    clip: float = 0.0
     checkpoint_every: int = 10
     seed: int = 0
 
@@ -73,7 +86,13 @@ class SOLConfig:
         if not self.lr > 0 or not self.mu > 0 or self.zo_lr < 0:
             raise ValueError(f"lr and mu must be positive and zo_lr >= 0, got lr={self.lr}, mu={self.mu}, "
                              f"zo_lr={self.zo_lr}")
-        for k in ("unroll", "batch_size", "steps", "checkpoint_every", "redraw_every", "hidden", "depth", "kernel"):
+        if self.estimator not in ESTIMATORS or self.distribution not in ("gaussian", "sphere"):
+            raise ValueError(f"estimator must be one of {ESTIMATORS} and distribution 'gaussian' or 'sphere', got "
+                             f"{self.estimator!r} and {self.distribution!r}")
+        if self.warmup < 0 or self.clip < 0:
+            raise ValueError(f"warmup and clip must be >= 0, got {self.warmup} and {self.clip}")
+        for k in ("unroll", "batch_size", "steps", "checkpoint_every", "redraw_every", "hidden", "depth", "kernel",
+                  "q"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.kernel % 2 == 0:

@@ -4,12 +4,13 @@
 - NON: the corrector trained supervised on precomputed pairs ``(P_s(ref_t), ref_{t+1})``: the
   one-step SOL loss with the solver's step looked up, back-propagated through the corrector.
 - FO-SOL: the n-step unrolled loss, back-propagated through a differentiable torch solver.
-- ZO-SOL: the same loss, estimated by sparse forward-difference CGE from queries of the black-box
-  solver only (``SOLOracle``); the solver runs in-process or behind any black-box spec.
+- ZO-SOL: the same loss, its gradient estimated from queries of the black-box solver only
+  (``SOLOracle``): sparse forward-difference CGE by default, or RGE (``estimator="rge"``); the
+  solver runs in-process or behind any black-box spec.
 
 Each method is an (oracle, estimator) pair handed to ``Trainer`` with random training windows
-(`training_windows` in a ``SampledBatches``), Adam and an optional cosine schedule; checkpoints,
-resume, progress and the per-step log (``steps.csv``) are the Trainer's.
+(`training_windows` in a ``SampledBatches``), Adam, an optional warm-up and cosine schedule
+(`lr_factor`); checkpoints, resume, progress and the per-step log (``steps.csv``) are the Trainer's.
 
 Test metric (`evaluate`): mean |s_t - ref_t| over cells and channels, for t = 1..T', of a corrected
 rollout through the solver from the test trajectories' initial states; per simulation averaged over
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from deepzero_oracle import CGE, Autograd, MaskSchedule, SampledBatches, Trainer
+from deepzero_oracle import CGE, RGE, Autograd, MaskSchedule, SampledBatches, Trainer
 from deepzero_oracle.parallel import InlineExecutor, executor_slots, parallelize
 from deepzero_oracle.pruning import uniform_ratios
 from deepzero_oracle.runs import RunFolder, write_json
@@ -39,8 +40,8 @@ from .oracle import SOLOracle
 from .solver import Solver, SolverDiverged, solve_checked
 from .trajectories import Trajectories
 
-__all__ = ["METHODS", "build_corrector", "check_resumable", "evaluate", "load_corrector", "method_settings",
-           "method_trainer", "rollout", "train_method", "training_windows"]
+__all__ = ["METHODS", "build_corrector", "check_resumable", "evaluate", "load_corrector", "lr_factor",
+           "method_settings", "method_trainer", "rollout", "train_method", "training_windows", "zo_estimator"]
 
 METHODS = ("src", "non", "fo-sol", "zo-sol")
 
@@ -121,35 +122,57 @@ def method_trainer(cfg: SOLConfig, method: str, data: SOLData, run_dir, *, solve
         oracle, estimator = SOLOracle(corr, None, cfg.unroll, differentiable_solver=step), Autograd()
     elif method == "zo-sol":
         slots = parameter_slots(corr)
-        masks = MaskSchedule(slots, uniform_ratios(slots, cfg.sparsity), redraw_every=cfg.redraw_every, unit="step")
+        masks = (MaskSchedule(slots, uniform_ratios(slots, cfg.sparsity), redraw_every=cfg.redraw_every, unit="step")
+                 if cfg.sparsity > 0 or cfg.estimator == "cge" else None)
+        estimator = zo_estimator(cfg)
         # f(theta) rides in the same solver calls as its perturbations (CGE joint=True), so a
         # solver whose batch members interact cannot bias the differences
-        rows = masks.active + 1
+        rows = cfg.q if cfg.estimator == "rge" else masks.active + 1  # thetas per oracle request
         fanned = executor is not None and not isinstance(executor, InlineExecutor)
         block = -(-rows // executor_slots(executor)) if fanned else rows
         # the workers' solver calls reach SOLOracle.solver_calls through its counters()
         oracle = parallelize(SOLOracle(corr, solver, cfg.unroll, max_batch=block), executor, block=block)
-        estimator = CGE(mu=cfg.mu, joint=True)
     else:
         raise ValueError(f"method must be one of {METHODS[1:]} to train, got {method!r}")
     opt = torch.optim.Adam(corr.parameters(), lr=cfg.zo_rate if method == "zo-sol" else cfg.lr)
     # a closed-form factor of the step index: a resumed run follows the schedule of its --steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda t: 0.5 * (1 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps)))
-        if cfg.lr_schedule == "cosine" else (lambda t: 1.0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(cfg, t))
     settings = method_settings(cfg, method, data.trajectories, solver)
     trainer = Trainer(oracle, estimator, opt, scheduler=schedule, scheduler_interval="step", mask_schedule=masks,
+                      clip_norm=cfg.clip if method == "zo-sol" and cfg.clip > 0 else None,
                       out_dir=run_dir, checkpoint_every=cfg.checkpoint_every, settings=settings,
                       seed=cfg.seed, progress=progress, desc=f"{data.trajectories.label} {method}")
     windows = training_windows(data, unroll=cfg.unroll, batch_size=cfg.batch_size, pairs=method == "non")
     return trainer, SampledBatches(windows, seed=cfg.seed)
 
 
+def zo_estimator(cfg: SOLConfig):
+    """ZO-SOL's estimator: ``CGE(mu, joint=True)`` or ``RGE(q, mu, distribution, antithetic)``."""
+    if cfg.estimator == "rge":
+        return RGE(q=cfg.q, mu=cfg.mu, distribution=cfg.distribution, antithetic=cfg.antithetic)
+    return CGE(mu=cfg.mu, joint=True)
+
+
+def lr_factor(cfg: SOLConfig, step: int) -> float:
+    """The learning rate's factor at ``step``: a linear warm-up over ``cfg.warmup`` steps (from
+    1 / warmup), times the cosine decay to 0 over ``cfg.steps`` (``lr_schedule="cosine"``) or 1."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.lr_schedule != "cosine":
+        return warm
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+
+
+# recipe fields added after run folders existed: left out of the settings at their defaults, so
+# such a folder still resumes
+_LATER_FIELDS = {k: getattr(SOLConfig(), k) for k in ("estimator", "q", "distribution", "antithetic", "warmup", "clip")}
+
+
 def method_settings(cfg: SOLConfig, method: str, trajectories: Trajectories, solver) -> dict:
     """What a resumed run must share (the Trainer's ``settings``): the method, the recipe, the data's
     content (digest) and the solver's identity (spec)."""
-    return {"method": method, **{k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"},
-            "data": trajectories.digest(), "solver": Solver.of(solver).spec}
+    recipe = {k: v for k, v in cfg.to_dict().items()
+              if k != "checkpoint_every" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    return {"method": method, **recipe, "data": trajectories.digest(), "solver": Solver.of(solver).spec}
 
 
 def check_resumable(cfg: SOLConfig, method: str, trajectories: Trajectories, solver, run_dir) -> None:

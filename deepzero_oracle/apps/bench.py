@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepzero_oracle.allocator import retain_freed_memory
+from deepzero_oracle.argtypes import bounded
 from deepzero_oracle.runs import write_json, write_text
 from deepzero_oracle.estimators.rge import RGE
 from deepzero_oracle.module_oracle import ModuleOracle
@@ -40,7 +41,7 @@ from deepzero_oracle.pruning import random_mask, ratios_from_scores, zo_grasp_sc
 
 from deepzero_oracle.common.datasets import load_dataset
 from deepzero_oracle.common.models import build_model, cnn, mlp
-from deepzero_oracle.common.options import add_command, add_json
+from deepzero_oracle.common.options import add_command, add_json, int_list
 
 ABLATIONS = {
     "engine": {},
@@ -269,11 +270,53 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class SparseStep:
+    """The setup of one sparse CGE step of model ``name`` on ``batch`` random 3x32x32 images:
+    the learner (train mode, or eval mode with frozen BatchNorm statistics when ``eval_mode``),
+    the data, an oracle bound to it, theta, and the step's coordinates per parameter tensor
+    (``kept``, a 90%-sparse mask at ``sparsity`` with ZO-GraSP layer ratios from
+    ``grasp_queries`` shared RGE directions on 64 of the images). ``pick(coords, n)``: n of
+    ``coords`` at random, sorted."""
+
+    def __init__(self, name: str, batch: int, *, sparsity: float = 0.9, grasp_queries: int = 16,
+                 mu: float = 5e-3, seed: int = 0, eval_mode: bool = False):
+        torch.manual_seed(seed)
+        self.gen = gen = torch.Generator().manual_seed(seed)
+        self.mu, self.mode = mu, "eval" if eval_mode else "train"
+        self.learner = build_model(name, (3, 32, 32), 10)
+        self.learner.train(not eval_mode)
+        self.x, self.y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        if eval_mode:  # frozen statistics, as a pretrained network has: those of this batch
+            self.learner.train()
+            for m in self.learner.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = None  # cumulative average: one forward sets them
+            with torch.no_grad():
+                self.learner(self.x)
+            self.learner.eval()
+        self.oracle = oracle = ModuleOracle(self.learner, F.cross_entropy).bind(self.x[:64], self.y[:64])
+        self.theta = theta = oracle.theta()
+        scores = zo_grasp_scores(oracle, theta, RGE(q=grasp_queries, mu=mu), gen)
+        mask = random_mask(oracle.slots, ratios_from_scores(oracle.slots, scores, sparsity), gen)
+        # warm-up and the fast path's one-time self-check (on a few rows: it runs the generic path)
+        oracle.bind(self.x[:8], self.y[:8]).coordinate_losses(theta, torch.tensor([0, 1]), mu)
+        oracle.bind(self.x, self.y)
+        self.kept = [mask[s.offset:s.stop].nonzero().reshape(-1) + s.offset for s in oracle.slots]
+        self.counts = [len(k) for k in self.kept]
+
+    def pick(self, coords: torch.Tensor, n: int) -> torch.Tensor:
+        return coords[torch.randperm(len(coords), generator=self.gen)[:n]].sort().values
+
+    def engine_losses(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.oracle.coordinate_losses(self.theta, coords, self.mu)
+
+
 def sparse_step_bench(name: str, batch: int, *, sparsity: float = 0.9, engine_coords: int = 64,
                       loop_coords: int = 2, released_coords: int = 12, grasp_queries: int = 16,
-                      mu: float = 5e-3, seed: int = 0) -> dict:
-    """One sparse CGE step of model ``name`` (train mode) on ``batch`` random 3x32x32 images:
-    engine vs the faithful loop (``ReferenceLoop``) vs the released ``cge`` (``ReleasedCGE``).
+                      mu: float = 5e-3, seed: int = 0, eval_mode: bool = False) -> dict:
+    """One sparse CGE step of model ``name`` (train mode; eval mode, frozen BatchNorm
+    statistics, when ``eval_mode``) on ``batch`` random 3x32x32 images: engine vs the faithful
+    loop (``ReferenceLoop``) vs the released ``cge`` (``ReleasedCGE``).
 
     Layer ratios come from ZO-GraSP (``grasp_queries`` shared RGE directions on 64 images) at
     ``sparsity``; a random mask with those ratios picks the step's coordinates. Per parameter
@@ -286,23 +329,10 @@ def sparse_step_bench(name: str, batch: int, *, sparsity: float = 0.9, engine_co
     inherit ``retain_freed_memory``), as the published peak-memory figures were measured.
     Returns a dict (see ``markdown_sparse``).
     """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    learner = build_model(name, (3, 32, 32), 10).train()
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    oracle = ModuleOracle(learner, F.cross_entropy).bind(x[:64], y[:64])
-    theta = oracle.theta()
-    scores = zo_grasp_scores(oracle, theta, RGE(q=grasp_queries, mu=mu), gen)
-    ratios = ratios_from_scores(oracle.slots, scores, sparsity)
-    mask = random_mask(oracle.slots, ratios, gen)
-    # warm-up and the fast path's one-time self-check (on a few rows: it runs the generic path)
-    oracle.bind(x[:8], y[:8]).coordinate_losses(theta, torch.tensor([0, 1]), mu)
-    oracle.bind(x, y)
-    kept = [mask[s.offset:s.stop].nonzero().reshape(-1) + s.offset for s in oracle.slots]
-    counts = [len(k) for k in kept]
-
-    def pick(coords, n):
-        return coords[torch.randperm(len(coords), generator=gen)[:n]].sort().values
+    setup = SparseStep(name, batch, sparsity=sparsity, grasp_queries=grasp_queries, mu=mu, seed=seed,
+                       eval_mode=eval_mode)
+    learner, x, y, oracle, theta = setup.learner, setup.x, setup.y, setup.oracle, setup.theta
+    kept, counts, pick = setup.kept, setup.counts, setup.pick
 
     with torch.no_grad():
         learner(x)
@@ -358,7 +388,7 @@ def sparse_step_bench(name: str, batch: int, *, sparsity: float = 0.9, engine_co
             "peak_rss_mb_after": rss[method],
         }
     return {
-        "model": name, "batch": batch, "parameters": oracle.dim, "mode": "train",
+        "model": name, "batch": batch, "parameters": oracle.dim, "mode": setup.mode,
         "sparsity": sparsity, "coordinates_per_step": sum(counts),
         "threads": torch.get_num_threads(),
         "samples": {"engine_per_tensor": engine_coords, "loop_per_tensor": loop_coords,
@@ -371,6 +401,102 @@ def sparse_step_bench(name: str, batch: int, *, sparsity: float = 0.9, engine_co
         "peak_rss_mb": peak_rss_mb(),
         "methods": methods,
     }
+
+
+LABEL = "fastpath: "
+MATMUL_OPS = {"aten::conv2d", "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
+
+
+def profile_sparse_step(name: str, batch: int, *, engine_coords: int = 8, sparsity: float = 0.9,
+                        grasp_queries: int = 16, mu: float = 5e-3, seed: int = 0,
+                        eval_mode: bool = False) -> dict:
+    """Where the engine's time in one sparse CGE step goes, per layer kind (``torch.profiler``).
+
+    The step is set up as in ``sparse_step_bench``. Per parameter tensor, up to
+    ``engine_coords`` of the step's coordinates are answered once to warm up, then once under
+    the profiler; each operator's own time (and its matmul/convolution FLOPs) goes to the layer
+    kind whose label encloses it (``GraphForward.layer_kind``; "moved weight" for the one-weight
+    delta, "other" outside the labels: chunking and the loss), scaled by the tensor's share of
+    the step (kept / sampled). Returns ``{"rows": [{"kind", "seconds_per_step", "share",
+    "gflop_per_step", "gflops", "ops": {op: seconds}}], ...}`` (see ``markdown_profile``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step = SparseStep(name, batch, sparsity=sparsity, grasp_queries=grasp_queries, mu=mu, seed=seed,
+                      eval_mode=eval_mode)
+    kinds: dict[str, dict] = {}
+    wall = 0.0
+    for coords, n in zip(step.kept, step.counts):
+        if n == 0:
+            continue
+        sample = step.pick(coords, engine_coords)
+        step.engine_losses(sample)  # warm-up: compiled kernels, helper values
+        scale = n / len(sample)
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            _, t = _timed(lambda: step.engine_losses(sample))
+        wall += scale * t
+        for evt in prof.events():
+            label = evt
+            while label is not None and not label.name.startswith(LABEL):
+                label = label.cpu_parent
+            kind = kinds.setdefault("other" if label is None else label.name[len(LABEL):],
+                                    {"seconds": 0.0, "flops": 0.0, "ops": {}})
+            own = scale * evt.self_cpu_time_total / 1e6
+            kind["seconds"] += own
+            if not evt.name.startswith(LABEL):
+                kind["ops"][evt.name] = kind["ops"].get(evt.name, 0.0) + own
+            if evt.name in MATMUL_OPS:
+                kind["flops"] += scale * (evt.flops or 0)
+    total = sum(k["seconds"] for k in kinds.values())
+    peak = matmul_gflops()
+    rows = [{"kind": kind, "seconds_per_step": v["seconds"], "share": v["seconds"] / total,
+             "gflop_per_step": v["flops"] / 1e9, "gflops": v["flops"] / 1e9 / v["seconds"] if v["seconds"] else 0.0,
+             "ops": dict(sorted(v["ops"].items(), key=lambda kv: -kv[1])[:4])}
+            for kind, v in sorted(kinds.items(), key=lambda kv: -kv[1]["seconds"])]
+    return {"model": name, "batch": batch, "mode": step.mode, "coordinates_per_step": sum(step.counts),
+            "sampled_per_tensor": engine_coords, "profiled_seconds_per_step": total,
+            "wall_seconds_per_step_under_profiler": wall, "matmul_gflops": peak,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+def markdown_profile(results: list[dict]) -> str:
+    """``profile_sparse_step`` results as markdown: one table per model, batch and mode."""
+    lines = []
+    for r in results:
+        lines += [f"{r['model']}, batch {r['batch']}, {r['mode']} mode: {r['profiled_seconds_per_step']:.0f} s "
+                  f"per step in operators (matmul {r['matmul_gflops']:.0f} GFLOP/s)", "",
+                  "| layer kind | s/step | share | conv/matmul GFLOP/step | GFLOP/s (share of matmul) "
+                  "| top operators |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for row in r["rows"]:
+            rate = (f"{row['gflops']:.1f} ({100 * row['gflops'] / r['matmul_gflops']:.0f}%)"
+                    if row["gflop_per_step"] else "-")
+            ops = ", ".join(f"{op.removeprefix('aten::')} {100 * t / max(row['seconds_per_step'], 1e-12):.0f}%"
+                            for op, t in list(row["ops"].items())[:3])
+            lines.append(f"| {row['kind']} | {row['seconds_per_step']:.1f} | {100 * row['share']:.1f}% | "
+                         f"{row['gflop_per_step']:,.0f} | {rate} | {ops} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_profile(model: str, batches: list[int], out_dir="runs/bench", **options) -> dict:
+    """``profile_sparse_step`` for each batch size, each in a child process; writes
+    ``profile-<model>[-eval].json`` and ``.md`` under ``out_dir``."""
+    results = [_isolated(profile_sparse_step, model, b, **options) for b in batches]
+    report = {"benchmark": "sparse CGE step profile", "results": results}
+    _write_report(report, markdown_profile(results), out_dir, f"profile-{model}", options)
+    return report
+
+
+def _write_report(report: dict, text: str, out_dir, stem: str, options: dict) -> None:
+    """``report`` as ``<stem>[-eval].json`` and ``text`` as ``.md`` under ``out_dir`` (None: nowhere)."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem += "-eval" if options.get("eval_mode") else ""
+    write_json(out / f"{stem}.json", report)
+    write_text(out / f"{stem}.md", text + "\n")
 
 
 def _isolated(fn, *args, **kwargs):
@@ -408,11 +534,7 @@ def run_sparse(model: str, batches: list[int], out_dir="runs/bench", **options) 
     report = {"benchmark": "sparse CGE step", "results": results}
     report.update({k: results[-1][k] for k in ("speedup_vs_loop", "speedup_vs_released", "coords_per_forward",
                                                "max_abs_diff", "peak_rss_mb")})
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / f"engine-{model}.json", report)
-        write_text(out / f"engine-{model}.md", markdown_sparse(results) + "\n")
+    _write_report(report, markdown_sparse(results), out_dir, f"engine-{model}", options)
     return report
 
 
@@ -477,17 +599,37 @@ def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablatio
 
 
 def _bench(args) -> int:
+    if args.queries:  # quality per query: the engine's estimators against CMA-ES and NGOpt
+        from deepzero_oracle.apps.queries import bench_queries, markdown as queries_markdown
+
+        summary = bench_queries(args.out, tasks=args.tasks.split(","), seeds=int_list(args.seeds, "--seeds"),
+                                methods=args.methods.split(",") if args.methods else None,
+                                budget_scale=args.budget_scale, progress=False if args.json else None)
+        print(json.dumps(summary, indent=1) if args.json else queries_markdown(summary))
+        print(f"wrote {args.out}/queries/queries.md, queries.json, queries.png", file=sys.stderr)
+        return 0
     if args.model == "mnist":
+        if args.profile or args.eval_mode:
+            raise SystemExit("bench: --profile and --eval-mode are for --model resnet8/resnet20 (the MNIST models "
+                             "have no BatchNorm); drop them or pick a resnet model")
         if len(args.batch_size) != 1:
             raise SystemExit("bench: the MNIST benchmark takes one --batch-size; several are for --model resnet*")
         report = run(batch=args.batch_size[0], loop_coords=args.loop_coords, engine_coords=args.engine_coords,
                      ablation_coords=args.ablation_coords, tiny=args.tiny, out_dir=args.out)
         text, written = markdown(report["results"]), "engine.json, engine.md"
+    elif args.profile:
+        report = run_profile(args.model, args.batch_size, out_dir=args.out, sparsity=args.sparsity,
+                             engine_coords=args.engine_coords or 8, grasp_queries=args.grasp_queries,
+                             eval_mode=args.eval_mode)
+        text = markdown_profile(report["results"])
+        written = f"profile-{args.model}{'-eval' if args.eval_mode else ''}.json, .md"
     else:
         report = run_sparse(args.model, args.batch_size, out_dir=args.out, sparsity=args.sparsity,
                             engine_coords=args.engine_coords or 64, loop_coords=args.loop_coords,
-                            released_coords=args.released_coords, grasp_queries=args.grasp_queries)
-        text, written = markdown_sparse(report["results"]), f"engine-{args.model}.json, .md"
+                            released_coords=args.released_coords, grasp_queries=args.grasp_queries,
+                            eval_mode=args.eval_mode)
+        suffix = "-eval" if args.eval_mode else ""
+        text, written = markdown_sparse(report["results"]), f"engine-{args.model}{suffix}.json, .md"
     print(json.dumps(report, indent=2) if args.json else text)
     print(f"wrote {args.out}/{written}", file=sys.stderr)
     return 0
@@ -514,12 +656,29 @@ def register(subparsers):
                    help="resnet models: RGE directions of the ZO-GraSP scores that set the layer ratios")
     p.add_argument("--ablation-coords", type=int, default=128,
                    help="coordinates per parameter tensor timed for every ablation configuration (0: all)")
+    p.add_argument("--eval-mode", action="store_true",
+                   help="resnet models: eval mode, BatchNorm with frozen statistics (fine-tuning a pretrained "
+                        "network); default train mode, each copy normalised with its own batch statistics")
+    p.add_argument("--profile", action="store_true",
+                   help="resnet models: instead of the comparison, profile the engine's step per layer kind "
+                        "(torch.profiler; --engine-coords coordinates per tensor, default 8); writes "
+                        "profile-<model>.json and .md")
     p.add_argument("--tiny", action="store_true", help="small inputs (what the test suite runs)")
+    p.add_argument("--queries", action="store_true",
+                   help="quality per query instead: every ZO estimator against CMA-ES and NGOpt at equal query "
+                        "budgets, over seeds (needs the [peers] extra; records kept in OUT/queries, a rerun "
+                        "continues)")
+    p.add_argument("--tasks", default="burgers,own-solver,digits,mnist", help="--queries: tasks, comma-separated")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="--queries: seeds, comma-separated")
+    p.add_argument("--methods", default=None, help="--queries: methods, comma-separated (default: all)")
+    p.add_argument("--budget-scale", dest="budget_scale", type=bounded(float, 0, 10, low_open=True), default=1.0,
+                   help="--queries: multiplies every task's query budget (0.1 for a quick look)")
     p.add_argument("--out", default="runs/bench", help="where engine.json and engine.md go")
     add_json(p)
     p.set_defaults(func=_bench)
     return p
 
 
-__all__ = ["ABLATIONS", "CoordinateLocator", "ReferenceLoop", "ReleasedCGE", "bench_model", "markdown",
-           "markdown_sparse", "matmul_gflops", "peak_rss_mb", "register", "run", "run_sparse", "sparse_step_bench"]
+__all__ = ["ABLATIONS", "CoordinateLocator", "ReferenceLoop", "ReleasedCGE", "SparseStep", "bench_model", "markdown",
+           "markdown_profile", "markdown_sparse", "matmul_gflops", "peak_rss_mb", "profile_sparse_step", "register",
+           "run", "run_profile", "run_sparse", "sparse_step_bench"]

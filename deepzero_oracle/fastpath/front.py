@@ -18,6 +18,7 @@ and at ``theta + mu e_i`` for many coordinates i (``coordinate_outputs``, groupe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Iterator
@@ -243,7 +244,8 @@ class FastPath:
             # a module called more than once (or the ablation): per-copy parameters
             return graph.run(features, P, params, batched={s.name: _moved_copies(params[s.name], local, mu)})
         fuse = self.fused_kernels and self.delta_propagation
-        overrides = graph.moved_weight(sites[0], s.attr, local, mu, features, fuse)
+        with _label("moved weight"):
+            overrides = graph.moved_weight(sites[0], s.attr, local, mu, features, fuse)
         return graph.run(features, P, params, overrides=overrides, propagate=self.delta_propagation,
                          fuse=self.fused_kernels)
 
@@ -272,6 +274,13 @@ class FastPath:
             self.graph = None
             self.fallback_reason = f"fast path disabled because {reason}"
             warnings.warn(f"ModuleOracle: {self.fallback_reason}; using the generic path", stacklevel=4)
+
+
+def _label(kind: str):
+    """A ``torch.profiler`` label while a profiler runs (see ``GraphForward.label``)."""
+    if not torch.autograd.profiler._is_profiler_enabled:
+        return contextlib.nullcontext()
+    return torch.profiler.record_function("fastpath: " + kind)
 
 
 def _moved_copies(t: torch.Tensor, local: torch.Tensor, mu: float) -> torch.Tensor:

@@ -97,11 +97,46 @@ def conv_delta_pool(patches_w: torch.Tensor, base_w: torch.Tensor, channel: torc
     return pooled[0].unsqueeze(2), (pooled[0] - pooled[1]).unsqueeze(2)
 
 
+def norm_relu(x5: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``relu(batch_norm(x))`` per copy in train mode (each copy's own batch statistics), as
+    ``layers.batch_norm`` computes it, in one expression.
+
+    Args:
+        x5: P copies ``[P, B, C, H, W]``; weight, bias: ``[C]``.
+    Returns:
+        ``[P, B, C, H, W]``.
+    """
+    var, mean = torch.var_mean(x5, dim=(1, 3, 4), keepdim=True, correction=0)
+    scale = torch.rsqrt(var + eps) * weight[:, None, None]
+    return torch.relu(torch.addcmul(bias[:, None, None] - mean * scale, x5, scale))
+
+
+def norm_add_relu(x5: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, other: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """``relu(batch_norm(x) + other)`` per copy in train mode (a residual block's end): ``other``
+    ``[P or 1, B, C, H, W]`` (1: every copy adds the same, e.g. the unchanged shortcut); the rest
+    as ``norm_relu``."""
+    var, mean = torch.var_mean(x5, dim=(1, 3, 4), keepdim=True, correction=0)
+    scale = torch.rsqrt(var + eps) * weight[:, None, None]
+    return torch.relu(torch.addcmul(bias[:, None, None] - mean * scale, x5, scale) + other)
+
+
+def affine_relu(x5: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``relu(x * scale + shift)``: BatchNorm with frozen statistics then ReLU, per channel
+    ``scale``, ``shift`` ``[C, 1, 1]``; ``x5`` ``[P, B, C, H, W]``."""
+    return torch.relu(torch.addcmul(shift, x5, scale))
+
+
+def affine_add_relu(x5: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``relu(x * scale + shift + other)``, ``other`` ``[P or 1, B, C, H, W]``: see ``affine_relu``."""
+    return torch.relu(torch.addcmul(shift, x5, scale) + other)
+
+
 class Kernels:
     """The fused kernels through ``torch.compile``. Each is compiled on first use with the sizes
     its caller names as varying (the number of copies, the batch) symbolic, so chunks and
     batches of any size share one kernel, and every other size static: one kernel per layer
-    (up to dynamo's recompile limit, 8 by default; further layers run the same expression
+    shape (up to ``recompile_limit`` per kernel; further shapes run the same expression
     uncompiled, with the same results).
     The C++ is built with multiply-adds contracted into FMA instructions (``options``): the
     kernels are chains of them, and a separate multiply and add are slower.
@@ -109,6 +144,7 @@ class Kernels:
     unavailable, with one warning, and the callers keep the library-op path."""
 
     options = {"cpp.enable_floating_point_contract_flag": "fast"}
+    recompile_limit = 64
 
     def __init__(self):
         self.enabled = os.environ.get("DEEPZERO_ORACLE_COMPILE", "1") != "0"
@@ -132,7 +168,10 @@ class Kernels:
                     else:
                         torch._dynamo.mark_static(a, d)
         try:
-            return self._compiled[fn](*args)
+            # one kernel per layer shape and operand layout: more than dynamo's default allows
+            with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit,
+                                                                self.recompile_limit)):
+                return self._compiled[fn](*args)
         except Exception as exc:  # compiler missing or failing: the library ops still work
             self.enabled = False
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); fused "
@@ -208,3 +247,43 @@ def fusable_moved_weight(m: nn.Module, attr: str, out_shape: torch.Size) -> bool
     B, _, H, W = out_shape
     return (kernels.enabled and isinstance(m, nn.Conv2d) and attr == "weight" and m.groups == 1
             and B * H * W >= MIN_CHANNEL_PER_COPY)
+
+
+# Per copy, the values (B*C*H*W) below which BatchNorm -> (add ->) ReLU stays on library ops.
+MIN_NORM_PER_COPY = 1 << 14
+
+
+def fusable_norm(m: nn.Module, x: torch.Tensor, P: int) -> bool:
+    """Whether BatchNorm ``m`` on ``x [P*B, C, H, W]`` (P stacked copies) followed by a ReLU
+    (maybe through a residual add) takes the fused kernel."""
+    return (kernels.enabled and isinstance(m, nn.BatchNorm2d) and x.dim() == 4
+            and x.numel() // P >= MIN_NORM_PER_COPY)
+
+
+def norm_act(m: nn.Module, x: torch.Tensor, P: int, weight, bias, other: torch.Tensor | None = None,
+             batch_statistics: bool = True) -> torch.Tensor | None:
+    """``relu(batch_norm(x) [+ other])`` for P stacked copies ``x [P*B, C, H, W]`` in one pass
+    (two with batch statistics: one for them): the BatchNorm ``m`` with each copy's own batch
+    statistics when ``batch_statistics``, else with ``m``'s running ones; ``weight``/``bias``
+    ``[C]`` or None; ``other`` ``[P*B, C, H, W]`` or ``[B, C, H, W]`` (the same for every copy).
+    Returns ``[P*B, C, H, W]``, or None when the compiled kernel is unavailable."""
+    C = x.shape[1]
+    x5 = x.reshape(P, -1, *x.shape[1:])
+    weight = torch.ones(C, dtype=x.dtype, device=x.device) if weight is None else weight
+    bias = torch.zeros(C, dtype=x.dtype, device=x.device) if bias is None else bias
+    if other is not None:
+        other = other.reshape(-1, *x5.shape[1:])
+    if batch_statistics:
+        if other is None:
+            out = kernels(norm_relu, {0: (0, 1)}, x5, weight, bias, m.eps)
+        else:
+            out = kernels(norm_add_relu, {0: (0, 1), 3: (0, 1)}, x5, weight, bias, other, m.eps)
+    else:
+        scale = torch.rsqrt(m.running_var + m.eps) * weight
+        shift = (bias - m.running_mean * scale)[:, None, None]
+        scale = scale[:, None, None]
+        if other is None:
+            out = kernels(affine_relu, {0: (0, 1)}, x5, scale, shift)
+        else:
+            out = kernels(affine_add_relu, {0: (0, 1), 3: (0, 1)}, x5, scale, shift, other)
+    return None if out is None else out.reshape(x.shape)

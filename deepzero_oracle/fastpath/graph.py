@@ -18,6 +18,7 @@ per perturbation runs as P independent copies (batched matmul / grouped conv).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 
 from deepzero_oracle.fastpath.delta import (ADD_FUNCTIONS, Delta, add_copies, is_plain_2x2_max_pool, max_pool_2x2,
                                             one_weight_delta, propagate_call, propagate_module)
-from deepzero_oracle.fastpath.fused import (conv2d_max_pool, fusable, fusable_moved_weight,
-                                            moved_weight_max_pool)
+from deepzero_oracle.fastpath.fused import (conv2d_max_pool, fusable, fusable_moved_weight, fusable_norm,
+                                            moved_weight_max_pool, norm_act)
 from deepzero_oracle.fastpath.layers import LAYERS, NORMS, layer, repeat_rows
 from deepzero_oracle.theta import parameter_slots
 
@@ -104,6 +105,24 @@ class GraphForward:
         self.feeds_convs = {node for node, user in self.pool_after.items()
                             if all(u.op == "call_module" and isinstance(self.modules[u.target], nn.Conv2d)
                                    for u in self.relu_after.get(node, user).users)}
+        # BatchNorm2d calls whose only user is a ReLU, or a residual sum whose only user is a
+        # ReLU: on stacked copies the three run as one fused kernel (fastpath.fused.norm_act),
+        # whose value is the ReLU's. {norm node: (sum node or None, relu node)}
+        self.norm_then: dict[fx.Node, tuple] = {}
+        for node in self.nodes:
+            m = self.modules.get(node.target) if node.op == "call_module" else None
+            if not (isinstance(m, nn.BatchNorm2d) and len(node.args) == 1 and not node.kwargs
+                    and len(node.users) == 1):
+                continue
+            (user,) = node.users
+            add = None
+            if _is_plain_sum(user) and node in user.args and user.args[0] is not user.args[1]:
+                add = user
+                if len(add.users) != 1:
+                    continue
+                (user,) = add.users
+            if _is_relu(user, self.modules) and len(user.args) == 1 and not user.kwargs:
+                self.norm_then[node] = (add, user)
         # after which node each value is no longer needed (memory in stacked runs)
         last_use = {n: max((self.position[u] for u in n.users), default=self.position[n])
                     for n in self.nodes}
@@ -194,11 +213,18 @@ class GraphForward:
                 any(n in env for n in node.all_input_nodes)
                 or (node.op == "call_module" and node.target in batched_modules)
             ):
-                pooled = self._conv_pool(node, env, features, params, batched) if propagate and fuse else None
-                if pooled is not None:
-                    env[self.relu_after.get(node, self.pool_after[node])] = pooled
-                else:
-                    env[node] = self._eval(node, env, values, P, params, batched, propagate)
+                with self.label(node, env, values):
+                    pooled = self._conv_pool(node, env, features, params, batched) if propagate and fuse else None
+                    if pooled is not None:
+                        env[self.relu_after.get(node, self.pool_after[node])] = pooled
+                    elif fuse and self._defer_norm(node, env, P, batched):
+                        env[node] = _Norm(env[node.args[0]])
+                    elif fuse and self._crops(node, env, batched):
+                        env[node] = self._cropped_conv(node, env[node.args[0]], params)
+                    elif any(isinstance(env.get(n), _Norm) for n in node.all_input_nodes):
+                        self._finish_norm(node, env, values, P, params, batched, propagate)
+                    else:
+                        env[node] = self._eval(node, env, values, P, params, batched, propagate)
             for n in self.freed_after.get(i, ()):  # keep memory to what is still needed
                 if n is not out:
                     env.pop(n, None)
@@ -206,6 +232,105 @@ class GraphForward:
             return repeat_rows(values[out], P)
         value = env[out]
         return value.dense(values[out]) if isinstance(value, Delta) else value
+
+    def label(self, node: fx.Node, env: dict, values: dict):
+        """A ``torch.profiler`` label for the work of ``node`` (its layer kind, see
+        ``layer_kind``) while a profiler runs; otherwise a no-op context."""
+        if not torch.autograd.profiler._is_profiler_enabled:
+            return contextlib.nullcontext()
+        if any(isinstance(env.get(n), _Norm) for n in node.all_input_nodes):
+            kind = "batchnorm + relu" if _is_relu(node, self.modules) else "batchnorm + add + relu"
+        else:
+            source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            kind = self.layer_kind(node, values, isinstance(env.get(source), Delta))
+        return torch.profiler.record_function("fastpath: " + kind)
+
+    def layer_kind(self, node: fx.Node, values: dict, delta_input: bool = False) -> str:
+        """The kind of work ``node`` does, for profiles: convolutions by input channels and
+        image size (``"(block)"`` when a Delta enters it: only its changed channels convolve),
+        BatchNorm, ReLU, residual add, the linear head, and glue (padding, slicing, pooling,
+        flattening)."""
+        suffix = " (block)" if delta_input else ""
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, nn.Conv2d):
+                x = values.get(node.args[0])
+                size = f" {x.shape[-2]}x{x.shape[-1]}" if isinstance(x, torch.Tensor) and x.dim() == 4 else ""
+                pooled = " + pool" if node in self.pool_after and delta_input else ""
+                return f"conv {m.in_channels}->{m.out_channels}{size}{pooled}{suffix}"
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return "batchnorm" + suffix
+            if isinstance(m, nn.Linear):
+                return "linear" + suffix
+            if _is_relu(node, self.modules):
+                return "relu" + suffix
+        elif self._is_sum(node, values):
+            return "residual add"
+        elif _is_relu(node, self.modules):
+            return "relu" + suffix
+        return "glue" + suffix
+
+    def _crops(self, node, env, batched) -> bool:
+        """Whether the Conv2d called at ``node`` computes only what the 2x2 max-pool after it
+        reads: its input is stacked, its parameters shared, and its output has an odd side (the
+        pool drops the last row or column)."""
+        if node not in self.pool_after or node.target in {k.rpartition(".")[0] for k in batched}:
+            return False
+        x, m = env.get(node.args[0]), self.modules[node.target]
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return False
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+        ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return min(ho, wo) >= 2 and (ho % 2 == 1 or wo % 2 == 1)
+
+    def _cropped_conv(self, node, x: torch.Tensor, params: dict) -> torch.Tensor:
+        """The Conv2d called at ``node`` on stacked ``x [N, C, H, W]``, only at the output rows
+        and columns a 2x2 max-pool reads (an even number of each): the padded input is cut to
+        what they need, ``[N, O, 2*(Ho//2), 2*(Wo//2)]``."""
+        m = self.modules[node.target]
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+        H, W = x.shape[-2:]
+        ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        need_h = (ho // 2 * 2 - 1) * sh + dh * (kh - 1) + 1  # padded rows the kept outputs read
+        need_w = (wo // 2 * 2 - 1) * sw + dw * (kw - 1) + 1
+        x = x.contiguous(memory_format=torch.channels_last)
+        xp = F.pad(x, (pw, need_w - pw - W, ph, need_h - ph - H))  # a negative pad cuts
+        weight = params.get(f"{node.target}.weight", m.weight)
+        bias = params.get(f"{node.target}.bias", m.bias)
+        return F.conv2d(xp, weight, bias, m.stride, 0, m.dilation, m.groups)
+
+    def _defer_norm(self, node, env, P, batched) -> bool:
+        """Whether the BatchNorm called at ``node`` waits for its ReLU (and the residual sum
+        between) to run with them as one fused kernel: its input is stacked, its parameters are
+        shared and the sizes pay."""
+        x = env.get(node.args[0]) if node in self.norm_then else None
+        return (isinstance(x, torch.Tensor) and node.target not in {k.rpartition(".")[0] for k in batched}
+                and fusable_norm(self.modules[node.target], x, P))
+
+    def _finish_norm(self, node, env, values, P, params, batched, propagate):
+        """Evaluate ``node``, which reads a deferred BatchNorm: its ReLU, or the residual sum
+        before it, runs the fused kernel when it can (the value is the ReLU's); otherwise the
+        BatchNorm is computed on its own first."""
+        norm = next(n for n in node.all_input_nodes if isinstance(env.get(n), _Norm))
+        add, relu = self.norm_then[norm]
+        other = None
+        if add is node:
+            source = add.args[1] if add.args[0] is norm else add.args[0]
+            other = env.get(source, values[source])  # unchanged: the base, shared by every copy
+            if isinstance(other, _Norm):  # both operands are BatchNorms (shortcut B): one runs alone
+                other = env[source] = self._apply(source, (other.x,), {}, P, params, batched, True)
+        m = self.modules[norm.target]
+        x = env[norm].x
+        if not isinstance(other, Delta) and (other is None or other.shape[1:] == x.shape[1:]):
+            out = norm_act(m, x, P, params.get(f"{norm.target}.weight", m.weight),
+                           params.get(f"{norm.target}.bias", m.bias), other, m.training or m.running_mean is None)
+            if out is not None:
+                env[relu] = out
+                return
+        env[norm] = self._apply(norm, (x,), {}, P, params, batched, True)
+        env[node] = self._eval(node, env, values, P, params, batched, propagate)
 
     def _eval(self, node, env, values, P, params, batched, propagate=True):
         """Value of ``node`` for the P copies, given the copies' values ``env`` of its inputs."""
@@ -233,8 +358,8 @@ class GraphForward:
 
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
-        return self._apply(node, args, kwargs, P if any(n in env for n in node.all_input_nodes) else 1,
-                           params, batched)
+        stacked = any(n in env for n in node.all_input_nodes)
+        return self._apply(node, args, kwargs, P if stacked else 1, params, batched, stacked)
 
     @staticmethod
     def _is_sum(node: fx.Node, values: dict) -> bool:
@@ -305,18 +430,18 @@ class GraphForward:
             return propagate_call(node.target, delta, extra_args, kwargs, node.op == "call_method")
         return None
 
-    def _apply(self, node, args, kwargs, P, params, batched):
+    def _apply(self, node, args, kwargs, P, params, batched, stacked=False):
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             obj, *rest = args
             return getattr(obj, node.target)(*rest, **kwargs)
         if node.op == "call_module":
-            return self._module(node.target, self.modules[node.target], args, kwargs, P, params, batched)
+            return self._module(node.target, self.modules[node.target], args, kwargs, P, params, batched, stacked)
         raise UnsupportedLearner(f"unexpected graph node {node.op} {node.target}")
 
-    def _module(self, name, module, args, kwargs, P, params, batched):
-        """Apply one module; ``P > 1`` means ``args[0]`` holds ``P*B`` stacked rows."""
+    def _module(self, name, module, args, kwargs, P, params, batched, stacked=False):
+        """Apply one module; ``stacked``: ``args[0]`` holds ``P*B`` stacked rows (P copies)."""
         if not isinstance(module, LAYERS):
             if is_plain_2x2_max_pool(module) and len(args) == 1 and not kwargs and args[0].dim() == 4:
                 return max_pool_2x2(args[0])
@@ -328,7 +453,7 @@ class GraphForward:
         if per_copy and P == 1:  # shared input, per-copy parameters
             P = next(t.shape[0] for k, t in batched.items() if k.startswith(f"{name}."))
             x = repeat_rows(x, P)
-        return layer(module, x, w, b, P, per_copy)
+        return layer(module, x, w, b, P, per_copy, stacked)
 
 
 def _out_of_place(m: nn.Module) -> nn.Module:
@@ -338,6 +463,20 @@ def _out_of_place(m: nn.Module) -> nn.Module:
         m = copy.copy(m)
         m.inplace = False
     return m
+
+
+class _Norm:
+    """A BatchNorm's stacked input ``x``, waiting for the ReLU after it (``GraphForward.norm_then``)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+
+def _is_plain_sum(node: fx.Node) -> bool:
+    """``a + b`` of two graph values, nothing else (no alpha, no third operand)."""
+    return ((node.op == "call_function" and node.target in ADD_FUNCTIONS
+             or node.op == "call_method" and node.target == "add")
+            and len(node.args) == 2 and not node.kwargs and all(isinstance(n, fx.Node) for n in node.args))
 
 
 _RELUS = {F.relu, torch.relu}

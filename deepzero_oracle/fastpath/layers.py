@@ -1,6 +1,7 @@
 """Layer kernels for P perturbed copies of a batch, stacked perturbation-major as ``[P*B, ...]``.
 
-A layer whose parameters all copies share runs once on the stacked rows, with one exception:
+A layer whose parameters all copies share runs once on the stacked rows (a convolution on
+channels-last rows), with one exception:
 BatchNorm in train mode normalises each copy's B rows on their own (copies become channels of
 one ``batch_norm`` call), never across copies. A layer whose parameters differ per copy
 (``[P, *shape]``) runs as P independent layers: a batched matmul, a grouped convolution (copies
@@ -32,16 +33,19 @@ def repeat_rows(t: torch.Tensor, P: int) -> torch.Tensor:
     return t.unsqueeze(0).expand(P, *t.shape).reshape(P * t.shape[0], *t.shape[1:])
 
 
-def layer(module: nn.Module, x: torch.Tensor, weight, bias, P: int, per_copy: bool) -> torch.Tensor:
+def layer(module: nn.Module, x: torch.Tensor, weight, bias, P: int, per_copy: bool,
+          stacked: bool = False) -> torch.Tensor:
     """A Linear, Conv2d or BatchNorm applied to P stacked copies ``x [P*B, ...]``.
 
     ``weight``/``bias``: the parameters, shared (``[*shape]``) or, when ``per_copy``, either of
-    them per copy (``[P, *shape]``; the other may still be shared). Returns ``[P*B, ...]``.
+    them per copy (``[P, *shape]``; the other may still be shared). ``stacked``: ``x`` holds
+    perturbed copies (not the base forward), which a shared convolution reads channels-last.
+    Returns ``[P*B, ...]``.
     """
     if isinstance(module, nn.Linear):
         return _linear(x, weight, bias, P, per_copy)
     if isinstance(module, nn.Conv2d):
-        return _conv2d(module, x, weight, bias, P, per_copy)
+        return _conv2d(module, x, weight, bias, P, per_copy, stacked)
     return batch_norm(module, x, weight, bias, P, per_copy)
 
 
@@ -129,8 +133,12 @@ def _linear(x, w, b, P, per_copy):
     return y.reshape(*x.shape[:-1], out_f)
 
 
-def _conv2d(m: nn.Conv2d, x, w, b, P, per_copy):
+def _conv2d(m: nn.Conv2d, x, w, b, P, per_copy, stacked=False):
     if not per_copy:
+        if stacked and x.dim() == 4:
+            # stacked copies go channels-last: the CPU convolution runs faster so, and its
+            # output (channels-last too) feeds the next layers without another copy
+            x = x.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
     # P copies as one grouped convolution: copies become channel groups
     shape = m.weight.shape

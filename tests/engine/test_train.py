@@ -183,7 +183,7 @@ def test_cli_rejects_bad_values(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_digits_cnn_cge_reaches_90_percent(tmp_path):
-    metrics = train_classifier(Recipe(dataset="digits", model="cnn", estimator="cge", epochs=3),
+    metrics = train_classifier(Recipe(dataset="digits", model="cnn", estimator="cge", sparsity=0.0, epochs=3),
                                tmp_path, progress=False)
     assert metrics["test_accuracy"] >= 0.90
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from deepzero_oracle.apps.cli import main
 
@@ -58,3 +59,31 @@ def test_sparse_resnet_benchmark_runs(tmp_path, capsys):
     assert result["max_abs_diff"] <= 1e-3 * 10  # float32 forward differences with mu = 5e-3
     assert set(result["methods"]) == {"engine", "loop", "released"}
     assert (tmp_path / "engine-resnet8.md").exists()
+
+
+def test_profile_and_eval_mode_of_a_sparse_step(monkeypatch):
+    """`bench --profile` attributes the engine's operator time to layer kinds; `--eval-mode`
+    freezes BatchNorm statistics (those of the batch) before the step."""
+    import torch.nn as nn
+
+    import deepzero_oracle.fastpath.fused as fused
+    from deepzero_oracle.apps.bench import SparseStep, markdown_profile, profile_sparse_step
+
+    monkeypatch.setattr(fused, "MIN_NORM_PER_COPY", 1 << 62)  # library ops: no compile in this test
+    result = profile_sparse_step("resnet8", 2, engine_coords=1, grasp_queries=1)
+    kinds = {row["kind"] for row in result["rows"]}
+    assert {"conv 16->16 32x32", "batchnorm", "moved weight"} <= kinds
+    assert abs(sum(row["share"] for row in result["rows"]) - 1) < 1e-9
+    convs = [row for row in result["rows"] if row["kind"].startswith("conv") and "(block)" not in row["kind"]]
+    assert convs and all(row["gflop_per_step"] > 0 for row in convs)
+    assert "| layer kind |" in markdown_profile([result])
+    step = SparseStep("resnet8", 2, grasp_queries=1, eval_mode=True)
+    assert step.mode == "eval" and not step.learner.training
+    norms = [m for m in step.learner.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(not m.training and not torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+
+
+def test_profile_and_eval_mode_need_a_resnet(capsys):
+    for flag in ("--profile", "--eval-mode"):
+        with pytest.raises(SystemExit, match="resnet"):
+            main(["bench", "--tiny", flag])

@@ -133,3 +133,90 @@ def test_small_work_skips_the_kernels():
     assert fused.fusable(conv, 4096, torch.Size([6, 64, 64]), 1) == fused.kernels.enabled
     assert not fused.fusable_moved_weight(conv, "weight", torch.Size([6, 6, 5, 5]))
     assert not fused.fusable_moved_weight(conv, "bias", torch.Size([256, 6, 28, 28]))
+
+
+@pytest.mark.parametrize("batch_statistics", [True, False])
+@pytest.mark.parametrize("other", [None, "shared", "stacked"])
+def test_norm_act_equals_batch_norm_then_add_then_relu(batch_statistics, other):
+    """The fused BatchNorm (-> add) -> ReLU kernel against the library ops, per copy, float64."""
+    if not fused.kernels.enabled:
+        pytest.skip("torch.compile disabled (DEEPZERO_ORACLE_COMPILE=0)")
+    P, B, C, H, W = 3, 4, 5, 6, 7
+    m = nn.BatchNorm2d(C).double().train(batch_statistics)
+    m.running_mean.uniform_(-0.5, 0.5)
+    m.running_var.uniform_(0.5, 2.0)
+    weight, bias = torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+    x = torch.randn(P * B, C, H, W, dtype=torch.float64)
+    add = {None: None, "shared": torch.randn(B, C, H, W, dtype=torch.float64),
+           "stacked": torch.randn(P * B, C, H, W, dtype=torch.float64)}[other]
+    want = []
+    for p in range(P):
+        rows = slice(p * B, (p + 1) * B)
+        y = F.batch_norm(x[rows], None if batch_statistics else m.running_mean,
+                         None if batch_statistics else m.running_var, weight, bias, batch_statistics, 0.0, m.eps)
+        if add is not None:
+            y = y + (add if other == "shared" else add[rows])
+        want.append(y.relu())
+    got = fused.norm_act(m, x, P, weight, bias, add, batch_statistics)
+    assert torch.allclose(got, torch.cat(want), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fused_norms_in_a_resnet_equal_naive_loop(monkeypatch, mode, shortcut):
+    """BatchNorm -> ReLU and BatchNorm -> residual add -> ReLU run fused on the stacked copies
+    of a ResNet (forced on at this small size), float64 against the naive loop."""
+    from deepzero_oracle.common.models import resnet
+
+    monkeypatch.setattr(fused, "MIN_NORM_PER_COPY", 0)
+    if not fused.kernels.enabled:
+        pytest.skip("torch.compile disabled (DEEPZERO_ORACLE_COMPILE=0)")
+    learner = resnet((3, 6, 6), 10, 1, widths=(2, 4, 8), shortcut=shortcut).double().train(mode == "train")
+    for m in learner.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x, y = torch.rand(5, 3, 6, 6, dtype=torch.float64), torch.randint(0, 10, (5,))
+    oracle = ModuleOracle(learner, F.cross_entropy, max_batch=3).bind(x, y)
+    graph = oracle.fastpath.graph
+    assert any(add is None for add, _ in graph.norm_then.values())  # both patterns are present
+    assert any(add is not None for add, _ in graph.norm_then.values())
+    calls = []
+    real = fused.Kernels.__call__
+    monkeypatch.setattr(fused.Kernels, "__call__", lambda self, fn, varying, *a: calls.append(fn)
+                        or real(self, fn, varying, *a))
+    theta, coords = oracle.theta(), torch.arange(oracle.dim)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(fast path disabled|fused convolution kernels are off)")
+        fast = oracle.coordinate_losses(theta, coords, 1e-3)
+    assert oracle.fastpath.graph is not None
+    kernels_run = {fused.norm_relu, fused.norm_add_relu} if mode == "train" else {fused.affine_relu,
+                                                                                  fused.affine_add_relu}
+    assert kernels_run <= set(calls)
+    naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
+    assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 2)])
+def test_cropped_conv_before_a_pool_equals_naive_loop(monkeypatch, stride, padding):
+    """A stacked convolution whose output has an odd side computes only what the 2x2 max-pool
+    after it reads (float64, against the naive loop)."""
+    from deepzero_oracle.fastpath.graph import GraphForward
+
+    learner = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(4, 5, 3, stride=stride, padding=padding), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Flatten(), nn.Linear(5, 10)).double()  # 13x11 -> 6x5 -> 3x2 -> 1x1
+    x, y = torch.rand(4, 1, 13, 11, dtype=torch.float64), torch.randint(0, 10, (4,))
+    cropped = []
+    real = GraphForward._cropped_conv
+    monkeypatch.setattr(GraphForward, "_cropped_conv",
+                        lambda self, node, xs, params: cropped.append(xs.shape) or real(self, node, xs, params))
+    oracle = ModuleOracle(learner, F.cross_entropy).bind(x, y)
+    coords = torch.arange(oracle.dim)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fast path disabled")
+        fast = oracle.coordinate_losses(oracle.theta(), coords, 1e-3)
+    assert oracle.fastpath.graph is not None and cropped  # the cut convolution ran
+    naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
+    assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()

@@ -136,7 +136,7 @@ def test_train_on_an_executor_equals_inline(tmp_path):
 
 
 def test_a_run_started_inline_continues_on_an_executor(tmp_path):
-    recipe = dict(dataset="digits", model="mlp", epochs=1, batch_size=512)
+    recipe = dict(dataset="digits", model="mlp", sparsity=0.0, epochs=1, batch_size=512)
     straight = train_classifier(Recipe(**recipe), tmp_path / "straight", progress=False)
     stopped = train_classifier(Recipe(**recipe, max_queries=2411), tmp_path / "split", progress=False)
     assert stopped["stopped_reason"] and stopped["queries"] == 2411  # after 1 of 3 steps, checkpointed

@@ -289,3 +289,48 @@ def test_compare_over_seeds_reports_each_seed_and_pooled(tmp_path, capsys):
     assert "pooled" in text and "| 0 |" in text and "| 1 |" in text
     with pytest.raises(ValueError, match="distinct integers"):
         _cli("sol", "compare", "--seeds", "0,0", "--out", str(tmp_path / "bad"))
+
+
+def test_zo_sol_with_rge_spends_q_plus_one_queries_a_step_and_warmup_ramps_the_rate(tiny, tmp_path):
+    from deepzero_oracle import RGE
+    from deepzero_oracle.adapters.sol.methods import lr_factor, method_settings, method_trainer
+
+    cfg, data, _ = tiny
+    rge = SOLConfig(**{**TINY, "estimator": "rge", "q": 3, "sparsity": 0.0, "antithetic": False,
+                       "distribution": "sphere", "warmup": 2, "lr_schedule": "constant"}).check()
+    trainer, windows = method_trainer(rge, "zo-sol", data, None, solver=_builtin(data), progress=False)
+    assert isinstance(trainer.estimator, RGE) and trainer.estimator.distribution == "sphere"
+    assert trainer.mask_schedule is None  # dense directions without sparsity
+    trainer.fit(windows, max_steps=3)
+    assert trainer.oracle.queries == 3 * (3 + 1)
+    # warm-up from 1/warmup of the rate, then the rate (constant schedule)
+    assert [lr_factor(rge, t) for t in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = SOLConfig(**{**TINY, "warmup": 2, "steps": 4}).check()
+    assert lr_factor(cosine, 0) == pytest.approx(0.5) and lr_factor(cosine, 4) == pytest.approx(0.0)
+    # a folder made before these fields existed resumes: fields at their defaults stay out of the settings
+    plain = method_settings(cfg, "zo-sol", data.trajectories, _builtin(data))
+    assert "estimator" not in plain and "warmup" not in plain
+    assert method_settings(rge, "zo-sol", data.trajectories, _builtin(data))["estimator"] == "rge"
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        SOLConfig(**{**TINY, "estimator": "spsa"}).check()
+
+
+def test_zo_sol_clip_bounds_each_step_of_the_estimate(tiny):
+    from deepzero_oracle.adapters.sol.methods import method_trainer
+
+    cfg, data, _ = tiny
+    clipped = SOLConfig(**{**TINY, "clip": 1e-9, "lr_schedule": "constant"}).check()
+    trainer, windows = method_trainer(clipped, "zo-sol", data, None, solver=_builtin(data), progress=False)
+    assert trainer.clip_norm == 1e-9
+    from deepzero_oracle import Callback
+
+    seen = []
+
+    class Seen(Callback):
+        def on_step_end(self, t, metrics):
+            seen.append((float(torch.cat([p.grad.reshape(-1) for p in t.params]).norm()), metrics["grad_norm"]))
+
+    trainer.callbacks.append(Seen())
+    trainer.fit(windows, max_steps=2)
+    # the optimizer saw the clipped estimate; the log keeps the estimate's own norm
+    assert all(used <= 1e-9 * (1 + 1e-6) < raw for used, raw in seen)
