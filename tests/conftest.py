@@ -16,3 +16,12 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_sessionstart(session):
+    # the suite's many small layer shapes would each compile a fused kernel (seconds of C++
+    # apiece on a cold cache); past dynamo's default eight per kernel they run the same
+    # expression uncompiled, with the same results
+    from deepzero_oracle.fastpath import fused
+
+    fused.kernels.recompile_limit = 8
