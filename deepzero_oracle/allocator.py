@@ -17,6 +17,7 @@ import os
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 OPT_OUT = "DEEPZERO_ORACLE_MALLOC"
+_retained = False  # whether retain_freed_memory took effect in this process
 
 
 def retain_freed_memory(limit_mb: int = 256) -> bool:
@@ -42,7 +43,15 @@ def retain_freed_memory(limit_mb: int = 256) -> bool:
     except (OSError, AttributeError, TypeError):  # no libc by that name, or no mallopt in it
         return False
     limit = limit_mb << 20
-    return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+    global _retained
+    _retained = bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+    return _retained
 
 
-__all__ = ["OPT_OUT", "retain_freed_memory"]
+def freed_memory_retained() -> bool:
+    """Whether ``retain_freed_memory`` took effect in this process (the fast path sizes its
+    chunks by it: see ``deepzero_oracle.fastpath.default_working_set``)."""
+    return _retained
+
+
+__all__ = ["OPT_OUT", "freed_memory_retained", "retain_freed_memory"]

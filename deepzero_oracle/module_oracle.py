@@ -46,9 +46,9 @@ class ModuleOracle(LearnerOracle):
             rounding).
         max_batch: perturbations evaluated together; None sizes each parameter tensor's chunks
             so that the largest stacked value takes about ``working_set`` bytes.
-        working_set: target bytes for the largest stacked value of one chunk. The stacked
-            runs are memory-bound, so chunks that stay in cache run faster than huge ones.
-            Default: a quarter of the L3 cache (8 MB if unknown).
+        working_set: target bytes for the largest stacked value of one chunk. Default
+            (``deepzero_oracle.fastpath.default_working_set``): the L3 cache's size when freed
+            memory is retained (``retain_freed_memory``), a quarter of it otherwise.
     """
 
     def __init__(self, learner: nn.Module, loss_fn: Callable, blackbox: Callable | None = None,

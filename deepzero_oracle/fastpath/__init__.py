@@ -19,8 +19,9 @@ per room:
 - **Fused kernels** (``fused``). A change entering a Conv2d that a 2x2 max-pool (and maybe a
   ReLU) follows is convolved, pooled and rectified by one ``torch.compile``d kernel, where the
   work per copy pays (``DEEPZERO_ORACLE_COMPILE=0`` turns it off).
-- **Chunk sizing** (``front``, ``graph.GraphForward.copies_within``). The stacked runs are
-  memory-bound, so chunks are sized per parameter tensor for the cache.
+- **Chunk sizing** (``front.default_working_set``, ``graph.GraphForward.copies_within``). Per
+  parameter tensor, chunks are sized by the cache: large enough to spread each chunk's fixed
+  cost, and no larger while freed memory goes back to the OS.
 
 Where the fast path cannot follow the learner, or its self-check disagrees, the generic path
 (``torch.func.functional_call`` + ``vmap``) answers instead.

@@ -6,8 +6,8 @@ and at ``theta + mu e_i`` for many coordinates i (``coordinate_outputs``, groupe
 - **Feature reuse.** The base forward at theta (every traced node's value) is kept as
   ``Features`` until theta or the batch change; so are the helper values derived from it on
   first use (conv input patches, channel-major layouts, normalised inputs).
-- **Chunk sizing.** The stacked runs are memory-bound: per parameter tensor, chunks are sized
-  so that the largest stacked value of one chunk takes about ``working_set`` bytes.
+- **Chunk sizing.** Per parameter tensor, chunks are sized so that the largest stacked value of
+  one chunk takes about ``working_set`` bytes (``default_working_set``).
 - **Generic path.** Learners the tracer cannot follow, ``fast=False``, or a failed self-check
   use ``torch.func.functional_call`` + ``vmap`` over perturbed parameter copies
   (``fallback_reason`` says why).
@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
+from deepzero_oracle.allocator import freed_memory_retained
 from deepzero_oracle.fastpath.delta import channel_major, conv_patches
 from deepzero_oracle.fastpath.fused import pool_layout, window_major
 from deepzero_oracle.fastpath.graph import GraphForward, UnsupportedLearner
@@ -36,13 +37,20 @@ from deepzero_oracle.theta import ParamSlot, unflatten
 
 
 def default_working_set() -> float:
-    """Bytes for the largest stacked value of one query chunk: a quarter of the last-level
-    cache where the OS reports it (Linux), else 8 MB: chunks that stay in cache run fastest."""
+    """Bytes for the largest stacked value of one query chunk: the last-level cache where the
+    OS reports it (Linux; else 32 MB) when freed memory is retained (``retain_freed_memory``,
+    which the command line calls), a quarter of it otherwise.
+
+    Each chunk has a fixed cost (Python and operator dispatch, about a millisecond), so larger
+    chunks are faster, as long as their memory is reused; without retained memory every large
+    block comes as fresh pages from the OS, whose faults grow with the chunk.
+    """
     try:
         l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
     except (ValueError, OSError, AttributeError):
         l3 = 0
-    return 0.25 * l3 if l3 and l3 > 0 else 8e6
+    cache = l3 if l3 and l3 > 0 else 32e6
+    return float(cache if freed_memory_retained() else cache / 4)
 
 
 class Features:
@@ -108,8 +116,8 @@ class FastPath:
         fast: use the fast path when possible (else always the generic path).
         one_weight_delta, delta_propagation, fused_kernels: the fast path's further savings
             (see ``deepzero_oracle.fastpath``); results are the same either way, to rounding.
-        working_set: target bytes for the largest stacked value of one chunk (default:
-            ``default_working_set()``).
+        working_set: target bytes for the largest stacked value of one chunk (None:
+            ``default_working_set()`` at each query).
     Pickling drops the features (they are per theta and rebuilt on demand) and the traced graph
     (traced again from the learner on load).
     """
@@ -121,7 +129,7 @@ class FastPath:
         self.offsets = torch.tensor([s.offset for s in slots])
         self.one_weight_delta, self.delta_propagation = one_weight_delta, delta_propagation
         self.fused_kernels = fused_kernels
-        self.working_set = working_set or default_working_set()
+        self.working_set = working_set
         self.graph: GraphForward | None = None
         self.fallback_reason: str | None = "disabled (fast=False)"
         if fast:
@@ -187,7 +195,7 @@ class FastPath:
             s = self.slots[k]
             positions = (slot_of == k).nonzero().reshape(-1)
             size = max_batch or self.graph.copies_within(
-                self.working_set, features.values, s.module,
+                self.working_set or default_working_set(), features.values, s.module,
                 propagate=self.delta_propagation and self.one_weight_delta, fuse=self.fused_kernels)
             for where in positions.split(size):
                 yield where, self._slot_outputs(features, params, s, coords[where] - s.offset, mu)
@@ -201,7 +209,8 @@ class FastPath:
             # per-copy (grouped) convolution kernels are slower per copy on CPU than one
             # plain forward per query
             return 1
-        return self.graph.copies_within(self.working_set, self.features(x, theta).values, None)
+        return self.graph.copies_within(self.working_set or default_working_set(), self.features(x, theta).values,
+                                        None)
 
     def features(self, x: torch.Tensor, theta: torch.Tensor) -> Features:
         """The base forward on ``x`` at ``theta`` (kept until theta or the batch change)."""

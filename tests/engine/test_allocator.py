@@ -50,3 +50,26 @@ def test_a_limit_outside_what_mallopt_takes_is_refused(limit_mb):
 def test_the_opt_out_variable_leaves_malloc_alone(monkeypatch):
     monkeypatch.setenv(OPT_OUT, "default")
     assert retain_freed_memory() is False
+
+
+# the fast path's chunk budget before and after retain_freed_memory, in a fresh process
+CHUNKS = """
+from deepzero_oracle import retain_freed_memory
+from deepzero_oracle.allocator import freed_memory_retained
+from deepzero_oracle.fastpath import default_working_set
+before = (freed_memory_retained(), default_working_set())
+applied = retain_freed_memory()
+print(*before, applied, freed_memory_retained(), default_working_set())
+"""
+
+
+@pytest.mark.parametrize("env_value", ["", "default"])
+def test_chunks_grow_to_the_whole_cache_only_while_freed_memory_is_retained(env_value):
+    env = dict(os.environ, **{OPT_OUT: env_value})
+    out = subprocess.run([sys.executable, "-c", CHUNKS], env=env, capture_output=True, text=True, check=True)
+    retained_before, before, applied, retained_after, after = out.stdout.split()
+    assert retained_before == "False" and retained_after == applied
+    # large blocks come back as fresh pages unless retained: chunks stay at a quarter then
+    assert float(after) == (4 * float(before) if applied == "True" else float(before))
+    if env_value == "default":
+        assert applied == "False"

@@ -223,7 +223,7 @@ def test_library_messages_reach_stderr_through_logging(monkeypatch, capsys):
 
 # command-line report output: each of these prints the command's result (stdout) or its one-line
 # errors and notes (stderr); everything else in the package logs
-_CLI_FILES = {"deepzero_oracle/apps/cli.py", "deepzero_oracle/apps/classify.py", "deepzero_oracle/apps/bench.py",
+_CLI_FILES = {"deepzero_oracle/apps/cli.py", "deepzero_oracle/apps/classify.py", "deepzero_oracle/apps/bench/command.py",
               "deepzero_oracle/server/cli.py", "adapters/sol/cli.py", "adapters/defense/cli.py",
               "deepzero_oracle/apps/proto.py", "simulators/bench.py"}
 
