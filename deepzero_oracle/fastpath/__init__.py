@@ -15,7 +15,9 @@ per room:
   its block only.
 - **Stacked suffix** (``graph``, ``layers``). From there the rest of the network runs once on
   all P copies stacked as ``P * B`` rows; BatchNorm in train mode normalises each copy on its
-  own, and parameters that differ per copy run as batched / grouped kernels.
+  own, and parameters that differ per copy run as batched / grouped kernels. Stacked
+  convolutions run channels-last, and a flatten into a Linear reads channels-last rows as they
+  are (the Linear's weight permuted), never copying them to the contiguous layout.
 - **Fused kernels** (``fused``). A change entering a Conv2d that a 2x2 max-pool (and maybe a
   ReLU) follows is convolved, pooled and rectified by one ``torch.compile``d kernel, where the
   work per copy pays (``DEEPZERO_ORACLE_COMPILE=0`` turns it off).

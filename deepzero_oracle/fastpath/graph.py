@@ -101,9 +101,20 @@ class GraphForward:
                     relu = next(iter(user.users)) if len(user.users) == 1 else None
                     if relu is not None and _is_relu(relu, self.modules) and relu.args == (user,) and not relu.kwargs:
                         self.relu_after[node] = relu
-        # ... whose fused value only convolutions read: the kernel leaves it channels-last
+        # Flatten calls whose only user is a Linear: a channels-last stacked input is not copied
+        # to the contiguous layout; the Linear reads it as is, with its weight permuted to match
+        self.flat_linear: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            users = list(node.users)
+            if (_is_flatten(node, self.modules) and len(users) == 1 and users[0].op == "call_module"
+                    and isinstance(self.modules[users[0].target], nn.Linear) and users[0].args == (node,)
+                    and not users[0].kwargs):
+                self.flat_linear[node] = users[0]
+        # ... whose fused value only convolutions, or a flatten into a Linear, read: the kernel
+        # leaves it channels-last
         self.feeds_convs = {node for node, user in self.pool_after.items()
-                            if all(u.op == "call_module" and isinstance(self.modules[u.target], nn.Conv2d)
+                            if all(u in self.flat_linear or u.op == "call_module"
+                                   and isinstance(self.modules[u.target], nn.Conv2d)
                                    for u in self.relu_after.get(node, user).users)}
         # BatchNorm2d calls whose only user is a ReLU, or a residual sum whose only user is a
         # ReLU: on stacked copies the three run as one fused kernel (fastpath.fused.norm_act),
@@ -221,6 +232,10 @@ class GraphForward:
                         env[node] = _Norm(env[node.args[0]])
                     elif fuse and self._crops(node, env, batched):
                         env[node] = self._cropped_conv(node, env[node.args[0]], params)
+                    elif fuse and self._defer_flatten(node, env, batched):
+                        env[node] = _ChannelsLastRows(env[node.args[0]])
+                    elif any(isinstance(env.get(n), _ChannelsLastRows) for n in node.all_input_nodes):
+                        env[node] = self._linear_of_channels_last(node, env[node.args[0]].x, params)
                     elif any(isinstance(env.get(n), _Norm) for n in node.all_input_nodes):
                         self._finish_norm(node, env, values, P, params, batched, propagate)
                     else:
@@ -300,6 +315,25 @@ class GraphForward:
         weight = params.get(f"{node.target}.weight", m.weight)
         bias = params.get(f"{node.target}.bias", m.bias)
         return F.conv2d(xp, weight, bias, m.stride, 0, m.dilation, m.groups)
+
+    def _defer_flatten(self, node, env, batched) -> bool:
+        """Whether the flatten called at ``node`` leaves its channels-last stacked input as it
+        is for the Linear after it (``flat_linear``), whose parameters are shared."""
+        x = env.get(node.args[0]) if node in self.flat_linear else None
+        return (isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and self.flat_linear[node].target not in {k.rpartition(".")[0] for k in batched})
+
+    def _linear_of_channels_last(self, node, x: torch.Tensor, params: dict) -> torch.Tensor:
+        """The Linear called at ``node`` on ``flatten(x)`` for channels-last ``x [N, C, H, W]``:
+        the rows read in (H, W, C) order, the weight's columns permuted to that order.
+        Returns ``[N, out_features]``."""
+        m = self.modules[node.target]
+        weight = params.get(f"{node.target}.weight", m.weight)
+        bias = params.get(f"{node.target}.bias", m.bias)
+        N, C, H, W = x.shape
+        weight = weight.reshape(-1, C, H, W).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        return F.linear(x.permute(0, 2, 3, 1).reshape(N, -1), weight, bias)
 
     def _defer_norm(self, node, env, P, batched) -> bool:
         """Whether the BatchNorm called at ``node`` waits for its ReLU (and the residual sum
@@ -470,6 +504,25 @@ class _Norm:
 
     def __init__(self, x: torch.Tensor):
         self.x = x
+
+
+class _ChannelsLastRows:
+    """A flatten's channels-last stacked input ``x``, waiting for the Linear after it
+    (``GraphForward.flat_linear``)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+
+def _is_flatten(node: fx.Node, modules: dict) -> bool:
+    """``flatten`` from dim 1 to the last: ``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1 and len(node.args) == 1
+    if (node.op == "call_function" and node.target is torch.flatten
+            or node.op == "call_method" and node.target == "flatten"):
+        return tuple(node.args[1:]) == (1,) and not node.kwargs and len(node.args) == 2
+    return False
 
 
 def _is_plain_sum(node: fx.Node) -> bool:

@@ -12,6 +12,7 @@ import deepzero_oracle.fastpath.fused as fused
 from deepzero_oracle import ModuleOracle
 from deepzero_oracle.fastpath.delta import conv_patches
 from deepzero_oracle.fastpath.fused import conv_delta_pool, conv_pool_taps, pool_layout, window_major
+from deepzero_oracle.fastpath.graph import GraphForward
 
 from test_fast_path import naive_coordinate_losses
 
@@ -92,12 +93,17 @@ def test_compiled_kernels_in_the_engine_equal_naive_loop(monkeypatch):
                         lambda self, fn, varying, *a: calls.append(
                             (fn, tuple(a[i].shape[d] for i, dims in varying.items() for d in dims)))
                         or real(self, fn, varying, *a))
+    heads = []
+    real_head = GraphForward._linear_of_channels_last
+    monkeypatch.setattr(GraphForward, "_linear_of_channels_last",
+                        lambda self, node, x, params: heads.append(x.shape) or real_head(self, node, x, params))
     with warnings.catch_warnings():  # neither the compiler nor the self-check may give up
         warnings.filterwarnings("error", message=".*(fast path disabled|fused convolution kernels are off)")
         fast = oracle.coordinate_losses(theta, coords, 1e-3)
     assert fused.kernels.enabled and oracle.fastpath.graph is not None
     for kernel in (conv_pool_taps, conv_delta_pool):  # both kernels ran, on several chunk sizes
         assert len({p for fn, p in calls if fn is kernel}) > 1
+    assert heads  # the second block's kernel handed the head channels-last rows, read without a copy
     naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
     assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()
     unfused = ModuleOracle(learner, F.cross_entropy, fused_kernels=False).bind(x, y)
@@ -193,6 +199,50 @@ def test_fused_norms_in_a_resnet_equal_naive_loop(monkeypatch, mode, shortcut):
     kernels_run = {fused.norm_relu, fused.norm_add_relu} if mode == "train" else {fused.affine_relu,
                                                                                   fused.affine_add_relu}
     assert kernels_run <= set(calls)
+    naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
+    assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()
+
+
+class _FlattenThenLinear(nn.Module):
+    """conv -> ReLU -> 2x2 max-pool, twice, then a flatten spelled ``spelling`` and a Linear."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.features = pooled_cnn()[:6]
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(6 * 2 * 2, 10).double()
+
+    def forward(self, x):
+        h = self.features(x)
+        if self.spelling == "module":
+            h = self.flatten(h)
+        elif self.spelling == "function":
+            h = torch.flatten(h, 1)
+        else:
+            h = h.flatten(1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("spelling", ["module", "function", "method"])
+def test_a_channels_last_value_reaches_the_linear_head_without_a_copy(monkeypatch, spelling):
+    """flatten -> Linear reads a channels-last stacked value as it is, the weight permuted to
+    (H, W, C) order: float64 against the naive loop, for each way of writing the flatten."""
+    monkeypatch.setattr(fused, "MIN_WORK_PER_COPY", 0)
+    monkeypatch.setattr(fused, "MIN_CHANNEL_PER_COPY", 0)
+    if not fused.kernels.enabled:
+        pytest.skip("torch.compile disabled (DEEPZERO_ORACLE_COMPILE=0)")
+    learner = _FlattenThenLinear(spelling)
+    x, y = torch.rand(6, 2, 10, 10, dtype=torch.float64), torch.randint(0, 10, (6,))
+    oracle = ModuleOracle(learner, F.cross_entropy, max_batch=5).bind(x, y)
+    assert len(oracle.fastpath.graph.flat_linear) == 1
+    heads = []
+    real_head = GraphForward._linear_of_channels_last
+    monkeypatch.setattr(GraphForward, "_linear_of_channels_last",
+                        lambda self, node, x, params: heads.append(x.shape) or real_head(self, node, x, params))
+    theta, coords = oracle.theta(), torch.arange(oracle.dim)
+    fast = oracle.coordinate_losses(theta, coords, 1e-3)
+    assert heads and oracle.fastpath.graph is not None
     naive = naive_coordinate_losses(learner, x, y, coords, 1e-3)
     assert torch.allclose(fast, naive, rtol=0, atol=1e-12), (fast - naive).abs().max()
 

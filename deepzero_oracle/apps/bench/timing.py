@@ -161,5 +161,5 @@ def write_report(report: dict, text: str, out_dir, stem: str, options: dict) -> 
     write_text(out / f"{stem}.md", text + "\n")
 
 
-__all__ = ["CoordinateLocator", "ReferenceLoop", "ReleasedCGE", "counted_flops", "estimated_seconds", "in_child_process",
-           "matmul_gflops", "peak_rss_mb", "sample_coordinates", "timed", "write_report"]
+__all__ = ["CoordinateLocator", "ReferenceLoop", "ReleasedCGE", "counted_flops", "estimated_seconds",
+           "in_child_process", "matmul_gflops", "peak_rss_mb", "sample_coordinates", "timed", "write_report"]
