@@ -1,5 +1,6 @@
 """retain_freed_memory: freed tensor pages are reused instead of faulted in again."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -9,23 +10,33 @@ import pytest
 from deepzero_oracle import retain_freed_memory
 from deepzero_oracle.allocator import OPT_OUT
 
-# 20 rounds of allocating, writing and freeing 64 MiB; prints the page faults they took
+# 20 rounds of allocating, writing and freeing 64 MiB; prints whether retaining took effect, the
+# page faults the rounds took, and the fast path's chunk budget before and after
 ROUNDS = """
 import resource, torch
 from deepzero_oracle import retain_freed_memory
+from deepzero_oracle.allocator import freed_memory_retained
+from deepzero_oracle.fastpath import default_working_set
+retained_before, chunks_before = freed_memory_retained(), default_working_set()
 applied = retain_freed_memory()
 torch.empty(16 << 20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
     torch.empty(16 << 20).fill_(1.0)
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(applied, faults, retained_before, chunks_before, freed_memory_retained(), default_working_set())
 """
 
 
-def _faults(env_value: str) -> tuple[str, int]:
+@functools.lru_cache(maxsize=None)
+def _rounds(env_value: str) -> tuple[str, ...]:
     env = dict(os.environ, **{OPT_OUT: env_value})
     out = subprocess.run([sys.executable, "-c", ROUNDS], env=env, capture_output=True, text=True, check=True)
-    applied, faults = out.stdout.split()
+    return tuple(out.stdout.split())
+
+
+def _faults(env_value: str) -> tuple[str, int]:
+    applied, faults = _rounds(env_value)[:2]
     return applied, int(faults)
 
 
@@ -52,22 +63,9 @@ def test_the_opt_out_variable_leaves_malloc_alone(monkeypatch):
     assert retain_freed_memory() is False
 
 
-# the fast path's chunk budget before and after retain_freed_memory, in a fresh process
-CHUNKS = """
-from deepzero_oracle import retain_freed_memory
-from deepzero_oracle.allocator import freed_memory_retained
-from deepzero_oracle.fastpath import default_working_set
-before = (freed_memory_retained(), default_working_set())
-applied = retain_freed_memory()
-print(*before, applied, freed_memory_retained(), default_working_set())
-"""
-
-
 @pytest.mark.parametrize("env_value", ["", "default"])
 def test_chunks_grow_to_the_whole_cache_only_while_freed_memory_is_retained(env_value):
-    env = dict(os.environ, **{OPT_OUT: env_value})
-    out = subprocess.run([sys.executable, "-c", CHUNKS], env=env, capture_output=True, text=True, check=True)
-    retained_before, before, applied, retained_after, after = out.stdout.split()
+    applied, _, retained_before, before, retained_after, after = _rounds(env_value)
     assert retained_before == "False" and retained_after == applied
     # large blocks come back as fresh pages unless retained: chunks stay at a quarter then
     assert float(after) == (4 * float(before) if applied == "True" else float(before))
