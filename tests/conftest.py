@@ -25,3 +25,14 @@ def pytest_sessionstart(session):
     from deepzero_oracle.fastpath import fused
 
     fused.kernels.recompile_limit = 8
+
+
+# files whose tests each take several seconds (server subprocesses, worker restarts): they run
+# first, so that neither pytest-xdist worker is left with one of them alone at the end
+LONG_FIRST = ("tests/serving/test_replicas.py", "tests/parallel/test_dask_faults.py",
+              "tests/serving/test_serve_cli_errors.py", "tests/engine/test_safe_stops.py",
+              "tests/parallel/test_executors.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONG_FIRST)  # stable: the rest keep their order
