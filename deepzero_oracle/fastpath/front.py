@@ -195,7 +195,7 @@ class FastPath:
             s = self.slots[k]
             positions = (slot_of == k).nonzero().reshape(-1)
             size = max_batch or self.graph.copies_within(
-                self.working_set or default_working_set(), features.values, s.module,
+                self.chunk_bytes(), features.values, s.module,
                 propagate=self.delta_propagation and self.one_weight_delta, fuse=self.fused_kernels)
             for where in positions.split(size):
                 yield where, self._slot_outputs(features, params, s, coords[where] - s.offset, mu)
@@ -209,8 +209,12 @@ class FastPath:
             # per-copy (grouped) convolution kernels are slower per copy on CPU than one
             # plain forward per query
             return 1
-        return self.graph.copies_within(self.working_set or default_working_set(), self.features(x, theta).values,
-                                        None)
+        return self.graph.copies_within(self.chunk_bytes(), self.features(x, theta).values, None)
+
+    def chunk_bytes(self) -> float:
+        """The budget for the largest stacked value of one chunk: ``working_set``, or
+        ``default_working_set()`` as the process stands now."""
+        return self.working_set or default_working_set()
 
     def features(self, x: torch.Tensor, theta: torch.Tensor) -> Features:
         """The base forward on ``x`` at ``theta`` (kept until theta or the batch change)."""

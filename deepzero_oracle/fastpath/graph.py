@@ -289,7 +289,7 @@ class GraphForward:
         """Whether the Conv2d called at ``node`` computes only what the 2x2 max-pool after it
         reads: its input is stacked, its parameters shared, and its output has an odd side (the
         pool drops the last row or column)."""
-        if node not in self.pool_after or node.target in {k.rpartition(".")[0] for k in batched}:
+        if node not in self.pool_after or _differs_per_copy(node.target, batched):
             return False
         x, m = env.get(node.args[0]), self.modules[node.target]
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -322,7 +322,7 @@ class GraphForward:
         x = env.get(node.args[0]) if node in self.flat_linear else None
         return (isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)
-                and self.flat_linear[node].target not in {k.rpartition(".")[0] for k in batched})
+                and not _differs_per_copy(self.flat_linear[node].target, batched))
 
     def _linear_of_channels_last(self, node, x: torch.Tensor, params: dict) -> torch.Tensor:
         """The Linear called at ``node`` on ``flatten(x)`` for channels-last ``x [N, C, H, W]``:
@@ -340,7 +340,7 @@ class GraphForward:
         between) to run with them as one fused kernel: its input is stacked, its parameters are
         shared and the sizes pay."""
         x = env.get(node.args[0]) if node in self.norm_then else None
-        return (isinstance(x, torch.Tensor) and node.target not in {k.rpartition(".")[0] for k in batched}
+        return (isinstance(x, torch.Tensor) and not _differs_per_copy(node.target, batched)
                 and fusable_norm(self.modules[node.target], x, P))
 
     def _finish_norm(self, node, env, values, P, params, batched, propagate):
@@ -434,7 +434,7 @@ class GraphForward:
         kernel; None when the pattern, the sizes or the compiler rule it out."""
         source = node.args[0] if node.args else None
         delta, values = env.get(source), features.values
-        if (not isinstance(delta, Delta) or any(k.rpartition(".")[0] == node.target for k in batched)
+        if (not isinstance(delta, Delta) or _differs_per_copy(node.target, batched)
                 or not self._fuses_pool(node, values, delta.values.shape[2])):
             return None
         m, x_base = self.modules[node.target], values[source]
@@ -453,7 +453,7 @@ class GraphForward:
         extra_args = fx.node.map_arg(node.args[1:], lambda n: values[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
         if node.op == "call_module":
-            if any(k.rpartition(".")[0] == node.target for k in batched):
+            if _differs_per_copy(node.target, batched):
                 return None
             module = self.modules[node.target]
             weight = params.get(f"{node.target}.weight", getattr(module, "weight", None))
@@ -512,6 +512,11 @@ class _ChannelsLastRows:
 
     def __init__(self, x: torch.Tensor):
         self.x = x
+
+
+def _differs_per_copy(module: str, batched: dict) -> bool:
+    """Whether the module called ``module`` has a parameter in ``batched`` (one value per copy)."""
+    return any(name.rpartition(".")[0] == module for name in batched)
 
 
 def _is_flatten(node: fx.Node, modules: dict) -> bool:

@@ -14,7 +14,6 @@ every coordinate instead). The engine is also timed directly on all coordinates.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -22,12 +21,12 @@ import torch.nn.functional as F
 
 from deepzero_oracle.allocator import retain_freed_memory
 from deepzero_oracle.module_oracle import ModuleOracle
-from deepzero_oracle.runs import write_json, write_text
 
 from deepzero_oracle.common.datasets import load_dataset
 from deepzero_oracle.common.models import cnn, mlp
 
-from .timing import ReferenceLoop, counted_flops, estimated_seconds, matmul_gflops, sample_coordinates, timed
+from .timing import (ReferenceLoop, counted_flops, estimated_seconds, matmul_gflops, sample_coordinates, timed,
+                     write_report)
 
 ABLATIONS = {
     "engine": {},
@@ -192,11 +191,7 @@ def run(batch: int = 256, loop_coords: int = 24, engine_coords: int = 0, ablatio
     report = {"benchmark": "coordinate estimates", "threads": torch.get_num_threads(),
               "retained_freed_memory": retained, "results": results}
     report.update({k: results[0][k] for k in ("speedup_vs_loop", "coords_per_forward", "max_abs_diff")})
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "engine.json", report)
-        write_text(out / "engine.md", markdown(results) + "\n")
+    write_report(report, markdown(results), out_dir, "engine", {})
     return report
 
 
